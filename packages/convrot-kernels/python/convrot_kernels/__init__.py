@@ -1,0 +1,26 @@
+"""ConvRot kernel primitives: regular Hadamard rotation, 4/8-bit quantization and
+int4/int8 GEMM, on CPU and CUDA tensors. The numeric contract is docs/format.md."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from . import _C
+from .gemm import gemm
+from .int4_packing import pack_int4, unpack_int4
+from .quantize import quantize, rht_quantize
+from .rht import rht
+
+try:
+    __version__ = version("convrot-kernels")
+except PackageNotFoundError:  # imported from a source tree
+    __version__ = "unknown"
+
+
+def build_info() -> dict:
+    """How this build was made: ``version``, ``cuda`` (CUDA backend compiled in),
+    ``cuda_archs`` (the CMAKE_CUDA_ARCHITECTURES entries it holds code for), ``openmp``."""
+    return {"version": __version__, **_C.build_info()}
+
+
+__all__ = ["build_info", "gemm", "pack_int4", "quantize", "rht", "rht_quantize", "unpack_int4"]

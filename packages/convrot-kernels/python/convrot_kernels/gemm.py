@@ -1,0 +1,79 @@
+"""Quantized GEMM with the dequantization (and bias) in its epilogue."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C
+from ._validation import FLOAT_DTYPES, OUT_DTYPES, require_bits, require_dtype, require_ndim, require_same_device, require_tensor, stream_of
+
+# Largest K for which the int32 accumulator cannot overflow (docs/format.md).
+MAX_K = {4: (1 << 25) - 1, 8: (1 << 17) - 1}
+
+
+@torch.library.custom_op("convrot_kernels::gemm", mutates_args=())
+def _gemm(
+    qa: torch.Tensor,
+    sa: torch.Tensor,
+    qw: torch.Tensor,
+    sw: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    out = torch.empty((qa.shape[0], qw.shape[0]), dtype=out_dtype, device=qa.device)
+    _C.gemm(qa, sa, qw, sw, bias, out, bits, stream_of(qa))
+    return out
+
+
+@_gemm.register_fake
+def _(qa, sa, qw, sw, bias, bits, out_dtype):
+    return qa.new_empty((qa.shape[0], qw.shape[0]), dtype=out_dtype)
+
+
+def gemm(
+    qa: torch.Tensor,
+    sa: torch.Tensor,
+    qw: torch.Tensor,
+    sw: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    bits: int = 4,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """y[m, n] = (sum_k qa[m, k] qw[n, k]) * sa[m] * sw[n] + bias[n].
+
+    qa [M, K/2] and qw [N, K/2] are uint8 packed 4-bit codes (bits=4) or qa
+    [M, K] and qw [N, K] int8 codes (bits=8); sa float32 [M], sw float32 [N];
+    bias [N] of any float dtype (used in float32). Accumulation is exact int32,
+    the epilogue fp32, the result out_dtype [M, N].
+    """
+    bits = require_bits(bits)
+    code_dtype = torch.uint8 if bits == 4 else torch.int8
+    for name, t in (("qa", qa), ("qw", qw)):
+        require_tensor(name, t)
+        require_dtype(name, t, (code_dtype,))
+    require_ndim("qa", qa, 2, "[M, K/2]" if bits == 4 else "[M, K]")
+    require_ndim("qw", qw, 2, "[N, K/2]" if bits == 4 else "[N, K]")
+    if qa.shape[1] != qw.shape[1]:
+        raise ValueError(f"qa and qw must have the same number of columns; got {tuple(qa.shape)} and {tuple(qw.shape)}")
+    k = qa.shape[1] * (2 if bits == 4 else 1)
+    if k > MAX_K[bits]:
+        raise ValueError(f"K = {k} is too large for exact int32 accumulation of {bits}-bit codes (at most {MAX_K[bits]})")
+    m, n = qa.shape[0], qw.shape[0]
+    for name, t, size, dim in (("sa", sa, m, "M"), ("sw", sw, n, "N")):
+        require_tensor(name, t)
+        require_dtype(name, t, (torch.float32,))
+        if t.shape != (size,):
+            raise ValueError(f"{name} must be float32 [{dim}] = [{size}]; got shape {tuple(t.shape)}")
+    if bias is not None:
+        require_tensor("bias", bias)
+        require_dtype("bias", bias, FLOAT_DTYPES)
+        if bias.shape != (n,):
+            raise ValueError(f"bias must be [N] = [{n}]; got shape {tuple(bias.shape)}")
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype must be one of bfloat16, float16, float32; got {out_dtype}")
+    require_same_device(qa=qa, sa=sa, qw=qw, sw=sw, bias=bias)
+    if bias is not None:
+        bias = bias.to(torch.float32).contiguous()
+    return _gemm(qa.contiguous(), sa.contiguous(), qw.contiguous(), sw.contiguous(), bias, bits, out_dtype)

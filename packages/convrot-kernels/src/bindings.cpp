@@ -1,0 +1,230 @@
+// Python bindings of the primitives. Every output is allocated by the caller
+// (destination passing), so this module never allocates device memory and never
+// links libtorch: tensors arrive through DLPack. The Python package validates
+// arguments with readable messages first; the checks here guard the memory
+// safety of direct calls.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <optional>
+#include <string>
+
+#include "primitives.h"
+
+namespace nb = nanobind;
+using Array = nb::ndarray<nb::c_contig>;
+
+namespace convrot {
+namespace {
+
+void require(bool ok, const std::string& message) {
+  if (!ok) throw nb::value_error(message.c_str());
+}
+
+bool is(const Array& a, nb::dlpack::dtype_code code, int bits) {
+  const auto dt = a.dtype();
+  return dt.code == uint8_t(code) && dt.bits == bits && dt.lanes == 1;
+}
+
+Float float_kind(const Array& a, const char* name) {
+  if (is(a, nb::dlpack::dtype_code::Float, 32)) return Float::f32;
+  if (is(a, nb::dlpack::dtype_code::Float, 16)) return Float::f16;
+  if (is(a, nb::dlpack::dtype_code::Bfloat, 16)) return Float::bf16;
+  throw nb::type_error((std::string(name) + " must be float32, float16 or bfloat16").c_str());
+}
+
+void require_codes(const Array& q, int bits, const char* name) {
+  if (bits == 4) {
+    require(is(q, nb::dlpack::dtype_code::UInt, 8), std::string(name) + " must be uint8 (packed int4)");
+  } else {
+    require(is(q, nb::dlpack::dtype_code::Int, 8), std::string(name) + " must be int8");
+  }
+}
+
+void require_fp32(const Array& a, const char* name) {
+  require(is(a, nb::dlpack::dtype_code::Float, 32), std::string(name) + " must be float32");
+}
+
+void require_bits(int bits) { require(bits == 4 || bits == 8, "bits must be 4 or 8"); }
+
+void require_group(int group, int64_t k) {
+  require(group >= 4 && group <= 1024 && (group & (group - 1)) == 0 && (__builtin_ctz(group) % 2) == 0,
+          "group_size must be a power of 4 between 4 and 1024");
+  require(k % group == 0, "the last dimension must be a multiple of group_size");
+}
+
+// All arrays on one device; returns true for CUDA, false for CPU.
+bool on_cuda(std::initializer_list<const Array*> arrays) {
+  const Array& first = **arrays.begin();
+  for (const Array* a : arrays) {
+    require(a->device_type() == first.device_type() && a->device_id() == first.device_id(),
+            "all tensors must be on the same device");
+  }
+  if (first.device_type() == nb::device::cpu::value) return false;
+  require(first.device_type() == nb::device::cuda::value, "tensors must be on the CPU or a CUDA device");
+#ifndef CONVROT_WITH_CUDA
+  throw nb::value_error("convrot_kernels was built without its CUDA backend");
+#endif
+  return true;
+}
+
+void* as_stream(uintptr_t stream) { return reinterpret_cast<void*>(stream); }
+
+int64_t rows_of(const Array& a) {
+  int64_t rows = 1;
+  for (size_t d = 0; d + 1 < a.ndim(); ++d) rows *= int64_t(a.shape(d));
+  return rows;
+}
+
+void rht(Array x, Array out, int group, uintptr_t stream) {
+  const Float dtype = float_kind(x, "x");
+  require(x.ndim() >= 1 && out.ndim() == x.ndim() && out.size() == x.size() && out.dtype() == x.dtype(),
+          "out must have the shape and dtype of x");
+  const int64_t k = x.ndim() ? int64_t(x.shape(x.ndim() - 1)) : 1;
+  require_group(group, k);
+  const int64_t rows = rows_of(x);
+  if (x.size() == 0) return;
+  if (on_cuda({&x, &out})) {
+#ifdef CONVROT_WITH_CUDA
+    cuda::rht(x.data(), out.data(), dtype, rows, k, group, as_stream(stream));
+#endif
+  } else {
+    nb::gil_scoped_release release;
+    cpu::rht(x.data(), out.data(), dtype, rows, k, group);
+  }
+}
+
+// group == 0 quantizes without rotating.
+void rht_quantize(Array x, Array q, Array scale, int group, int bits, uintptr_t stream) {
+  const Float dtype = float_kind(x, "x");
+  require_bits(bits);
+  require(x.ndim() == 2, "x must be 2-D [M, K]");
+  const int64_t m = int64_t(x.shape(0)), k = int64_t(x.shape(1));
+  if (group != 0) require_group(group, k);
+  require(k % 2 == 0 || bits == 8, "K must be even for 4-bit codes");
+  require_codes(q, bits, "q");
+  require(q.ndim() == 2 && int64_t(q.shape(0)) == m && int64_t(q.shape(1)) == (bits == 4 ? k / 2 : k),
+          "q has the wrong shape");
+  require_fp32(scale, "scale");
+  require(scale.ndim() == 1 && int64_t(scale.shape(0)) == m, "scale must be float32 [M]");
+  if (m == 0) return;
+  auto* s = static_cast<float*>(scale.data());
+  if (on_cuda({&x, &q, &scale})) {
+#ifdef CONVROT_WITH_CUDA
+    cuda::rht_quantize(x.data(), dtype, m, k, group, bits, q.data(), s, as_stream(stream));
+#endif
+  } else {
+    nb::gil_scoped_release release;
+    cpu::rht_quantize(x.data(), dtype, m, k, group, bits, q.data(), s);
+  }
+}
+
+void gemm(Array qa, Array sa, Array qw, Array sw, std::optional<Array> bias, Array out, int bits,
+          uintptr_t stream) {
+  require_bits(bits);
+  require_codes(qa, bits, "qa");
+  require_codes(qw, bits, "qw");
+  require(qa.ndim() == 2 && qw.ndim() == 2 && qa.shape(1) == qw.shape(1), "qa and qw must be 2-D with equal K");
+  const int64_t m = int64_t(qa.shape(0)), n = int64_t(qw.shape(0));
+  const int64_t k = int64_t(qa.shape(1)) * (bits == 4 ? 2 : 1);
+  require_fp32(sa, "sa");
+  require_fp32(sw, "sw");
+  require(sa.ndim() == 1 && int64_t(sa.shape(0)) == m, "sa must be float32 [M]");
+  require(sw.ndim() == 1 && int64_t(sw.shape(0)) == n, "sw must be float32 [N]");
+  const Float out_dtype = float_kind(out, "out");
+  require(out.ndim() == 2 && int64_t(out.shape(0)) == m && int64_t(out.shape(1)) == n, "out must be [M, N]");
+  const float* b = nullptr;
+  if (bias) {
+    require_fp32(*bias, "bias");
+    require(bias->ndim() == 1 && int64_t(bias->shape(0)) == n, "bias must be float32 [N]");
+    b = static_cast<const float*>(bias->data());
+  }
+  const bool cuda = bias ? on_cuda({&qa, &sa, &qw, &sw, &*bias, &out}) : on_cuda({&qa, &sa, &qw, &sw, &out});
+  if (m == 0 || n == 0) return;
+  const auto* a_scale = static_cast<const float*>(sa.data());
+  const auto* w_scale = static_cast<const float*>(sw.data());
+  if (cuda) {
+#ifdef CONVROT_WITH_CUDA
+    cuda::gemm(qa.data(), a_scale, qw.data(), w_scale, b, out.data(), out_dtype, m, n, k, bits, as_stream(stream));
+#endif
+  } else {
+    nb::gil_scoped_release release;
+    cpu::gemm(qa.data(), a_scale, qw.data(), w_scale, b, out.data(), out_dtype, m, n, k, bits);
+  }
+}
+
+void pack_int4(Array q, Array packed, uintptr_t stream) {
+  require(is(q, nb::dlpack::dtype_code::Int, 8), "q must be int8");
+  require(is(packed, nb::dlpack::dtype_code::UInt, 8), "packed must be uint8");
+  require(q.size() == 2 * packed.size(), "packed must hold half as many elements as q");
+  if (packed.size() == 0) return;
+  const auto* src = static_cast<const int8_t*>(q.data());
+  auto* dst = static_cast<uint8_t*>(packed.data());
+  if (on_cuda({&q, &packed})) {
+#ifdef CONVROT_WITH_CUDA
+    cuda::pack_int4(src, dst, int64_t(packed.size()), as_stream(stream));
+#endif
+  } else {
+    nb::gil_scoped_release release;
+    cpu::pack_int4(src, dst, int64_t(packed.size()));
+  }
+}
+
+void unpack_int4(Array packed, Array q, uintptr_t stream) {
+  require(is(packed, nb::dlpack::dtype_code::UInt, 8), "packed must be uint8");
+  require(is(q, nb::dlpack::dtype_code::Int, 8), "q must be int8");
+  require(q.size() == 2 * packed.size(), "q must hold twice as many elements as packed");
+  if (packed.size() == 0) return;
+  const auto* src = static_cast<const uint8_t*>(packed.data());
+  auto* dst = static_cast<int8_t*>(q.data());
+  if (on_cuda({&packed, &q})) {
+#ifdef CONVROT_WITH_CUDA
+    cuda::unpack_int4(src, dst, int64_t(packed.size()), as_stream(stream));
+#endif
+  } else {
+    nb::gil_scoped_release release;
+    cpu::unpack_int4(src, dst, int64_t(packed.size()));
+  }
+}
+
+nb::dict build_info() {
+  nb::dict info;
+#ifdef CONVROT_WITH_CUDA
+  info["cuda"] = true;
+  nb::list archs;
+  const std::string spec = CONVROT_CUDA_ARCHS;
+  size_t start = 0;
+  while (start <= spec.size()) {
+    const size_t end = spec.find(';', start) == std::string::npos ? spec.size() : spec.find(';', start);
+    if (end > start) archs.append(spec.substr(start, end - start));
+    start = end + 1;
+  }
+  info["cuda_archs"] = archs;
+#else
+  info["cuda"] = false;
+  info["cuda_archs"] = nb::list();
+#endif
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  return info;
+}
+
+}  // namespace
+}  // namespace convrot
+
+NB_MODULE(_C, m) {
+  using namespace nb::literals;
+  m.doc() = "ConvRot kernel primitives (destination passing; see convrot_kernels for the API)";
+  m.def("rht", &convrot::rht, "x"_a, "out"_a, "group_size"_a, "stream"_a = 0);
+  m.def("rht_quantize", &convrot::rht_quantize, "x"_a, "q"_a, "scale"_a, "group_size"_a, "bits"_a, "stream"_a = 0);
+  m.def("gemm", &convrot::gemm, "qa"_a, "sa"_a, "qw"_a, "sw"_a, "bias"_a.none(), "out"_a, "bits"_a, "stream"_a = 0);
+  m.def("pack_int4", &convrot::pack_int4, "q"_a, "packed"_a, "stream"_a = 0);
+  m.def("unpack_int4", &convrot::unpack_int4, "packed"_a, "q"_a, "stream"_a = 0);
+  m.def("build_info", &convrot::build_info);
+}

@@ -1,0 +1,60 @@
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/float_convert.h"
+#include "cpu/hadamard_butterfly.h"
+#include "primitives.h"
+
+namespace convrot::cpu {
+
+namespace {
+
+// Codes of one fp32 row by the per-row symmetric rule of docs/format.md.
+// Returns the row's scale; writes the codes as int8 into q.
+float quantize_row(const float* v, int64_t k, int bits, int8_t* q) {
+  const float qmax = float((1 << (bits - 1)) - 1);
+  float amax = 0.0f;
+  bool finite = true;
+  for (int64_t j = 0; j < k; ++j) {
+    finite = finite && std::isfinite(v[j]);
+    amax = std::max(amax, std::fabs(v[j]));
+  }
+  const float scale = finite ? amax / qmax : std::numeric_limits<float>::quiet_NaN();
+  if (!finite || scale == 0.0f) {
+    for (int64_t j = 0; j < k; ++j) q[j] = 0;
+    return scale;
+  }
+  for (int64_t j = 0; j < k; ++j) {
+    const float r = std::nearbyint(v[j] / scale);  // default rounding mode: half to even
+    q[j] = int8_t(std::fmin(std::fmax(r, -qmax - 1.0f), qmax));
+  }
+  return scale;
+}
+
+}  // namespace
+
+void rht_quantize(const void* x, Float dtype, int64_t rows, int64_t k, int group, int bits,
+                  void* q, float* scale) {
+#pragma omp parallel
+  {
+    std::vector<float> row(k);
+    std::vector<int8_t> codes(k);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < k; ++j) row[j] = load_float(x, dtype, r * k + j);
+      if (group > 0) {
+        for (int64_t g0 = 0; g0 < k; g0 += group) rotate_group(row.data() + g0, group);
+      }
+      scale[r] = quantize_row(row.data(), k, bits, codes.data());
+      if (bits == 4) {
+        pack_int4(codes.data(), static_cast<uint8_t*>(q) + r * (k / 2), k / 2);
+      } else {
+        int8_t* dst = static_cast<int8_t*>(q) + r * k;
+        for (int64_t j = 0; j < k; ++j) dst[j] = codes[j];
+      }
+    }
+  }
+}
+
+}  // namespace convrot::cpu

@@ -1,0 +1,51 @@
+// The kernel primitives, one declaration per backend. Each takes raw pointers to
+// row-major contiguous buffers that the caller (bindings.cpp) has checked and
+// allocated; the numeric contract is docs/format.md.
+#pragma once
+
+#include <cstdint>
+
+namespace convrot {
+
+// Element type of a floating-point input or output buffer.
+enum class Float { f32, f16, bf16 };
+
+namespace cpu {
+
+// out[r, :] = rht(x[r, :], group) for each of `rows` rows of `k` elements.
+void rht(const void* x, void* out, Float dtype, int64_t rows, int64_t k, int group);
+
+// Rotates each row group-wise (group == 0: no rotation), then quantizes it to
+// `bits` (4 or 8) per row. q is uint8 [rows, k/2] packed for 4 bits, int8
+// [rows, k] for 8 bits; scale is fp32 [rows].
+void rht_quantize(const void* x, Float dtype, int64_t rows, int64_t k, int group, int bits,
+                  void* q, float* scale);
+
+// out[m, n] = (sum_k qa[m, k] qw[n, k]) * sa[m] * sw[n] + bias[n]; bias may be null.
+void gemm(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias,
+          void* out, Float out_dtype, int64_t m, int64_t n, int64_t k, int bits);
+
+// Packs pairs of int8 codes in [-8, 7] into bytes (element 2j in the low nibble), and back.
+void pack_int4(const int8_t* q, uint8_t* packed, int64_t n_bytes);
+void unpack_int4(const uint8_t* packed, int8_t* q, int64_t n_bytes);
+
+}  // namespace cpu
+
+#ifdef CONVROT_WITH_CUDA
+namespace cuda {
+
+// Same contracts as the CPU backend. Device pointers; work is enqueued on
+// `stream` (a cudaStream_t) and never synchronised. Launch errors throw
+// std::runtime_error.
+void rht(const void* x, void* out, Float dtype, int64_t rows, int64_t k, int group, void* stream);
+void rht_quantize(const void* x, Float dtype, int64_t rows, int64_t k, int group, int bits,
+                  void* q, float* scale, void* stream);
+void gemm(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias,
+          void* out, Float out_dtype, int64_t m, int64_t n, int64_t k, int bits, void* stream);
+void pack_int4(const int8_t* q, uint8_t* packed, int64_t n_bytes, void* stream);
+void unpack_int4(const uint8_t* packed, int8_t* q, int64_t n_bytes, void* stream);
+
+}  // namespace cuda
+#endif
+
+}  // namespace convrot

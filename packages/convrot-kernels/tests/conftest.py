@@ -1,0 +1,8 @@
+import os
+
+from hypothesis import settings
+
+# Few examples by default keep CI short; CONVROT_HYPOTHESIS_PROFILE=thorough for more.
+settings.register_profile("ci", max_examples=25, deadline=None)
+settings.register_profile("thorough", max_examples=300, deadline=None)
+settings.load_profile(os.environ.get("CONVROT_HYPOTHESIS_PROFILE", "ci"))

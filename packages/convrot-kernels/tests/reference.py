@@ -1,0 +1,64 @@
+"""Float64 reference of docs/format.md, written independently of the code under test."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+H4 = np.array([[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]], dtype=np.float64)
+
+
+def regular_hadamard(n: int) -> np.ndarray:
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.kron(H4, h)
+    assert h.shape[0] == n, "n must be a power of 4"
+    return h / np.sqrt(n)
+
+
+def rht(x: torch.Tensor, group_size: int) -> np.ndarray:
+    """x (any float dtype) rotated group-wise, in float64."""
+    v = x.double().numpy()
+    groups = v.reshape(*v.shape[:-1], v.shape[-1] // group_size, group_size)
+    return (groups @ regular_hadamard(group_size)).reshape(v.shape)
+
+
+def quantize_rows(v: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Codes (int64) and fp32-rounded scales of each row of float64 values v."""
+    qmax = 2 ** (bits - 1) - 1
+    amax = np.abs(v).max(axis=1) if v.shape[1] else np.zeros(v.shape[0])
+    scale = (amax / qmax).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = v / scale.astype(np.float64)[:, None]
+    codes = np.clip(np.rint(ratio), -qmax - 1, qmax)
+    codes[scale == 0] = 0
+    return codes.astype(np.int64), scale
+
+
+def tie_distance(v: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """How far each v/scale lies from a rounding boundary (k + 0.5), in code units."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = v / scale.astype(np.float64)[:, None]
+    return np.abs(ratio - np.floor(ratio) - 0.5)
+
+
+def unpack_int4(p: np.ndarray) -> np.ndarray:
+    low = (p & 0x0F).astype(np.int64)
+    high = (p >> 4).astype(np.int64)
+    low = np.where(low > 7, low - 16, low)
+    high = np.where(high > 7, high - 16, high)
+    return np.stack([low, high], axis=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
+
+
+def gemm(qa: np.ndarray, sa: np.ndarray, qw: np.ndarray, sw: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """Integer codes (int64) and float scales to the float64 GEMM output."""
+    acc = qa.astype(np.int64) @ qw.astype(np.int64).T
+    y = acc.astype(np.float64) * sa.astype(np.float64)[:, None] * sw.astype(np.float64)[None, :]
+    if bias is not None:
+        y = y + bias.astype(np.float64)[None, :]
+    return y
+
+
+def cast(v: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """float64 values rounded to dtype and back: the error of the same math in that precision."""
+    return torch.from_numpy(v).to(dtype).double().numpy()
