@@ -1,0 +1,37 @@
+"""ConvRot: W4A4 quantization of Diffusion Transformers with regular Hadamard rotations.
+
+See docs/method.md in the repository for the method and the policy format.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .checkpoint import CheckpointError, load_quantized, save_quantized
+from .hadamard import ROTATIONS, regular_hadamard, resolve_group_size, rotate_groups, sylvester_hadamard
+from .linear import ConvLinear, ConvLinear4bit, ConvLinear8bit
+from .model import quantize_model, set_simulation
+from .policy import KINDS
+from .quantizer.fake_quant import fake_quant, simulated_linear
+
+try:
+    __version__ = version("convrot-core")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0+unknown"
+
+__all__ = [
+    "KINDS",
+    "ROTATIONS",
+    "CheckpointError",
+    "ConvLinear",
+    "ConvLinear4bit",
+    "ConvLinear8bit",
+    "fake_quant",
+    "load_quantized",
+    "quantize_model",
+    "regular_hadamard",
+    "resolve_group_size",
+    "rotate_groups",
+    "save_quantized",
+    "set_simulation",
+    "simulated_linear",
+    "sylvester_hadamard",
+]

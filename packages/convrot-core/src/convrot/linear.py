@@ -1,0 +1,137 @@
+"""ConvLinear4bit / ConvLinear8bit: nn.Linear replacements with rotated, quantized weights and activations."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .hadamard import check_rotation, resolve_group_size
+from .ops import quantized_linear
+from .quantizer.fake_quant import simulated_linear
+from .quantizer.packing import pack_int4
+from .quantizer.weight import quantize_weight
+
+# Activation dtypes the kernels take; the output has the input's dtype.
+ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class ConvLinear(nn.Module):
+    """Base of ConvLinear4bit and ConvLinear8bit (``bits`` is set by the subclass).
+
+    Buffers (the state dict): ``qweight`` (uint8 [N, K/2] packed int4, or int8
+    [N, K]), ``weight_scale`` (fp32 [N]) and ``bias`` ([N] or None). The
+    weight codes are those of W rotated group-wise along in_features, so
+    that quant(x R) quant(W R)^T approximates x W^T.
+
+    ``simulation_dtype``: None runs the kernels; a float dtype runs the same
+    math in torch float ops of that dtype (see convrot.set_simulation).
+    """
+
+    bits: int
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        group_size: int = 256,
+        rotation: str = "regular",
+        device=None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        if type(self) is ConvLinear:
+            raise TypeError("ConvLinear is a base class: use ConvLinear4bit or ConvLinear8bit")
+        check_rotation(rotation)
+        if not isinstance(out_features, int) or out_features < 1:
+            raise ValueError(f"out_features must be a positive int, got {out_features!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = resolve_group_size(in_features, group_size)
+        self.rotation = rotation
+        self.simulation_dtype: torch.dtype | None = None
+        if self.bits == 4:
+            qweight = torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device)
+        else:
+            qweight = torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("weight_scale", torch.zeros(out_features, dtype=torch.float32, device=device))
+        bias_dtype = dtype if dtype is not None else torch.get_default_dtype()
+        self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, group_size: int = 256, rotation: str = "regular", clip_search: bool = False
+    ) -> ConvLinear:
+        """Quantizes an nn.Linear (on its own device); the Linear is left unchanged.
+
+        ``group_size`` falls back to the largest power of 4 below it that
+        divides in_features (recorded as ``.group_size``). ``clip_search``
+        picks a per-channel clipping ratio of the weight (data-free, see
+        quantizer/clip_search.py).
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            group_size=group_size,
+            rotation=rotation,
+            device="meta",
+        )
+        with torch.no_grad():
+            codes, scale = quantize_weight(linear.weight, cls.bits, layer.group_size, rotation, clip_search)
+            layer.qweight = pack_int4(codes) if cls.bits == 4 else codes
+            layer.weight_scale = scale
+            layer.bias = None if linear.bias is None else linear.bias.detach().clone()
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(f"{type(self).__name__}: expected input [..., {self.in_features}], got {tuple(x.shape)}")
+        if x.dtype not in ACTIVATION_DTYPES:
+            raise TypeError(f"{type(self).__name__}: input dtype must be float32, float16 or bfloat16, got {x.dtype}")
+        if self.simulation_dtype is not None:
+            return simulated_linear(
+                x,
+                self.qweight,
+                self.weight_scale,
+                self.bias,
+                self.bits,
+                self.group_size,
+                self.rotation,
+                self.simulation_dtype,
+            )
+        if x.device != self.qweight.device:
+            raise ValueError(f"{type(self).__name__}: input is on {x.device}, the layer on {self.qweight.device}")
+        return quantized_linear(
+            x, self.qweight, self.weight_scale, self.bias, self.bits, self.group_size, self.rotation
+        )
+
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) / .half() convert floating buffers; the weight scales
+        # must stay fp32 (the kernels' contract), so only their device follows.
+        scale = self.weight_scale
+        super()._apply(fn, recurse)
+        if self.weight_scale.dtype != torch.float32:
+            self.weight_scale = scale.to(device=self.weight_scale.device)
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"group_size={self.group_size}, rotation={self.rotation!r}"
+        )
+
+
+class ConvLinear4bit(ConvLinear):
+    """W4A4: 4-bit weights (packed two per byte) and 4-bit per-token activations."""
+
+    bits = 4
+
+
+class ConvLinear8bit(ConvLinear):
+    """W8A8: int8 weights and int8 per-token activations."""
+
+    bits = 8

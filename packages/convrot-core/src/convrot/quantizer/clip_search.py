@@ -1,0 +1,32 @@
+"""Per-output-channel weight clipping search, data-free.
+
+Clipping a row's range below its absmax trades a larger error on the few
+largest weights for a finer step on all the others. For inputs with equal
+variance in every direction (which the rotation approaches) the expected
+output error of a row is proportional to its weight reconstruction error
+||w - s·q(w)||², so the search minimises that, per row, over a grid of
+clipping ratios; no activations are needed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .symmetric import qmax, quantize_with_scale
+
+# Ratios of the row absmax tried, 1.0 (no clipping) first so that ties keep it.
+CLIP_RATIOS = tuple(1.0 - 0.01 * i for i in range(51))
+
+
+def search_clip_ratio(v: torch.Tensor, bits: int, ratios: tuple[float, ...] = CLIP_RATIOS) -> torch.Tensor:
+    """For each row of v [N, K], the ratio r minimising ||v - s_r·q_r||², s_r = fp32(r·amax/qmax)."""
+    amax = v.abs().amax(dim=-1)
+    best_error = torch.full_like(amax, float("inf"))
+    best_ratio = torch.ones_like(amax)
+    for ratio in ratios:
+        scale = (amax * ratio / qmax(bits)).to(torch.float32).to(v.dtype)
+        error = (v - quantize_with_scale(v, scale, bits) * scale.unsqueeze(-1)).square().sum(dim=-1)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
+    return best_ratio
