@@ -207,11 +207,6 @@ nb::dict build_info() {
   info["cuda"] = false;
   info["cuda_archs"] = nb::list();
 #endif
-#ifdef _OPENMP
-  info["openmp"] = true;
-#else
-  info["openmp"] = false;
-#endif
   return info;
 }
 

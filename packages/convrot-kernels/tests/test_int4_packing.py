@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import convrot_kernels as ck
+
 import reference as ref
 
 

@@ -5,6 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import convrot_kernels as ck
+
 import reference as ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

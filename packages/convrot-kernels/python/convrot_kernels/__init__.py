@@ -19,7 +19,7 @@ except PackageNotFoundError:  # imported from a source tree
 
 def build_info() -> dict:
     """How this build was made: ``version``, ``cuda`` (CUDA backend compiled in),
-    ``cuda_archs`` (the CMAKE_CUDA_ARCHITECTURES entries it holds code for), ``openmp``."""
+    ``cuda_archs`` (the CMAKE_CUDA_ARCHITECTURES entries it holds code for)."""
     return {"version": __version__, **_C.build_info()}
 
 

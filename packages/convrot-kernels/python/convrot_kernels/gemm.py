@@ -5,7 +5,16 @@ from __future__ import annotations
 import torch
 
 from . import _C
-from ._validation import FLOAT_DTYPES, OUT_DTYPES, require_bits, require_dtype, require_ndim, require_same_device, require_tensor, stream_of
+from ._validation import (
+    FLOAT_DTYPES,
+    OUT_DTYPES,
+    require_bits,
+    require_dtype,
+    require_ndim,
+    require_same_device,
+    require_tensor,
+    stream_of,
+)
 
 # Largest K for which the int32 accumulator cannot overflow (docs/format.md).
 MAX_K = {4: (1 << 25) - 1, 8: (1 << 17) - 1}
@@ -59,7 +68,7 @@ def gemm(
         raise ValueError(f"qa and qw must have the same number of columns; got {tuple(qa.shape)} and {tuple(qw.shape)}")
     k = qa.shape[1] * (2 if bits == 4 else 1)
     if k > MAX_K[bits]:
-        raise ValueError(f"K = {k} is too large for exact int32 accumulation of {bits}-bit codes (at most {MAX_K[bits]})")
+        raise ValueError(f"K = {k} is too large for exact int32 accumulation of {bits}-bit codes (max {MAX_K[bits]})")
     m, n = qa.shape[0], qw.shape[0]
     for name, t, size, dim in (("sa", sa, m, "M"), ("sw", sw, n, "N")):
         require_tensor(name, t)

@@ -1,9 +1,11 @@
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
 #include "cpu/float_convert.h"
 #include "cpu/hadamard_butterfly.h"
+#include "cpu/parallel_for.h"
 #include "primitives.h"
 
 namespace convrot::cpu {
@@ -36,12 +38,10 @@ float quantize_row(const float* v, int64_t k, int bits, int8_t* q) {
 
 void rht_quantize(const void* x, Float dtype, int64_t rows, int64_t k, int group, int bits,
                   void* q, float* scale) {
-#pragma omp parallel
-  {
-    std::vector<float> row(k);
-    std::vector<int8_t> codes(k);
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
+  parallel_for(rows, k * 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(static_cast<size_t>(k));
+    std::vector<int8_t> codes(static_cast<size_t>(k));
+    for (int64_t r = begin; r < end; ++r) {
       for (int64_t j = 0; j < k; ++j) row[j] = load_float(x, dtype, r * k + j);
       if (group > 0) {
         for (int64_t g0 = 0; g0 < k; g0 += group) rotate_group(row.data() + g0, group);
@@ -50,11 +50,10 @@ void rht_quantize(const void* x, Float dtype, int64_t rows, int64_t k, int group
       if (bits == 4) {
         pack_int4(codes.data(), static_cast<uint8_t*>(q) + r * (k / 2), k / 2);
       } else {
-        int8_t* dst = static_cast<int8_t*>(q) + r * k;
-        for (int64_t j = 0; j < k; ++j) dst[j] = codes[j];
+        std::copy(codes.begin(), codes.end(), static_cast<int8_t*>(q) + r * k);
       }
     }
-  }
+  });
 }
 
 }  // namespace convrot::cpu
