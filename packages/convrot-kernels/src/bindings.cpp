@@ -6,6 +6,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
 
 #include <cstdint>
 #include <initializer_list>
@@ -198,7 +199,7 @@ nb::dict build_info() {
   const std::string spec = CONVROT_CUDA_ARCHS;
   size_t start = 0;
   while (start <= spec.size()) {
-    const size_t end = spec.find(';', start) == std::string::npos ? spec.size() : spec.find(';', start);
+    const size_t end = spec.find(',', start) == std::string::npos ? spec.size() : spec.find(',', start);
     if (end > start) archs.append(spec.substr(start, end - start));
     start = end + 1;
   }
