@@ -44,8 +44,9 @@ def _kronecker_power(base: tuple, n: int, dtype: torch.dtype, device) -> torch.T
 def regular_hadamard(n: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
     """The orthonormal regular Hadamard matrix of order n (a power of 4).
 
-    H_n = H4 ⊗ H_{n/4} scaled by 1/sqrt(n): symmetric, orthonormal, and every
-    row and column sums to sqrt(n). Built in float64, then cast to ``dtype``.
+    H_n = H4 ⊗ H_{n/4} scaled by 1/sqrt(n): symmetric and orthonormal. Every
+    row and column of the ±1 matrix H_n sums to sqrt(n), so those of the
+    scaled matrix sum to 1. Built in float64, then cast to ``dtype``.
     """
     if not is_power_of_4(n):
         raise ValueError(f"regular_hadamard: n must be a power of 4 (1, 4, 16, 64, ...), got {n!r}")

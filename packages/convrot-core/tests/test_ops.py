@@ -1,0 +1,72 @@
+import pytest
+import torch
+from torch import nn
+
+import convrot
+from convrot.ops import quantized_linear
+
+
+def tiny_model(device="cpu", dtype=torch.float32):
+    """Two ConvLinear layers with a ReLU (exact in eager and compiled code) between: W4A4, then W8A8."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)).to(device=device, dtype=dtype)
+    return convrot.quantize_model(model, policy={"2": "w8a8"}, group_size=64, progress=False)
+
+
+@pytest.mark.parametrize("rotation", convrot.ROTATIONS)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_opcheck(rotation, bits):
+    cls = convrot.ConvLinear4bit if bits == 4 else convrot.ConvLinear8bit
+    layer = cls.from_linear(nn.Linear(64, 16), group_size=16, rotation=rotation)
+    for x in (torch.randn(3, 64), torch.randn(2, 5, 64, dtype=torch.bfloat16)):
+        for bias in (layer.bias, None):
+            args = (x, layer.qweight, layer.weight_scale, bias, bits, 16, rotation)
+            torch.library.opcheck(quantized_linear, args)
+
+
+def test_fake_implementation_shapes():
+    layer = convrot.ConvLinear4bit.from_linear(nn.Linear(64, 16), group_size=16)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        x = mode.from_tensor(torch.randn(2, 3, 64, dtype=torch.float16))
+        y = torch.ops.convrot.quantized_linear(
+            x, mode.from_tensor(layer.qweight), mode.from_tensor(layer.weight_scale), None, 4, 16, "regular"
+        )
+        assert y.shape == (2, 3, 16) and y.dtype == torch.float16
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    model = tiny_model()
+    x = torch.randn(2, 5, 64)
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True)
+    assert torch.equal(compiled(x), eager)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_replays_the_eager_result():
+    model = tiny_model("cuda", torch.bfloat16)
+    static_x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up outside the capture, as CUDA graphs require
+            model(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = model(static_x)
+    for _ in range(3):
+        x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
+        static_x.copy_(x)
+        graph.replay()
+        assert torch.equal(static_y, model(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_gpu_torch_compile_fullgraph(mode):
+    model = tiny_model("cuda", torch.bfloat16)
+    compiled = torch.compile(model, fullgraph=True, mode=mode)
+    for _ in range(3):
+        x = torch.randn(3, 7, 64, device="cuda", dtype=torch.bfloat16)
+        assert torch.equal(compiled(x), model(x))
