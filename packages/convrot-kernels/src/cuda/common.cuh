@@ -1,0 +1,107 @@
+// Helpers shared by the CUDA primitives: error checks, float conversions and
+// small device utilities. Every kernel is enqueued on the caller's stream.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "../primitives.h"
+
+namespace convrot::cuda {
+
+inline void check(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) {
+    throw std::runtime_error(std::string("convrot_kernels CUDA: ") + what + ": " + cudaGetErrorString(status));
+  }
+}
+
+// Launch errors (bad configuration, missing kernel image) surface here; errors
+// of the kernel's execution surface at the caller's next synchronisation.
+inline void check_launch(const char* kernel) { check(cudaGetLastError(), kernel); }
+
+inline cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+template <typename T>
+constexpr T ceil_div(T a, T b) {
+  return (a + b - 1) / b;
+}
+
+// Compute capability (major * 10 + minor) of the current device.
+inline int current_device_cc() {
+  int device = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  int major = 0, minor = 0;
+  check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
+  check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute");
+  return major * 10 + minor;
+}
+
+// Kernels needing more than 48 KB of dynamic shared memory must say so first.
+template <typename Kernel>
+void allow_dynamic_smem(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) {
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
+          "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  }
+}
+
+// ---- element conversions (round to nearest even) ----
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Stores one fp32 value to an output of runtime dtype `dtype` at element index i.
+__device__ __forceinline__ void store_as(void* out, Float dtype, int64_t i, float v) {
+  switch (dtype) {
+    case Float::f32: static_cast<float*>(out)[i] = v; break;
+    case Float::f16: static_cast<__half*>(out)[i] = __float2half_rn(v); break;
+    default: static_cast<__nv_bfloat16*>(out)[i] = __float2bfloat16_rn(v); break;
+  }
+}
+
+// Stores two adjacent fp32 values (element i even-aligned for the dtype) in one access.
+__device__ __forceinline__ void store2_as(void* out, Float dtype, int64_t i, float v0, float v1) {
+  switch (dtype) {
+    case Float::f32: *reinterpret_cast<float2*>(static_cast<float*>(out) + i) = make_float2(v0, v1); break;
+    case Float::f16: *reinterpret_cast<__half2*>(static_cast<__half*>(out) + i) = __floats2half2_rn(v0, v1); break;
+    default:
+      *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(out) + i) = __floats2bfloat162_rn(v0, v1);
+      break;
+  }
+}
+
+// ---- the H4 butterfly of docs/format.md: (a, b, c, d) @ H4 = (s - 2d, s - 2c, s - 2b, s - 2a) ----
+
+__device__ __forceinline__ void h4(float& a, float& b, float& c, float& d) {
+  const float s = (a + b) + (c + d);
+  const float na = s - 2.0f * d, nb = s - 2.0f * c, nc = s - 2.0f * b, nd = s - 2.0f * a;
+  a = na;
+  b = nb;
+  c = nc;
+  d = nd;
+}
+
+}  // namespace convrot::cuda

@@ -1,0 +1,383 @@
+// The persistent Hopper (sm_90a) GEMM: TMA ring, int4 expansion by a producer
+// warpgroup, int8 wgmma with A from registers, fused dequantisation epilogue.
+//
+// One CTA per SM walks output tiles of 256 x 144 (M x N) in a fixed stride
+// (tile = blockIdx.x + i * gridDim.x, M fastest, so the CTAs of a wave share
+// their weight tiles in L2). 144 columns make 3072- and 12288-wide layers
+// come out in whole waves on 132 SMs at M = 4608 (3072 / 144 = 21.3 tiles),
+// where 128 or 256 would leave a last wave a quarter full. Warp roles:
+//   - warp 0, one thread: TMA loads of packed K-slices (128 codes) of A and B
+//     into a ring of kStages slots;
+//   - warps 1-3 (4-bit codes only): expand each slot's packed B (weights) into
+//     an int8 tile in wgmma's 128-byte-swizzled K-major layout, in a ring of
+//     kExpandedSlots, so the consumers never stop to expand B;
+//   - warps 4-11, two consumer warpgroups of 128 rows (two m64 blocks each):
+//     load their packed A rows from the slot, expand them in registers, and
+//     issue wgmma m64n144k32 with A from registers, B from the expanded tile.
+//     Each K-slice goes out as two commit groups (k-steps 0-1, 2-3) so one
+//     group is always in flight while the next group's A registers are built.
+//     8-bit codes skip expansion: A and B go from TMA's 128-byte-swizzled
+//     slots straight to wgmma.
+// The K order inside a slice is permuted identically for A and B (thread quad
+// position t reads packed bytes 16t..16t+15 of a row; word c of them feeds
+// k-step c: its low nibbles at positions 4t..4t+3, its high nibbles at
+// 16+4t..16+4t+3), which leaves every dot product unchanged.
+// Nibbles are expanded to 16 * code (sm90_ptx.cuh), so 4-bit sums are 256x the
+// true ones and the epilogue shifts them back exactly. The epilogue computes
+// y = fp32(acc) * sa[m] * sw[n] + bias[n] in fp32 and stores the output dtype;
+// the producer meanwhile fills the ring for the CTA's next tile.
+#include <cuda.h>
+
+#include "common.cuh"
+#include "gemm_sm90_persistent.h"
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#include "sm90_ptx.cuh"
+#include "wgmma_n144.cuh"
+#endif
+
+namespace convrot::cuda::sm90_persistent {
+namespace {
+
+constexpr int kBM = 256;  // two consumer warpgroups x two m64 blocks
+constexpr int kBN = 144;
+constexpr int kBK = 128;  // codes per K-slice
+constexpr int kThreads = 384;
+constexpr int kExpandWarps = 3;
+constexpr int kExpandRowsPerPass = kExpandWarps * 32 / 4;  // four threads per row
+constexpr int kConsumerWarps = 8;
+
+template <int BITS>
+struct Layout {
+  static constexpr int kRowBytes = kBK * BITS / 8;  // bytes of one row of a slot
+  static constexpr int kABytes = kBM * kRowBytes;
+  static constexpr int kBBytes = kBN * kRowBytes;
+  static constexpr int kStages = BITS == 4 ? 5 : 4;
+  static constexpr int kExpandedSlots = BITS == 4 ? 3 : 0;
+  static constexpr int kExpandedBytes = kBN * kBK;
+  static constexpr int kA = 0;
+  static constexpr int kB = kA + kStages * kABytes;
+  static constexpr int kExpanded = kB + kStages * kBBytes;
+  static constexpr int kBarriers = kExpanded + kExpandedSlots * kExpandedBytes;
+  static constexpr int kNumBarriers = 2 * kStages + 2 * kExpandedSlots;
+  static constexpr int kSmem = kBarriers + 8 * kNumBarriers + 1024;  // + slack to align the base to 1024
+  static_assert(kABytes % 1024 == 0 && kBBytes % 1024 == 0 && kExpandedBytes % 1024 == 0,
+                "slots must keep the 1024-byte alignment of the 128-byte swizzle");
+  static_assert(kSmem <= 227 * 1024, "shared memory per block");
+};
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+using namespace sm90_ptx;
+
+// y = fp32(acc >> shift) * sa[m] * sw[n] + bias[n] for one m64 block pair of a consumer thread.
+template <int SHIFT>
+__device__ __forceinline__ void store_tile(int (&acc)[2][kBN / 2], const float* __restrict__ sa,
+                                           const float* __restrict__ sw, const float* __restrict__ bias, void* out,
+                                           Float out_dtype, int m, int n, int row0, int col0, bool pairs) {
+  float s_row[2][2];
+  bool row_ok[2][2];
+#pragma unroll
+  for (int mb = 0; mb < 2; ++mb) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 + 64 * mb + 8 * h;
+      row_ok[mb][h] = row < m;
+      s_row[mb][h] = row_ok[mb][h] ? sa[row] : 0.0f;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kBN / 8; ++j) {
+    const int col = col0 + 8 * j;
+    if (col >= n) continue;
+    const bool second = col + 1 < n;
+    const float w0 = sw[col], w1 = second ? sw[col + 1] : 0.0f;
+    const float b0 = bias != nullptr ? bias[col] : 0.0f;
+    const float b1 = bias != nullptr && second ? bias[col + 1] : 0.0f;
+#pragma unroll
+    for (int mb = 0; mb < 2; ++mb) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (!row_ok[mb][h]) continue;
+        float y0 = __fmul_rn(__fmul_rn(float(acc[mb][4 * j + 2 * h] >> SHIFT), s_row[mb][h]), w0);
+        float y1 = __fmul_rn(__fmul_rn(float(acc[mb][4 * j + 2 * h + 1] >> SHIFT), s_row[mb][h]), w1);
+        if (bias != nullptr) {
+          y0 = __fadd_rn(y0, b0);
+          y1 = __fadd_rn(y1, b1);
+        }
+        const int64_t at = int64_t(row0 + 64 * mb + 8 * h) * n + col;
+        if (pairs && second) {
+          store2_as(out, out_dtype, at, y0, y1);
+        } else {
+          store_as(out, out_dtype, at, y0);
+          if (second) store_as(out, out_dtype, at + 1, y1);
+        }
+      }
+    }
+  }
+}
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+template <int BITS>
+__global__ void __launch_bounds__(kThreads, 1)
+    gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
+                const float* __restrict__ sa, const float* __restrict__ sw, const float* __restrict__ bias,
+                void* __restrict__ out, Float out_dtype, int m, int n, int k, int tiles_m, int num_tiles,
+                bool pairs) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using L = Layout<BITS>;
+  constexpr int S = L::kStages, E = L::kExpandedSlots;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kBarriers);  // slot loaded by TMA
+  uint64_t* empty = full + S;                                         // slot free for TMA
+  uint64_t* expanded_full = empty + S;                                // expanded B written
+  uint64_t* expanded_empty = expanded_full + E;                       // expanded B read by wgmma
+
+  const int num_k = (k + kBK - 1) / kBK;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < S; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], BITS == 4 ? kConsumerWarps + kExpandWarps : kConsumerWarps);
+    }
+    for (int e = 0; e < E; ++e) {
+      mbar_init(&expanded_full[e], kExpandWarps);
+      mbar_init(&expanded_empty[e], kConsumerWarps);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (warp < 4) {  // producer warpgroup
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    if (warp == 0) {
+      if (lane == 0) {
+        Ring<S> ring;
+        for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+          const int row_a = (tile % tiles_m) * kBM, row_b = (tile / tiles_m) * kBN;
+          for (int kt = 0; kt < num_k; ++kt) {
+            mbar_wait(&empty[ring.slot], ring.phase ^ 1);
+            mbar_arrive_expect_tx(&full[ring.slot], L::kABytes + L::kBBytes);
+            tma_load_2d(smem + L::kA + ring.slot * L::kABytes, &map_a, kt * L::kRowBytes, row_a, &full[ring.slot]);
+            tma_load_2d(smem + L::kB + ring.slot * L::kBBytes, &map_b, kt * L::kRowBytes, row_b, &full[ring.slot]);
+            ring.advance();
+          }
+        }
+      }
+    } else if constexpr (BITS == 4) {
+      // Four threads per row, one 16-byte quarter of its packed bytes each.
+      const int et = threadIdx.x - 32, quarter = et & 3;
+      Ring<S> ring;
+      Ring<E> xring;
+      for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+        for (int kt = 0; kt < num_k; ++kt) {
+          mbar_wait(&full[ring.slot], ring.phase);
+          mbar_wait(&expanded_empty[xring.slot], xring.phase ^ 1);
+          const uint8_t* packed = smem + L::kB + ring.slot * L::kBBytes;
+          uint8_t* expanded = smem + L::kExpanded + xring.slot * L::kExpandedBytes;
+#pragma unroll
+          for (int row = et >> 2; row < kBN; row += kExpandRowsPerPass) {
+            const uint4 v = *reinterpret_cast<const uint4*>(packed + row * 64 + 16 * quarter);
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+              *reinterpret_cast<uint32_t*>(expanded + swizzle128(row, 2 * c) + 4 * quarter) =
+                  low_nibbles_x16(word(v, c));
+              *reinterpret_cast<uint32_t*>(expanded + swizzle128(row, 2 * c + 1) + 4 * quarter) =
+                  high_nibbles_x16(word(v, c));
+            }
+          }
+          fence_proxy_async();
+          __syncwarp();
+          if (lane == 0) {
+            mbar_arrive(&empty[ring.slot]);
+            mbar_arrive(&expanded_full[xring.slot]);
+          }
+          ring.advance();
+          xring.advance();
+        }
+      }
+    }
+    return;
+  }
+
+  // consumer warpgroups
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+  const int cw = warp - 4;
+  const int wg = cw >> 2;
+  const int wrow = wg * 128 + (cw & 3) * 16 + (lane >> 2);  // this thread's first row in the tile
+  const int quarter = lane & 3;
+  int acc[2][kBN / 2];
+  Ring<S> ring;
+  Ring<E> xring;
+  for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+#pragma unroll
+    for (int mb = 0; mb < 2; ++mb) {
+#pragma unroll
+      for (int i = 0; i < kBN / 2; ++i) acc[mb][i] = 0;
+    }
+    if constexpr (BITS == 4) {
+      int previous = 0;  // expanded slot of the previous K-slice
+      for (int kt = 0; kt < num_k; ++kt) {
+        mbar_wait(&full[ring.slot], ring.phase);
+        const uint8_t* packed = smem + L::kA + ring.slot * L::kABytes;
+        uint4 rows[2][2];  // [m64 block][row g, row g + 8]
+#pragma unroll
+        for (int mb = 0; mb < 2; ++mb) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            rows[mb][h] = *reinterpret_cast<const uint4*>(packed + (wrow + 64 * mb + 8 * h) * 64 + 16 * quarter);
+          }
+        }
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&empty[ring.slot]);
+        ring.advance();
+
+        mbar_wait(&expanded_full[xring.slot], xring.phase);
+        const uint8_t* expanded = smem + L::kExpanded + xring.slot * L::kExpandedBytes;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          // The group before last is done: its A registers (this half's) may be rewritten.
+          wgmma_wait<1>();
+          if (half == 1 && kt > 0 && lane == 0) mbar_arrive(&expanded_empty[previous]);
+          uint32_t a[2][2][4];  // [m64 block][k-step of this half][fragment register]
+#pragma unroll
+          for (int mb = 0; mb < 2; ++mb) {
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              const int step = 2 * half + c;
+              a[mb][c][0] = low_nibbles_x16(word(rows[mb][0], step));
+              a[mb][c][1] = low_nibbles_x16(word(rows[mb][1], step));
+              a[mb][c][2] = high_nibbles_x16(word(rows[mb][0], step));
+              a[mb][c][3] = high_nibbles_x16(word(rows[mb][1], step));
+            }
+          }
+          wgmma_fence();
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+#pragma unroll
+            for (int mb = 0; mb < 2; ++mb) {
+              wgmma_rs_n144(acc[mb], a[mb][c], smem_desc_k128(expanded + 32 * (2 * half + c)));
+            }
+          }
+          wgmma_commit();
+        }
+        previous = xring.slot;
+        xring.advance();
+      }
+      wgmma_wait<0>();
+      if (lane == 0) mbar_arrive(&expanded_empty[previous]);
+    } else {
+      int previous = 0;  // slot of the previous K-slice
+      for (int kt = 0; kt < num_k; ++kt) {
+        mbar_wait(&full[ring.slot], ring.phase);
+        const uint8_t* tile_a = smem + L::kA + ring.slot * L::kABytes + wg * 128 * L::kRowBytes;
+        const uint8_t* tile_b = smem + L::kB + ring.slot * L::kBBytes;
+        wgmma_fence();
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+#pragma unroll
+          for (int mb = 0; mb < 2; ++mb) {
+            wgmma_ss_n144(acc[mb], smem_desc_k128(tile_a + mb * 64 * L::kRowBytes + 32 * c),
+                          smem_desc_k128(tile_b + 32 * c));
+          }
+        }
+        wgmma_commit();
+        wgmma_wait<1>();  // the previous slice's wgmma are done: its slot can be refilled
+        if (kt > 0 && lane == 0) mbar_arrive(&empty[previous]);
+        previous = ring.slot;
+        ring.advance();
+      }
+      wgmma_wait<0>();
+      if (lane == 0) mbar_arrive(&empty[previous]);
+    }
+#pragma unroll
+    for (int mb = 0; mb < 2; ++mb) {
+#pragma unroll
+      for (int i = 0; i < kBN / 2; ++i) pin_register(acc[mb][i]);
+    }
+    const int row0 = (tile % tiles_m) * kBM + wrow;
+    const int col0 = (tile / tiles_m) * kBN + 2 * quarter;
+    store_tile<BITS == 4 ? 8 : 0>(acc, sa, sw, bias, out, out_dtype, m, n, row0, col0, pairs);
+  }
+#endif
+}
+
+// ---- host side ----
+
+using EncodeTiled = decltype(&cuTensorMapEncodeTiled);
+
+EncodeTiled encode_tiled() {
+  static const EncodeTiled fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    check(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &found),
+          "cudaGetDriverEntryPointByVersion(cuTensorMapEncodeTiled)");
+    if (found != cudaDriverEntryPointSuccess || p == nullptr) {
+      throw std::runtime_error("convrot_kernels CUDA: the driver has no cuTensorMapEncodeTiled");
+    }
+    return reinterpret_cast<EncodeTiled>(p);
+  }();
+  return fn;
+}
+
+// A row-major uint8 matrix [rows, row_bytes] read in boxes of [box_rows, box_bytes].
+CUtensorMap tensor_map(const void* base, int64_t rows, int64_t row_bytes, int box_rows, int box_bytes,
+                       CUtensorMapSwizzle swizzle) {
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {cuuint64_t(row_bytes), cuuint64_t(rows)};
+  const cuuint64_t strides[1] = {cuuint64_t(row_bytes)};
+  const cuuint32_t box[2] = {cuuint32_t(box_bytes), cuuint32_t(box_rows)};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUresult r = encode_tiled()(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(base), dims, strides,
+                                    box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
+                                    CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) throw std::runtime_error("convrot_kernels CUDA: cuTensorMapEncodeTiled failed");
+  return map;
+}
+
+int multiprocessors() {
+  int device = 0, count = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  return count;
+}
+
+template <int BITS>
+void launch(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias, void* out,
+            Float out_dtype, int64_t m, int64_t n, int64_t k, cudaStream_t stream) {
+  using L = Layout<BITS>;
+  // 4-bit slots are read row by row by ordinary loads (no swizzle needed: a
+  // warp's 16-byte loads cover 512 contiguous bytes); 8-bit slots go to wgmma.
+  const CUtensorMapSwizzle swizzle = BITS == 4 ? CU_TENSOR_MAP_SWIZZLE_NONE : CU_TENSOR_MAP_SWIZZLE_128B;
+  const int64_t row_bytes = k * BITS / 8;
+  const CUtensorMap map_a = tensor_map(qa, m, row_bytes, kBM, L::kRowBytes, swizzle);
+  const CUtensorMap map_b = tensor_map(qw, n, row_bytes, kBN, L::kRowBytes, swizzle);
+  const int tiles_m = int(ceil_div<int64_t>(m, kBM));
+  const int num_tiles = tiles_m * int(ceil_div<int64_t>(n, kBN));
+  const int grid = num_tiles < multiprocessors() ? num_tiles : multiprocessors();
+  const bool pairs = n % 2 == 0 && (reinterpret_cast<uintptr_t>(out) & 7) == 0;
+  auto kernel = gemm_kernel<BITS>;
+  allow_dynamic_smem(kernel, L::kSmem);
+  kernel<<<grid, kThreads, L::kSmem, stream>>>(map_a, map_b, sa, sw, bias, out, out_dtype, int(m), int(n), int(k),
+                                               tiles_m, num_tiles, pairs);
+  check_launch("sm90 persistent gemm");
+}
+
+}  // namespace
+
+bool supports(int64_t m, int64_t n, int64_t k, int bits, const void* qa, const void* qw) {
+  const int64_t row_bytes = k * bits / 8;
+  const int64_t tiles = ceil_div<int64_t>(m, kBM) * ceil_div<int64_t>(n, kBN);
+  return row_bytes > 0 && row_bytes % 16 == 0 && aligned16(qa) && aligned16(qw) && tiles < (int64_t(1) << 31) &&
+         m < (int64_t(1) << 31) && n < (int64_t(1) << 31) && (bits == 8 || k < (int64_t(1) << 17));
+}
+
+void gemm(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias, void* out,
+          Float out_dtype, int64_t m, int64_t n, int64_t k, int bits, cudaStream_t stream) {
+  if (bits == 4) return launch<4>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);
+  launch<8>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);
+}
+
+}  // namespace convrot::cuda::sm90_persistent

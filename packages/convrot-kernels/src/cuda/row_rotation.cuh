@@ -1,0 +1,416 @@
+// The row engine behind `rht` and `rht_quantize`: one thread block per row.
+//
+// A row (or, for rows longer than kMaxStaged, a segment of it) is read from
+// global memory once, 16-byte vectors per thread, converted to fp32 and staged
+// in shared memory. The radix-4 butterfly stages of docs/format.md then run in
+// the order the contract fixes (stride g/4 first, stride 1 last):
+//   - strides >= 16 as passes over shared memory, two stages per pass, each
+//     thread holding the 16 (or 4) elements one butterfly work item touches;
+//   - strides 4 and 1 in registers, on the contiguous 16-element chunk a thread
+//     reloads, followed by the exact 2^-log4(g) scaling.
+// `rht` writes that chunk out rounded to the input dtype. `rht_quantize` keeps
+// it in shared memory, reduces the row's amax over the block, then packs codes
+// straight from shared memory: x is read once and only codes and one scale per
+// row are written. Rows longer than kMaxStaged are rotated segment by segment,
+// twice (once for the amax, once for the codes): correct for any K, slower.
+#pragma once
+
+#include <cfloat>
+#include <cmath>
+
+#include "common.cuh"
+
+namespace convrot::cuda::row_rotation {
+
+constexpr int kMaxThreads = 512;
+// Elements of a row staged in shared memory at once (64 KB of fp32): Flux's
+// widest row (15360) fits in one segment. A multiple of every group size.
+constexpr int kMaxStaged = 16384;
+
+enum Mode { kRotate = 0, kQuant4 = 4, kQuant8 = 8 };
+
+// Shared-memory slot of element i of a staged segment held in chunks of W.
+// For W = 16 two permutations keep every access pattern conflict-free:
+//  - the 16-byte quarter of a chunk is XORed with bits 1-2 of the chunk index,
+//    so eight threads storing one float4 of eight consecutive chunks hit eight
+//    distinct bank quads;
+//  - chunk pairs are swapped on bits 6 ^ 8 of i, so the two half-warps of a
+//    strided pass (elements 64 or 256 apart) land in opposite bank halves.
+// Slots stay inside [0, round_up(len, 32)).
+template <int W>
+__device__ __forceinline__ int slot(int i) {
+  if constexpr (W == 16) {
+    const int c = i >> 4;
+    const int chunk = c ^ (((c >> 2) ^ (c >> 4)) & 1);
+    const int quarter = ((i >> 2) & 3) ^ ((c >> 1) & 3);
+    return (chunk << 4) | (quarter << 2) | (i & 3);
+  } else {
+    return i;
+  }
+}
+
+// W contiguous elements of T from global memory into fp32 registers.
+template <typename T, int W>
+__device__ __forceinline__ void load_chunk(const T* src, bool vec, float (&v)[W]) {
+  constexpr int kBytes = W * int(sizeof(T));
+  if (vec && kBytes >= 4) {
+    if constexpr (kBytes % 16 == 0) {
+#pragma unroll
+      for (int p = 0; p < kBytes / 16; ++p) {
+        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(src) + p);
+        const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int q = 0; q < 16 / int(sizeof(T)); ++q) v[p * (16 / sizeof(T)) + q] = to_float(e[q]);
+      }
+      return;
+    } else if constexpr (kBytes == 8) {
+      const uint2 raw = __ldg(reinterpret_cast<const uint2*>(src));
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int q = 0; q < W; ++q) v[q] = to_float(e[q]);
+      return;
+    } else if constexpr (kBytes == 4) {
+      const uint32_t raw = __ldg(reinterpret_cast<const unsigned int*>(src));
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int q = 0; q < W; ++q) v[q] = to_float(e[q]);
+      return;
+    }
+  }
+#pragma unroll
+  for (int q = 0; q < W; ++q) v[q] = to_float(src[q]);
+}
+
+// W fp32 values rounded to T into global memory.
+template <typename T, int W>
+__device__ __forceinline__ void store_chunk(T* dst, bool vec, const float (&v)[W]) {
+  constexpr int kBytes = W * int(sizeof(T));
+  if constexpr (kBytes % 16 == 0) {
+    if (vec) {
+#pragma unroll
+      for (int p = 0; p < kBytes / 16; ++p) {
+        uint4 raw;
+        T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+        for (int q = 0; q < 16 / int(sizeof(T)); ++q) e[q] = from_float<T>(v[p * (16 / sizeof(T)) + q]);
+        reinterpret_cast<uint4*>(dst)[p] = raw;
+      }
+      return;
+    }
+  }
+#pragma unroll
+  for (int q = 0; q < W; ++q) dst[q] = from_float<T>(v[q]);
+}
+
+template <int W>
+__device__ __forceinline__ void smem_store_chunk(float* buf, int first, const float (&v)[W]) {
+  if constexpr (W % 4 == 0) {
+#pragma unroll
+    for (int p = 0; p < W / 4; ++p) {
+      *reinterpret_cast<float4*>(buf + slot<W>(first + 4 * p)) = make_float4(v[4 * p], v[4 * p + 1], v[4 * p + 2], v[4 * p + 3]);
+    }
+  } else if constexpr (W == 2) {
+    *reinterpret_cast<float2*>(buf + first) = make_float2(v[0], v[1]);
+  } else {
+    buf[first] = v[0];
+  }
+}
+
+template <int W>
+__device__ __forceinline__ void smem_load_chunk(const float* buf, int first, float (&v)[W]) {
+  if constexpr (W % 4 == 0) {
+#pragma unroll
+    for (int p = 0; p < W / 4; ++p) {
+      const float4 f = *reinterpret_cast<const float4*>(buf + slot<W>(first + 4 * p));
+      v[4 * p] = f.x;
+      v[4 * p + 1] = f.y;
+      v[4 * p + 2] = f.z;
+      v[4 * p + 3] = f.w;
+    }
+  } else if constexpr (W == 2) {
+    const float2 f = *reinterpret_cast<const float2*>(buf + first);
+    v[0] = f.x;
+    v[1] = f.y;
+  } else {
+    v[0] = buf[first];
+  }
+}
+
+// One butterfly stage at stride `s` (a power of 4, >= 16) over a staged segment.
+__device__ __forceinline__ void stage_pass(float* buf, int len, int log2_s) {
+  const int s = 1 << log2_s;
+  for (int w = threadIdx.x; w < len / 4; w += blockDim.x) {
+    const int base = ((w >> log2_s) << (log2_s + 2)) + (w & (s - 1));
+    float e[4];
+#pragma unroll
+    for (int a = 0; a < 4; ++a) e[a] = buf[slot<16>(base + a * s)];
+    h4(e[0], e[1], e[2], e[3]);
+#pragma unroll
+    for (int a = 0; a < 4; ++a) buf[slot<16>(base + a * s)] = e[a];
+  }
+}
+
+// Two butterfly stages, at strides 4s then s (s a power of 4, >= 16), in one pass.
+__device__ __forceinline__ void stage_pair_pass(float* buf, int len, int log2_s) {
+  const int s = 1 << log2_s;
+  for (int w = threadIdx.x; w < len / 16; w += blockDim.x) {
+    const int base = ((w >> log2_s) << (log2_s + 4)) + (w & (s - 1));
+    float e[4][4];  // e[b][a] = element base + b * 4s + a * s
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+#pragma unroll
+      for (int a = 0; a < 4; ++a) e[b][a] = buf[slot<16>(base + b * 4 * s + a * s)];
+    }
+#pragma unroll
+    for (int a = 0; a < 4; ++a) h4(e[0][a], e[1][a], e[2][a], e[3][a]);
+#pragma unroll
+    for (int b = 0; b < 4; ++b) h4(e[b][0], e[b][1], e[b][2], e[b][3]);
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+#pragma unroll
+      for (int a = 0; a < 4; ++a) buf[slot<16>(base + b * 4 * s + a * s)] = e[b][a];
+    }
+  }
+}
+
+// The stages at strides 4 and 1 (those a chunk of W holds) and the final scaling.
+template <int W>
+__device__ __forceinline__ void finish_chunk(float (&v)[W], int group, float unit) {
+  if constexpr (W == 16) {
+    if (group >= 16) {
+#pragma unroll
+      for (int a = 0; a < 4; ++a) h4(v[a], v[a + 4], v[a + 8], v[a + 12]);
+    }
+  }
+  if constexpr (W % 4 == 0) {
+    if (group >= 4) {
+#pragma unroll
+      for (int b = 0; b < W / 4; ++b) h4(v[4 * b], v[4 * b + 1], v[4 * b + 2], v[4 * b + 3]);
+#pragma unroll
+      for (int q = 0; q < W; ++q) v[q] *= unit;
+    }
+  }
+}
+
+// Loads x[0, len) into shared memory and applies every stage of stride >= 16.
+// On return this thread may read back its own chunks (c = tid, tid + T, ...).
+template <typename T, int W>
+__device__ __forceinline__ void stage_segment(const T* x, int len, int group, bool vec, float* buf) {
+  for (int c = threadIdx.x; c < len / W; c += blockDim.x) {
+    float v[W];
+    load_chunk<T, W>(x + c * W, vec, v);
+    smem_store_chunk<W>(buf, c * W, v);
+  }
+  if (group >= 64) {
+    const int log4g = __ffs(group) / 2;  // group = 4^log4g; strides g/4 .. 16 remain
+    int stages = log4g - 2;
+    int log2_s = 2 * (log4g - 1);
+    if (stages & 1) {
+      __syncthreads();
+      stage_pass(buf, len, log2_s);
+      log2_s -= 2;
+      --stages;
+    }
+    for (; stages > 0; stages -= 2) {
+      __syncthreads();
+      stage_pair_pass(buf, len, log2_s - 2);
+      log2_s -= 4;
+    }
+    __syncthreads();
+  }
+}
+
+__device__ __forceinline__ int quantize_value(float v, float scale, float inv, bool exact, float qmax) {
+  float r;
+  if (exact) {
+    r = rintf(__fdiv_rn(v, scale));
+  } else {
+    const float t = v * inv;
+    r = rintf(t);
+    // v * (1/scale) is within 2 ulp of v / scale; only near a .5 tie can that
+    // change the rounding, and there the correctly rounded quotient decides.
+    if (fabsf(t - r) > 0.499f) r = rintf(__fdiv_rn(v, scale));
+  }
+  return int(fminf(fmaxf(r, -qmax - 1.0f), qmax));
+}
+
+template <int W, int BITS>
+__device__ __forceinline__ void store_codes(uint8_t* dst, bool vec, const int (&q)[W]) {
+  if constexpr (BITS == 4) {
+    uint8_t bytes[W / 2];
+#pragma unroll
+    for (int j = 0; j < W / 2; ++j) bytes[j] = uint8_t((q[2 * j] & 0xF) | ((q[2 * j + 1] & 0xF) << 4));
+    if constexpr (W == 16) {
+      if (vec) {
+        uint2 word;
+        word.x = bytes[0] | (bytes[1] << 8) | (bytes[2] << 16) | (uint32_t(bytes[3]) << 24);
+        word.y = bytes[4] | (bytes[5] << 8) | (bytes[6] << 16) | (uint32_t(bytes[7]) << 24);
+        *reinterpret_cast<uint2*>(dst) = word;
+        return;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < W / 2; ++j) dst[j] = bytes[j];
+  } else {
+    if constexpr (W % 4 == 0) {
+      if (vec) {
+        uint32_t words[W / 4];
+#pragma unroll
+        for (int j = 0; j < W / 4; ++j) {
+          words[j] = (q[4 * j] & 0xFF) | ((q[4 * j + 1] & 0xFF) << 8) | ((q[4 * j + 2] & 0xFF) << 16) |
+                     (uint32_t(q[4 * j + 3] & 0xFF) << 24);
+        }
+        if constexpr (W == 16) {
+          *reinterpret_cast<uint4*>(dst) = make_uint4(words[0], words[1], words[2], words[3]);
+        } else {
+          *reinterpret_cast<uint32_t*>(dst) = words[0];
+        }
+        return;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < W; ++j) dst[j] = uint8_t(q[j] & 0xFF);
+  }
+}
+
+// Block-wide max of |v| and AND of finiteness; every thread gets the result.
+__device__ __forceinline__ void block_amax(float& amax, bool& finite) {
+  __shared__ float warp_amax[kMaxThreads / 32];
+  __shared__ int warp_finite[kMaxThreads / 32];
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  finite = __all_sync(0xffffffffu, finite);
+  const int warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+  if ((threadIdx.x & 31) == 0) {
+    warp_amax[warp] = amax;
+    warp_finite[warp] = finite;
+  }
+  __syncthreads();
+  amax = 0.0f;
+  finite = true;
+  for (int w = 0; w < nwarps; ++w) {
+    amax = fmaxf(amax, warp_amax[w]);
+    finite = finite && warp_finite[w];
+  }
+}
+
+// One block per row. MODE kRotate writes the rotated row to `out` (T);
+// kQuant4 / kQuant8 write codes to `out` (uint8 / int8) and the row scale.
+// group == 0 (quantization only) skips every stage.
+template <typename T, int W, int MODE>
+__global__ void __launch_bounds__(kMaxThreads) rows_kernel(const T* __restrict__ x, int64_t k, int group,
+                                                           int seg_len, bool vec, void* __restrict__ out,
+                                                           float* __restrict__ scale_out) {
+  extern __shared__ float4 smem4[];
+  float* buf = reinterpret_cast<float*>(smem4);
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * k;
+  const int nseg = int(ceil_div<int64_t>(k, seg_len));
+  float unit = 1.0f;  // 2^-log4(group), exact
+  for (int g = group; g > 1; g >>= 2) unit *= 0.5f;
+
+  float amax = 0.0f;
+  bool finite = true;
+  for (int seg = 0; seg < nseg; ++seg) {
+    const int64_t base = int64_t(seg) * seg_len;
+    const int len = int(k - base < seg_len ? k - base : seg_len);
+    if (seg > 0) __syncthreads();  // the previous segment's strided passes are done with buf
+    stage_segment<T, W>(xr + base, len, group, vec, buf);
+    for (int c = threadIdx.x; c < len / W; c += blockDim.x) {
+      float v[W];
+      smem_load_chunk<W>(buf, c * W, v);
+      finish_chunk<W>(v, group, unit);
+      if constexpr (MODE == kRotate) {
+        store_chunk<T, W>(static_cast<T*>(out) + row * k + base + c * W, vec, v);
+      } else {
+#pragma unroll
+        for (int q = 0; q < W; ++q) {
+          const float a = fabsf(v[q]);
+          amax = fmaxf(amax, a);
+          finite = finite && (a <= FLT_MAX);
+        }
+        if (nseg == 1) smem_store_chunk<W>(buf, c * W, v);
+      }
+    }
+  }
+  if constexpr (MODE != kRotate) {
+    constexpr float qmax = MODE == kQuant4 ? 7.0f : 127.0f;
+    block_amax(amax, finite);
+    const float scale = finite ? __fdiv_rn(amax, qmax) : __int_as_float(0x7fc00000);
+    if (threadIdx.x == 0) scale_out[row] = scale;
+    const bool zero = !(scale > 0.0f);  // all-zero, underflowed or non-finite row
+    const float inv = __frcp_rn(scale);
+    const bool exact = !(inv <= FLT_MAX);
+    constexpr int kCodeBytesNum = MODE == kQuant4 ? 1 : 2;  // bytes per element = num / 2
+    uint8_t* qrow = static_cast<uint8_t*>(out) + row * k * kCodeBytesNum / 2;
+    for (int seg = 0; seg < nseg; ++seg) {
+      const int64_t base = int64_t(seg) * seg_len;
+      const int len = int(k - base < seg_len ? k - base : seg_len);
+      if (nseg > 1) {
+        __syncthreads();
+        stage_segment<T, W>(xr + base, len, group, vec, buf);
+      }
+      for (int c = threadIdx.x; c < len / W; c += blockDim.x) {
+        float v[W];
+        smem_load_chunk<W>(buf, c * W, v);
+        if (nseg > 1) finish_chunk<W>(v, group, unit);
+        int q[W];
+#pragma unroll
+        for (int j = 0; j < W; ++j) q[j] = zero ? 0 : quantize_value(v[j], scale, inv, exact, qmax);
+        store_codes<W, MODE>(qrow + (base + c * W) * kCodeBytesNum / 2, vec, q);
+      }
+    }
+  }
+}
+
+// The widest chunk (16, 4, 2 or 1 elements) that divides k; 16 and 4 are
+// multiples of every group size they serve (group <= 4 needs W >= 4 only).
+inline int chunk_width(int64_t k) {
+  if (k % 16 == 0) return 16;
+  if (k % 4 == 0) return 4;
+  if (k % 2 == 0) return 2;
+  return 1;
+}
+
+template <typename T, int W, int MODE>
+void launch_typed(const void* x, int64_t rows, int64_t k, int group, void* out, float* scale, cudaStream_t stream) {
+  const int seg_len = int(k < kMaxStaged ? k : kMaxStaged);
+  const int chunks = seg_len / W;
+  const int threads = chunks >= kMaxThreads ? kMaxThreads : int(ceil_div(chunks, 32)) * 32;
+  const size_t smem = size_t(ceil_div(seg_len, 32)) * 32 * sizeof(float);
+  const bool vec = aligned16(x) && aligned16(out);
+  auto kernel = rows_kernel<T, W, MODE>;
+  allow_dynamic_smem(kernel, smem);
+  kernel<<<dim3(unsigned(rows)), threads, smem, stream>>>(static_cast<const T*>(x), k, group, seg_len, vec, out,
+                                                          scale);
+  check_launch("row rotation kernel");
+}
+
+template <typename T, int MODE>
+void launch_width(const void* x, int64_t rows, int64_t k, int group, void* out, float* scale, cudaStream_t stream) {
+  switch (chunk_width(k)) {
+    case 16: return launch_typed<T, 16, MODE>(x, rows, k, group, out, scale, stream);
+    case 4: return launch_typed<T, 4, MODE>(x, rows, k, group, out, scale, stream);
+    default:
+      if constexpr (MODE != kRotate) {  // odd widths occur only without rotation
+        if (k % 2 == 0) return launch_typed<T, 2, MODE>(x, rows, k, group, out, scale, stream);
+        if constexpr (MODE == kQuant8) return launch_typed<T, 1, MODE>(x, rows, k, group, out, scale, stream);
+      }
+      throw std::runtime_error("convrot_kernels CUDA: unsupported row width for this primitive");
+  }
+}
+
+// Rows of x (dtype) through the engine; `scale` is null for kRotate.
+template <int MODE>
+void launch(const void* x, Float dtype, int64_t rows, int64_t k, int group, void* out, float* scale,
+            void* stream) {
+  if (rows > 0x7fffffff) throw std::runtime_error("convrot_kernels CUDA: more than 2^31 - 1 rows");
+  const cudaStream_t s = as_stream(stream);
+  switch (dtype) {
+    case Float::f32: return launch_width<float, MODE>(x, rows, k, group, out, scale, s);
+    case Float::f16: return launch_width<__half, MODE>(x, rows, k, group, out, scale, s);
+    default: return launch_width<__nv_bfloat16, MODE>(x, rows, k, group, out, scale, s);
+  }
+}
+
+}  // namespace convrot::cuda::row_rotation

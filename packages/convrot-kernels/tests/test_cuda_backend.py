@@ -1,0 +1,354 @@
+"""The CUDA backend against the CPU backend and a float64 reference written here.
+
+Every check draws fresh random inputs. Outputs are written into buffers poisoned
+with two different patterns (by calling the destination-passing ``_C`` functions
+directly): an element the kernel failed to write would differ between the two
+runs, so "both runs identical and correct" proves every element was written.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import convrot_kernels as ck
+from convrot_kernels import _C
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+POISONS = (0x55, 0xAA)
+
+
+# ---------------------------------------------------------------- float64 reference
+
+
+def hadamard64(n: int) -> np.ndarray:
+    """R_n = (H4 ⊗ ... ⊗ H4) / sqrt(n), in float64."""
+    h4 = np.array([[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]], dtype=np.float64)
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.kron(h4, h)
+    return h / math.sqrt(n)
+
+
+def rotate64(x: torch.Tensor, group: int) -> np.ndarray:
+    v = x.detach().cpu().double().numpy()
+    g = v.reshape(*v.shape[:-1], v.shape[-1] // group, group) @ hadamard64(group)
+    return g.reshape(v.shape)
+
+
+def quantize64(v: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Codes, fp32 scales, and each value's distance to a rounding tie (in code units)."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = (np.abs(v).max(axis=1) / qmax).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = v / scale.astype(np.float64)[:, None]
+        codes = np.clip(np.rint(ratio), -qmax - 1, qmax)
+        tie = np.abs(np.abs(ratio - np.floor(ratio)) - 0.5)
+    codes[scale == 0] = 0
+    return np.nan_to_num(codes).astype(np.int64), scale, tie
+
+
+def codes_of(q: torch.Tensor, bits: int) -> np.ndarray:
+    q = q.cpu()
+    if bits == 8:
+        return q.numpy().astype(np.int64)
+    p = q.numpy()
+    low = (p & 0x0F).astype(np.int64)
+    high = (p >> 4).astype(np.int64)
+    low = np.where(low > 7, low - 16, low)
+    high = np.where(high > 7, high - 16, high)
+    return np.stack([low, high], axis=-1).reshape(p.shape[0], -1)
+
+
+def gemm64(ca: np.ndarray, sa: torch.Tensor, cw: np.ndarray, sw: torch.Tensor, bias) -> np.ndarray:
+    acc = ca.astype(np.int64) @ cw.astype(np.int64).T
+    y = acc.astype(np.float64) * sa.double().cpu().numpy()[:, None] * sw.double().cpu().numpy()[None, :]
+    if bias is not None:
+        y = y + bias.double().cpu().numpy()[None, :]
+    return y
+
+
+def rounding_floor(exact: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """|round_to(dtype, exact) - exact|: the error of the same math in that precision."""
+    return np.abs(torch.from_numpy(exact).to(dtype).double().numpy() - exact)
+
+
+# ---------------------------------------------------------------- poisoned calls
+
+
+def poisoned_runs(make_outputs, call):
+    """Runs `call(*outputs)` into outputs filled with each poison byte; returns both results."""
+    results = []
+    for byte in POISONS:
+        outs = make_outputs()
+        for t in outs:
+            t.view(torch.uint8).fill_(byte)
+        call(*outs)
+        results.append([t.clone() for t in outs])
+    torch.cuda.synchronize()
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), "some output elements were never written"
+    return results[0]
+
+
+def stream() -> int:
+    return torch.cuda.current_stream().cuda_stream
+
+
+def cuda_rht(x: torch.Tensor, group: int) -> torch.Tensor:
+    (out,) = poisoned_runs(lambda: [torch.empty_like(x)], lambda out: _C.rht(x, out, group, stream()))
+    return out
+
+
+def cuda_rht_quantize(x: torch.Tensor, group: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    m, k = x.shape
+
+    def outputs():
+        q = torch.empty(
+            (m, k // 2 if bits == 4 else k), dtype=torch.uint8 if bits == 4 else torch.int8, device=x.device
+        )
+        return [q, torch.empty(m, dtype=torch.float32, device=x.device)]
+
+    q, scale = poisoned_runs(outputs, lambda q, s: _C.rht_quantize(x, q, s, group, bits, stream()))
+    return q, scale
+
+
+def cuda_gemm(qa, sa, qw, sw, bias, bits, out_dtype):
+    m, n = qa.shape[0], qw.shape[0]
+    (y,) = poisoned_runs(
+        lambda: [torch.empty((m, n), dtype=out_dtype, device=qa.device)],
+        lambda y: _C.gemm(qa, sa, qw, sw, bias, y, bits, stream()),
+    )
+    return y
+
+
+# ---------------------------------------------------------------- rotation
+
+
+RHT_SHAPES = [  # (rows, K, group)
+    ((1, 64), 64),
+    ((3, 1152), 64),
+    ((7, 3072), 256),
+    ((5, 15360), 256),
+    ((2, 4096), 1024),
+    ((2, 20480), 1024),  # longer than one staged segment
+    ((9, 48), 16),
+    ((3, 12), 4),
+    ((2, 3, 256), 256),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,group", RHT_SHAPES)
+def test_rht_matches_cpu_backend_and_float64(shape, group, dtype):
+    x = (torch.randn(shape) * 3).to(dtype)
+    got = cuda_rht(x.cuda(), group).cpu()
+    assert torch.equal(got, ck.rht(x, group)), "CUDA and CPU rotations differ"
+    exact = rotate64(x, group)
+    err = np.abs(got.double().numpy() - exact)
+    # One rounding to dtype plus fp32 butterfly error.
+    assert (err <= 2 * rounding_floor(exact, dtype) + 1e-5 * (np.abs(exact) + 1)).all()
+
+
+# ---------------------------------------------------------------- quantization
+
+
+def assert_codes(q, scale, values64, bits, cpu_q, cpu_scale):
+    codes, ref_scale, tie = quantize64(values64, bits)
+    got = codes_of(q, bits)
+    scale = scale.cpu()
+    assert torch.equal(scale, cpu_scale), "CUDA and CPU scales differ"
+    np.testing.assert_allclose(scale.numpy(), ref_scale, rtol=1e-5, atol=0)
+    near_tie = tie < 1e-3
+    assert not ((got != codes) & ~near_tie).any(), "codes differ from float64 away from rounding ties"
+    assert not ((got != codes_of(cpu_q, bits)) & ~near_tie).any(), "codes differ from the CPU backend away from ties"
+    assert (np.abs(got - codes) <= 1).all()
+
+
+RQ_SHAPES = [  # (M, K, group)
+    (1, 3072, 256),
+    (7, 3072, 256),
+    (33, 1152, 64),
+    (5, 15360, 256),
+    (3, 12288, 256),
+    (2, 4096, 1024),
+    (3, 20480, 256),  # two staged segments: rotated twice
+    (11, 48, 16),
+    (4, 20, 4),
+]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,group", RQ_SHAPES)
+def test_rht_quantize_matches_cpu_backend_and_float64(m, k, group, dtype, bits):
+    x = (torch.randn(m, k) * 2 + torch.randn(m, 1)).to(dtype)  # a per-row offset, as AdaLN gives
+    q, scale = cuda_rht_quantize(x.cuda(), group, bits)
+    cpu_q, cpu_scale = ck.rht_quantize(x, group, bits)
+    assert_codes(q, scale, rotate64(x, group), bits, cpu_q, cpu_scale)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k", [(1, 2), (5, 6), (3, 34), (2, 3072), (4, 17000), (3, 37)])
+def test_quantize_matches_cpu_backend_and_float64(m, k, dtype, bits):
+    if bits == 4 and k % 2:
+        k += 1
+    x = (torch.randn(m, k) * 10).to(dtype)
+    q, scale = cuda_rht_quantize(x.cuda(), 0, bits)
+    cpu_q, cpu_scale = ck.quantize(x, bits)
+    assert_codes(q, scale, x.double().numpy(), bits, cpu_q, cpu_scale)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_zero_and_non_finite_rows_stay_in_their_row(bits):
+    x = torch.randn(5, 3072, device="cuda")
+    x[1] = 0
+    x[2, 5] = math.nan
+    x[3, 7] = math.inf
+    x[4, 9] = -math.inf
+    q, scale = cuda_rht_quantize(x, 256, bits)
+    codes, scale = codes_of(q, bits), scale.cpu()
+    assert scale[1].item() == 0 and not codes[1].any()
+    for row in (2, 3, 4):
+        assert math.isnan(scale[row].item()) and not codes[row].any()
+    good_q, good_scale = cuda_rht_quantize(x[:1].contiguous(), 256, bits)
+    assert scale[0].item() == good_scale.item() and (codes[0] == codes_of(good_q, bits)[0]).all()
+
+
+def test_misaligned_input_takes_the_scalar_path():
+    # A contiguous view 2 bytes into its storage: no 16-byte vector loads possible.
+    m, k = 3, 1024
+    base = torch.randn(m * k + 1, device="cuda").to(torch.bfloat16)
+    x = base[1:].view(m, k)
+    assert x.data_ptr() % 16
+    q, scale = cuda_rht_quantize(x, 256, 4)
+    cpu_q, cpu_scale = ck.rht_quantize(x.cpu(), 256, 4)
+    assert_codes(q, scale, rotate64(x, 256), 4, cpu_q, cpu_scale)
+    assert torch.equal(cuda_rht(x, 256).cpu(), ck.rht(x.cpu(), 256))
+
+
+def test_public_api_runs_on_the_current_stream():
+    s = torch.cuda.Stream()
+    x = torch.randn(64, 3072, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(256, 3072, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.stream(s):
+        qa, sa = ck.rht_quantize(x, 256, 4)
+        qw, sw = ck.rht_quantize(w, 256, 4)
+        y = ck.gemm(qa, sa, qw, sw, bits=4)
+    s.synchronize()
+    cpu_y = ck.gemm(qa.cpu(), sa.cpu(), qw.cpu(), sw.cpu(), bits=4)
+    torch.testing.assert_close(y.cpu(), cpu_y, rtol=2**-7, atol=1e-6)
+
+
+# ---------------------------------------------------------------- GEMM
+
+
+def random_operands(rows, k, bits):
+    qmax = 2 ** (bits - 1) - 1
+    codes = torch.randint(-qmax - 1, qmax + 1, (rows, k), dtype=torch.int8)
+    q = ck.pack_int4(codes) if bits == 4 else codes
+    return q, codes.numpy()
+
+
+GEMM_SHAPES = [  # (M, N, K)
+    (1, 256, 3072),
+    (2, 3072, 128),
+    (17, 384, 1152),
+    (129, 300, 2432),
+    (33, 256, 15360),
+    (256, 640, 3072),
+    (5, 7, 18),  # K not a multiple of 32: the portable kernel
+    (3, 129, 96),
+    (1, 1, 32),
+]
+
+
+@pytest.fixture(params=["256", "128"], ids=["tile_n256", "tile_n128"])
+def tile_n(request, monkeypatch):
+    monkeypatch.setenv("CONVROT_SM90_TILE_N", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m,n,k", GEMM_SHAPES)
+def test_gemm_matches_cpu_backend_and_float64(m, n, k, bits, out_dtype, tile_n):
+    qa, ca = random_operands(m, k, bits)
+    qw, cw = random_operands(n, k, bits)
+    sa = torch.rand(m) * 0.1 + 1e-3
+    sw = torch.rand(n) * 0.1 + 1e-3
+    bias = torch.randn(n) if (m + n) % 2 else None
+    dev = [t.cuda() if t is not None else None for t in (qa, sa, qw, sw, bias)]
+    y = cuda_gemm(*dev, bits, out_dtype).cpu()
+    exact = gemm64(ca, sa, cw, sw, bias)
+    err = np.abs(y.double().numpy() - exact)
+    assert (err <= 2 * rounding_floor(exact, out_dtype) + 1e-6 * (np.abs(exact) + 1)).all()
+    cpu_y = ck.gemm(qa, sa, qw, sw, bias, bits=bits, out_dtype=out_dtype)
+    # Same int32 sum, same fp32 epilogue: at most one rounding step apart.
+    torch.testing.assert_close(y, cpu_y, rtol=torch.finfo(out_dtype).eps, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("k", [4096, 15360])
+def test_gemm_accumulates_exactly(k, bits, tile_n):
+    qa, ca = random_operands(130, k, bits)
+    qw, cw = random_operands(260, k, bits)
+    ones_m, ones_n = torch.ones(130, device="cuda"), torch.ones(260, device="cuda")
+    y = cuda_gemm(qa.cuda(), ones_m, qw.cuda(), ones_n, None, bits, torch.float32).cpu().numpy()
+    exact = ca.astype(np.int64) @ cw.astype(np.int64).T
+    assert (np.abs(exact) < 2**24).all()
+    assert (y == exact).all()
+
+
+def test_gemm_4bit_beyond_the_fast_kernels_k():
+    # K >= 2^17 leaves the Hopper kernel's 256x-scaled accumulator range.
+    k = 1 << 17
+    qa, ca = random_operands(2, k, 4)
+    qw, cw = random_operands(3, k, 4)
+    y = cuda_gemm(
+        qa.cuda(), torch.ones(2, device="cuda"), qw.cuda(), torch.ones(3, device="cuda"), None, 4, torch.float32
+    )
+    exact = ca.astype(np.int64) @ cw.astype(np.int64).T
+    assert (y.cpu().numpy() == exact.astype(np.float32)).all()
+
+
+def test_chain_approximates_bf16_linear():
+    x = torch.randn(300, 3072, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(512, 3072, device="cuda") / 3072**0.5).to(torch.bfloat16)
+    bias = torch.randn(512, device="cuda")
+    qa, sa = ck.rht_quantize(x, 256, 4)
+    qw, sw = ck.rht_quantize(w, 256, 4)
+    y = ck.gemm(qa, sa, qw, sw, bias, bits=4).float()
+    ref = torch.nn.functional.linear(x.float(), w.float(), bias)
+    rel = ((y - ref).norm() / ref.norm()).item()
+    assert rel < 0.2, rel
+
+
+# ---------------------------------------------------------------- packing
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (3, 10), (7, 3072), (2, 5, 64), (4097, 32)])
+def test_pack_and_unpack_match_cpu_backend(shape):
+    codes = torch.randint(-8, 8, shape, dtype=torch.int8)
+    n_bytes = codes.numel() // 2
+    (packed,) = poisoned_runs(
+        lambda: [torch.empty((*shape[:-1], shape[-1] // 2), dtype=torch.uint8, device="cuda")],
+        lambda p: _C.pack_int4(codes.cuda(), p, stream()),
+    )
+    assert torch.equal(packed.cpu(), ck.pack_int4(codes))
+    (unpacked,) = poisoned_runs(
+        lambda: [torch.empty(shape, dtype=torch.int8, device="cuda")],
+        lambda q: _C.unpack_int4(packed, q, stream()),
+    )
+    assert torch.equal(unpacked.cpu(), codes)
+    assert packed.numel() == n_bytes
