@@ -1,0 +1,40 @@
+"""ConvRot W4A4 quantization for diffusers pipelines: Flux, PixArt-Σ/α, SD3/3.5.
+
+    import convrot_diffusers
+    pipe = convrot_diffusers.quantize_pipeline(pipe, preset="mix")
+    convrot_diffusers.save_quantized(pipe, "flux-convrot")
+    transformer = convrot_diffusers.load_quantized("flux-convrot", device="cuda")
+
+Importing the package registers ``ConvRotConfig`` with diffusers, so that
+``<Transformer>.from_pretrained(..., quantization_config=ConvRotConfig())`` and
+``<Transformer>.from_pretrained(saved_directory)`` work.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .checkpoint import load_quantized, save_quantized
+from .detect import ARCHITECTURES, UnsupportedModelError, architecture_of
+from .diffusers_integration import ConvRotConfig, register
+from .pipeline import quantize_pipeline, quantize_transformer
+from .presets import PRESET_NAMES, PRESETS, policy_for
+
+register()
+
+try:
+    __version__ = version("convrot-diffusers")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0+unknown"
+
+__all__ = [
+    "ARCHITECTURES",
+    "PRESETS",
+    "PRESET_NAMES",
+    "ConvRotConfig",
+    "UnsupportedModelError",
+    "architecture_of",
+    "load_quantized",
+    "policy_for",
+    "quantize_pipeline",
+    "quantize_transformer",
+    "save_quantized",
+]

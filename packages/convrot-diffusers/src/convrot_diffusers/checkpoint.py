@@ -1,0 +1,88 @@
+"""Saving and loading a quantized transformer as a directory.
+
+Layout (also what ``<Transformer>.from_pretrained(directory)`` reads, see diffusers_integration.py):
+  config.json                         the transformer's diffusers config, with ``quantization_config``
+                                      = ConvRotConfig (preset, group size, rotation, base model, versions)
+  diffusion_pytorch_model.safetensors convrot-core's checkpoint: packed codes, fp32 scales, bf16 rest,
+                                      and a header listing every quantized layer
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import diffusers
+import torch
+from accelerate import init_empty_weights
+
+import convrot
+
+from .detect import architecture_for_class, transformer_of
+from .diffusers_integration import QUANT_METHOD, ConvRotConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+
+class NotAQuantizedSaveError(ValueError):
+    """The directory is not a convrot-diffusers save."""
+
+
+def save_quantized(pipe_or_transformer, directory: str | os.PathLike) -> Path:
+    """Writes the quantized transformer of a pipeline (or the transformer itself) to ``directory``."""
+    transformer = transformer_of(pipe_or_transformer)
+    config = getattr(transformer.config, "quantization_config", None)
+    if not isinstance(config, ConvRotConfig):
+        raise ValueError("the transformer is not quantized: call quantize_pipeline (or quantize_transformer) first")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    convrot.save_quantized(transformer, directory / WEIGHTS_NAME)
+    transformer.save_config(directory)
+    return directory
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+    """The transformer config of a save (with its ``quantization_config`` as a dict)."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise NotAQuantizedSaveError(f"{directory}: no {CONFIG_NAME}, not a convrot-diffusers save")
+    config = json.loads(path.read_text())
+    quantization = config.get("quantization_config") or {}
+    if quantization.get("quant_method") != QUANT_METHOD:
+        raise NotAQuantizedSaveError(f"{directory}: {CONFIG_NAME} has no ConvRot quantization_config")
+    return config
+
+
+def is_quantized_save(directory: str | os.PathLike) -> bool:
+    try:
+        read_config(directory)
+    except (NotAQuantizedSaveError, json.JSONDecodeError):
+        return False
+    return True
+
+
+def load_quantized(directory: str | os.PathLike, device: str | torch.device = "cpu", dtype=torch.bfloat16):
+    """Rebuilds a quantized transformer from a save_quantized directory.
+
+    The transformer is built on the meta device, its Linear layers are replaced
+    by ConvLinear layers from the stored codes, and every tensor is read once
+    onto ``device``: no bf16 weight of a quantized layer is ever materialised.
+    Non-quantized tensors are cast to ``dtype``. Assemble a pipeline with
+    ``Pipeline.from_pretrained(base_model, transformer=loaded)``.
+    """
+    config = read_config(directory)
+    transformer_class = getattr(diffusers, config["_class_name"])
+    architecture_for_class(config["_class_name"])
+    quantization = ConvRotConfig.from_dict(config.pop("quantization_config"))
+    # Parameters on the meta device; buffers (rotary tables, position embeddings) are small and
+    # some are not in the state dict, so they are built for real, as diffusers does.
+    with init_empty_weights(include_buffers=False):
+        transformer = transformer_class.from_config(config)
+    convrot.load_quantized(transformer, Path(directory) / WEIGHTS_NAME, device=device)
+    # torch's own .to: the scales stay fp32 (ConvLinear._apply), codes are integers; diffusers'
+    # override would warn about float32 modules even when there are none.
+    torch.nn.Module.to(transformer, device=device, dtype=dtype)
+    transformer.register_to_config(quantization_config=quantization)
+    return transformer.eval()

@@ -1,0 +1,41 @@
+"""Quantizing the denoising transformer of a diffusers pipeline in place."""
+
+from __future__ import annotations
+
+import convrot
+
+from .detect import transformer_of
+from .diffusers_integration import ConvRotConfig
+from .presets import DEFAULT_PRESET, check_preset, policy_for
+
+
+def quantize_transformer(
+    transformer, preset: str = DEFAULT_PRESET, group_size: int = 256, progress: bool = True, base_model=None
+):
+    """Quantizes a Flux / PixArt / SD3 transformer in place with ``preset``; returns it.
+
+    The preset and group size are recorded in ``transformer.config.quantization_config``
+    (a ConvRotConfig), which save_quantized writes next to the weights.
+    """
+    check_preset(preset)
+    if getattr(transformer.config, "quantization_config", None) is not None:
+        raise ValueError("the transformer is already quantized")
+    policy = policy_for(transformer, preset)
+    convrot.quantize_model(transformer, policy=policy, group_size=group_size, progress=progress)
+    config = ConvRotConfig(preset=preset, group_size=group_size, base_model=base_model)
+    transformer.register_to_config(quantization_config=config)
+    return transformer
+
+
+def quantize_pipeline(pipe, preset: str = DEFAULT_PRESET, group_size: int = 256, progress: bool = True):
+    """Quantizes ``pipe.transformer`` in place (W4A4 / W8A8 per ``preset``) and returns the pipeline.
+
+    Supported: FluxPipeline, PixArtSigmaPipeline, PixArtAlphaPipeline, StableDiffusion3Pipeline.
+    ``group_size`` falls back, per layer, to the largest power of 4 that divides
+    its in_features (e.g. 64 for PixArt's 1152 and SD3.5-large's 2432).
+    """
+    transformer = transformer_of(pipe)
+    if transformer is pipe:
+        raise TypeError("quantize_pipeline expects a pipeline; use quantize_transformer for a bare transformer")
+    quantize_transformer(transformer, preset, group_size, progress, base_model=pipe.name_or_path or None)
+    return pipe

@@ -1,0 +1,179 @@
+"""Quantization presets per architecture: which Linear gets W4A4, W8A8 or stays in bf16.
+
+A preset is an ordered list of rules (glob pattern on the module name, kind,
+reason); the first matching rule decides, as in a convrot-core policy.
+``<last>`` in a pattern stands for the index of the last block of that block
+list, resolved from the transformer's config. Every preset ends with a
+catch-all "skip": the embedders (x_embedder, context_embedder /
+caption_projection, time/text embedders, PixArt's adaln_single) and the final
+norm_out/proj_out stay in bf16.
+
+The measurements quoted in the reasons come from the tiny random-weight demo
+models (docs/diffusers.md has the tables and how to reproduce them); they are
+weak evidence for trained checkpoints, where outliers drive sensitivity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+import convrot
+
+from .detect import Architecture, architecture_of
+
+PRESET_NAMES = ("mix", "w4a4")
+DEFAULT_PRESET = "mix"
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str
+    kind: str  # "w4a4" | "w8a8" | "skip"
+    reason: str
+
+
+_KEEP_REST = Rule(
+    "*",
+    "skip",
+    "outside the blocks: embedders and the final norm_out/proj_out are <1% of the weights and set the scale of "
+    "every token; quantizing them too drops the demo's transformer-output SQNR from 32 dB to 13 dB (Flux)",
+)
+
+_ADALN_W8A8_REASON = (
+    "AdaLN modulation (shift/scale/gate for every token): W8A8 recovers all the output SQNR that W4A4 loses "
+    "(demo Flux 32.1 -> 33.4 dB, SD3 34.9 -> 35.7 dB; bf16 gives 33.4 / 35.7) at half the bf16 size; "
+    "a class-by-class ablation ranks it among the most sensitive classes in Flux and SD3"
+)
+
+PRESETS: dict[str, dict[str, tuple[Rule, ...]]] = {
+    "flux": {
+        "w4a4": (
+            Rule("transformer_blocks.*", "w4a4", "every Linear of the double-stream blocks, AdaLN included"),
+            Rule("single_transformer_blocks.*", "w4a4", "every Linear of the single-stream blocks, AdaLN included"),
+            _KEEP_REST,
+        ),
+        "mix": (
+            # ConvRot paper, Table 8 (Flux.1-dev mixed precision): the most sensitive layers stay bf16 ...
+            Rule(
+                "single_transformer_blocks.<last>.proj_out",
+                "skip",
+                "paper Table 8: last block's output projection (attention out + MLP down) feeds norm_out directly",
+            ),
+            Rule(
+                "transformer_blocks.<last>.ff.net.2",
+                "skip",
+                "paper Table 8: last double block's image FFN down-projection (GELU inputs: lowest per-layer SQNR)",
+            ),
+            Rule(
+                "transformer_blocks.<last>.ff_context.net.2",
+                "skip",
+                "paper Table 8: last double block's text FFN down-projection",
+            ),
+            # ... and the attention output path goes W8A8.
+            Rule("transformer_blocks.*.attn.to_out.0", "w8a8", "paper Table 8: image attention output projection"),
+            Rule("single_transformer_blocks.*.attn.to_v", "w8a8", "paper Table 8: single-stream value projection"),
+            Rule("transformer_blocks.*.norm1.linear", "w8a8", _ADALN_W8A8_REASON),
+            Rule("transformer_blocks.*.norm1_context.linear", "w8a8", _ADALN_W8A8_REASON),
+            Rule("single_transformer_blocks.*.norm.linear", "w8a8", _ADALN_W8A8_REASON),
+            Rule("transformer_blocks.*", "w4a4", "the rest of the double-stream blocks"),
+            Rule("single_transformer_blocks.*", "w4a4", "the rest of the single-stream blocks"),
+            _KEEP_REST,
+        ),
+    },
+    "pixart": {
+        "w4a4": (
+            Rule("transformer_blocks.*", "w4a4", "every Linear of the blocks (PixArt's AdaLN is global, outside them)"),
+            _KEEP_REST,
+        ),
+        "mix": (
+            Rule(
+                "transformer_blocks.<last>.ff.net.2",
+                "skip",
+                "as Flux's bf16 set: the last block's FFN down-projection, the lowest per-layer SQNR class "
+                "(demo 14.2 dB vs 15.3 dB for the rest) and the last write into the residual stream",
+            ),
+            Rule(
+                "transformer_blocks.*.attn2.to_out.0",
+                "w8a8",
+                "as Flux's W8A8 attention outputs: cross-attention output, the most sensitive class when each "
+                "class alone is W4A4 (demo transformer-output SQNR 47.1 dB vs >= 52.6 dB for all but attn2.to_v)",
+            ),
+            Rule(
+                "transformer_blocks.*.attn2.to_v",
+                "w8a8",
+                "as Flux's W8A8 value projection: cross-attention values carry the text conditioning, the second "
+                "most sensitive class (47.9 dB)",
+            ),
+            Rule("transformer_blocks.*", "w4a4", "the rest of the blocks"),
+            _KEEP_REST,
+        ),
+    },
+    "sd3": {
+        "w4a4": (
+            Rule("transformer_blocks.*", "w4a4", "every Linear of the blocks, AdaLN included"),
+            _KEEP_REST,
+        ),
+        "mix": (
+            Rule(
+                "transformer_blocks.<last>.ff.net.2",
+                "skip",
+                "as Flux's bf16 set: the last block's FFN down-projection, the lowest per-layer SQNR class "
+                "(demo 13.9 dB vs 14.9 dB for the rest); the last block has no text FFN (context_pre_only)",
+            ),
+            Rule(
+                "transformer_blocks.*.attn.to_out.0",
+                "w8a8",
+                "as Flux: image attention output projection (class ablation: 41.7 dB, 4th most sensitive of 18)",
+            ),
+            Rule(
+                "transformer_blocks.*.attn2.to_out.0",
+                "w8a8",
+                "SD3.5's second (image-only) attention: its output projection, as attn.to_out.0",
+            ),
+            Rule("transformer_blocks.*.norm1.linear", "w8a8", _ADALN_W8A8_REASON),
+            Rule("transformer_blocks.*.norm1_context.linear", "w8a8", _ADALN_W8A8_REASON),
+            Rule("transformer_blocks.*", "w4a4", "the rest of the blocks"),
+            _KEEP_REST,
+        ),
+    },
+}
+
+
+def check_preset(preset: str) -> None:
+    if preset not in PRESET_NAMES:
+        raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESET_NAMES)}")
+
+
+def preset_rules(architecture: Architecture, preset: str, config) -> list[Rule]:
+    """The preset's rules with ``<last>`` resolved from the transformer config (a dict or a diffusers config)."""
+    check_preset(preset)
+    counts = {blocks: int(config[key]) for blocks, key in architecture.block_counts}
+    rules = []
+    for rule in PRESETS[architecture.name][preset]:
+        pattern = rule.pattern
+        if "<last>" in pattern:
+            blocks = pattern.split(".<last>")[0]
+            if counts[blocks] == 0:  # a model without this block list has no such layer
+                continue
+            pattern = pattern.replace("<last>", str(counts[blocks] - 1))
+        rules.append(Rule(pattern, rule.kind, rule.reason))
+    return rules
+
+
+def policy_for(transformer, preset: str = DEFAULT_PRESET) -> dict[str, str]:
+    """The convrot-core policy (pattern -> kind, first match wins) of ``preset`` for this transformer.
+
+    Rules that decide no layer of this model (e.g. SD3.5's attn2 on SD3-medium) are left out.
+    """
+    rules = preset_rules(architecture_of(transformer), preset, transformer.config)
+    policy = {rule.pattern: rule.kind for rule in rules}
+    linears = [name for name, module in transformer.named_modules() if isinstance(module, nn.Linear)]
+    deciding = {convrot.policy.layer_kind(name, policy)[1] for name in linears}
+    return {pattern: kind for pattern, kind in policy.items() if pattern in deciding}
+
+
+def layer_kind(policy: dict[str, str], name: str) -> str:
+    """The kind the policy gives the module ``name``."""
+    return convrot.policy.layer_kind(name, policy)[0]
