@@ -153,15 +153,17 @@ def test_set_simulation():
 
 @pytest.mark.gpu
 def test_gpu_peak_memory_stays_near_the_larger_model():
+    # 1024 bf16 layers of 1024 x 1024 (2 GiB) quantize to 0.5 GiB of codes. Were
+    # the originals kept until the end, the peak would exceed the start by
+    # those 0.5 GiB; freed as the conversion goes, the excess is one layer's
+    # float64 working set (a few times 8 MiB).
     torch.cuda.empty_cache()
-    model = nn.Sequential(*(nn.Linear(3072, 3072, dtype=torch.bfloat16, device="cuda") for _ in range(16)))
+    model = nn.Sequential(*(nn.Linear(1024, 1024, dtype=torch.bfloat16, device="cuda") for _ in range(1024)))
     before = torch.cuda.memory_allocated()
-    layer_bytes = 3072 * 3072 * 2
     torch.cuda.reset_peak_memory_stats()
     convrot.quantize_model(model, progress=False)
-    peak = torch.cuda.max_memory_allocated() - before
-    after = torch.cuda.memory_allocated()
-    assert after < before / 3  # bf16 -> packed int4 + scales
-    # The float64 working set of one chunk of rows (quantizer/weight.py) on top of one layer.
-    assert peak < 2 * layer_bytes + 4 * 2048 * 3072 * 8
+    excess = torch.cuda.max_memory_allocated() - before
+    quantized = torch.cuda.memory_allocated()
+    assert quantized < before / 3
+    assert excess < 128 * 2**20, f"peak exceeded the starting memory by {excess / 2**20:.0f} MiB"
     assert type(model[0]) is ConvLinear4bit and model[0].qweight.is_cuda
