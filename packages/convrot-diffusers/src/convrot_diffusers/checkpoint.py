@@ -10,12 +10,15 @@ Layout (also what ``<Transformer>.from_pretrained(directory)`` reads, see diffus
 from __future__ import annotations
 
 import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
 import torch
 from accelerate import init_empty_weights
+from safetensors import safe_open
 
 import convrot
 
@@ -86,3 +89,44 @@ def load_quantized(directory: str | os.PathLike, device: str | torch.device = "c
     torch.nn.Module.to(transformer, device=device, dtype=dtype)
     transformer.register_to_config(quantization_config=quantization)
     return transformer.eval()
+
+
+@dataclass
+class SaveSummary:
+    config: dict
+    file_bytes: int
+    bf16_bytes: int  # the same transformer with every weight in bf16
+    layers: dict[str, int]  # kind -> number of quantized Linear layers
+    parameters: dict[str, int]  # kind ("w4a4", "w8a8", "bf16") -> number of weights
+
+    @property
+    def ratio(self) -> float:
+        return self.bf16_bytes / self.file_bytes
+
+
+def describe(directory: str | os.PathLike) -> SaveSummary:
+    """Size and layer counts of a save, read from the config and the safetensors header only."""
+    config = read_config(directory)
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise NotAQuantizedSaveError(f"{directory}: no {WEIGHTS_NAME}")
+    with safe_open(path, framework="pt") as handle:
+        layers = json.loads((handle.metadata() or {}).get("layers", "{}"))
+        shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}
+    counts: dict[str, int] = {}
+    parameters = {"w4a4": 0, "w8a8": 0, "bf16": 0}
+    quantized_tensors = set()
+    for name, spec in layers.items():
+        counts[spec["kind"]] = counts.get(spec["kind"], 0) + 1
+        parameters[spec["kind"]] += spec["in_features"] * spec["out_features"]
+        quantized_tensors.update({f"{name}.qweight", f"{name}.weight_scale"})
+    for key, shape in shapes.items():
+        if key not in quantized_tensors:
+            parameters["bf16"] += math.prod(shape)
+    return SaveSummary(
+        config=config,
+        file_bytes=path.stat().st_size,
+        bf16_bytes=2 * sum(parameters.values()),
+        layers=counts,
+        parameters=parameters,
+    )

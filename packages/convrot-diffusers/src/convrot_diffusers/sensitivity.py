@@ -154,6 +154,6 @@ def plot(results: list[LayerSensitivity], path: Path, title: str, lowest: int = 
     ax.set_ylabel("SQNR vs bf16 output (dB)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", ncol=4, bbox_to_anchor=(0.5, -0.12))
     fig.savefig(path, dpi=120)
     plt.close(fig)
