@@ -92,8 +92,12 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
     }
     path = os.fspath(path)
     partial = f"{path}.partial"
-    save_file(tensors, partial, metadata=metadata)
-    os.replace(partial, path)
+    try:
+        save_file(tensors, partial, metadata=metadata)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
 def _check_layer_spec(name: str, spec) -> None:
