@@ -85,9 +85,20 @@ def dense_rotate_then_quantize(x: torch.Tensor, h: torch.Tensor):
     return ((q[:, 0::2] & 0xF) | (q[:, 1::2] << 4)).view(torch.uint8), scale
 
 
-def with_tile_n(tile: str, fn):
+# GEMM kernels timed: what cuda::gemm picks by itself, and gemm_sm90.cu's kernel
+# forced at both tile widths (environment variables read at each call).
+GEMM_KERNELS = {
+    "auto": {},
+    "sm90 n256": {"CONVROT_GEMM_KERNEL": "sm90", "CONVROT_SM90_TILE_N": "256"},
+    "sm90 n128": {"CONVROT_GEMM_KERNEL": "sm90", "CONVROT_SM90_TILE_N": "128"},
+}
+
+
+def with_kernel(name: str, fn):
     def run(*args):
-        os.environ["CONVROT_SM90_TILE_N"] = tile
+        for var in ("CONVROT_GEMM_KERNEL", "CONVROT_SM90_TILE_N"):
+            os.environ.pop(var, None)
+        os.environ.update(GEMM_KERNELS[name])
         return fn(*args)
 
     return run
@@ -134,12 +145,12 @@ def bench_linear_shape(k: int, n: int, ms: list[int], record) -> None:
         except RuntimeError:  # _int_mm rejects small M
             int_mm_us = None
         anchors = {"bf16 linear": linear_us, "_int_mm": int_mm_us}
-        for tile in ("256", "128"):
-            record(f"gemm4 n{tile}", m, k, n, time_per_call(with_tile_n(tile, gemm4), sets), anchors, ops)
-            record(f"gemm8 n{tile}", m, k, n, time_per_call(with_tile_n(tile, gemm8), sets), anchors, ops)
-            chain_us = time_per_call(with_tile_n(tile, chain), sets)
-            record(f"chain4 n{tile}", m, k, n, chain_us, {"bf16 linear": linear_us}, ops)
-        os.environ.pop("CONVROT_SM90_TILE_N", None)
+        for name in GEMM_KERNELS:
+            record(f"gemm4 {name}", m, k, n, time_per_call(with_kernel(name, gemm4), sets), anchors, ops)
+            record(f"gemm8 {name}", m, k, n, time_per_call(with_kernel(name, gemm8), sets), anchors, ops)
+            chain_us = time_per_call(with_kernel(name, chain), sets)
+            record(f"chain4 {name}", m, k, n, chain_us, {"bf16 linear": linear_us}, ops)
+        with_kernel("auto", lambda: None)()
         x = sets[0][0]
         y = chain(x).float()
         ref = F.linear(x.float(), w.float(), bias)
@@ -170,7 +181,7 @@ def main() -> None:
         ratios = "  ".join(
             f"{name} {t:9.1f}us x{t / ours_us:5.2f}" if t else f"{name} n/a" for name, t in anchors.items()
         )
-        print(f"{kind:14s} M={m:5d} K={k:5d} N={n:5d}  ours {ours_us:9.1f}us  {ratios}", flush=True)
+        print(f"{kind:17s} M={m:5d} K={k:5d} N={n:5d}  ours {ours_us:9.1f}us  {ratios}", flush=True)
 
     h = hadamard(GROUP, dev, torch.bfloat16)
     ms = [M_LARGE] if args.quick else [M_LARGE, *M_SMALL]

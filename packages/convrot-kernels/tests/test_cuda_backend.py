@@ -273,16 +273,28 @@ GEMM_SHAPES = [  # (M, N, K)
 ]
 
 
-@pytest.fixture(params=["256", "128"], ids=["tile_n256", "tile_n128"])
-def tile_n(request, monkeypatch):
-    monkeypatch.setenv("CONVROT_SM90_TILE_N", request.param)
+# "auto": the kernel cuda::gemm picks; "sm90_n256" / "sm90_n128": the TMA + wgmma
+# kernel of gemm_sm90.cu forced (CONVROT_GEMM_KERNEL), at both tile widths.
+GEMM_KERNELS = {
+    "auto": {},
+    "sm90_n256": {"CONVROT_GEMM_KERNEL": "sm90", "CONVROT_SM90_TILE_N": "256"},
+    "sm90_n128": {"CONVROT_GEMM_KERNEL": "sm90", "CONVROT_SM90_TILE_N": "128"},
+}
+
+
+@pytest.fixture(params=list(GEMM_KERNELS))
+def gemm_kernel(request, monkeypatch):
+    for name in ("CONVROT_GEMM_KERNEL", "CONVROT_SM90_TILE_N"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in GEMM_KERNELS[request.param].items():
+        monkeypatch.setenv(name, value)
     return request.param
 
 
 @pytest.mark.parametrize("out_dtype", DTYPES)
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("m,n,k", GEMM_SHAPES)
-def test_gemm_matches_cpu_backend_and_float64(m, n, k, bits, out_dtype, tile_n):
+def test_gemm_matches_cpu_backend_and_float64(m, n, k, bits, out_dtype, gemm_kernel):
     qa, ca = random_operands(m, k, bits)
     qw, cw = random_operands(n, k, bits)
     sa = torch.rand(m) * 0.1 + 1e-3
@@ -300,7 +312,7 @@ def test_gemm_matches_cpu_backend_and_float64(m, n, k, bits, out_dtype, tile_n):
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("k", [4096, 15360])
-def test_gemm_accumulates_exactly(k, bits, tile_n):
+def test_gemm_accumulates_exactly(k, bits, gemm_kernel):
     qa, ca = random_operands(130, k, bits)
     qw, cw = random_operands(260, k, bits)
     ones_m, ones_n = torch.ones(130, device="cuda"), torch.ones(260, device="cuda")

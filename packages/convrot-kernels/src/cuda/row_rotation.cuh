@@ -192,6 +192,26 @@ __device__ __forceinline__ void finish_chunk(float (&v)[W], int group, float uni
   }
 }
 
+// Applies every stage of stride >= 16 to a staged segment of `len` elements
+// (group >= 64 only), between barriers: on return every thread may read any slot.
+__device__ __forceinline__ void strided_passes(float* buf, int len, int group) {
+  const int log4g = __ffs(group) / 2;  // group = 4^log4g; strides g/4 .. 16 remain
+  int stages = log4g - 2;
+  int log2_s = 2 * (log4g - 1);
+  if (stages & 1) {
+    __syncthreads();
+    stage_pass(buf, len, log2_s);
+    log2_s -= 2;
+    --stages;
+  }
+  for (; stages > 0; stages -= 2) {
+    __syncthreads();
+    stage_pair_pass(buf, len, log2_s - 2);
+    log2_s -= 4;
+  }
+  __syncthreads();
+}
+
 // Loads x[0, len) into shared memory and applies every stage of stride >= 16.
 // On return this thread may read back its own chunks (c = tid, tid + T, ...).
 template <typename T, int W>
@@ -201,23 +221,7 @@ __device__ __forceinline__ void stage_segment(const T* x, int len, int group, bo
     load_chunk<T, W>(x + c * W, vec, v);
     smem_store_chunk<W>(buf, c * W, v);
   }
-  if (group >= 64) {
-    const int log4g = __ffs(group) / 2;  // group = 4^log4g; strides g/4 .. 16 remain
-    int stages = log4g - 2;
-    int log2_s = 2 * (log4g - 1);
-    if (stages & 1) {
-      __syncthreads();
-      stage_pass(buf, len, log2_s);
-      log2_s -= 2;
-      --stages;
-    }
-    for (; stages > 0; stages -= 2) {
-      __syncthreads();
-      stage_pair_pass(buf, len, log2_s - 2);
-      log2_s -= 4;
-    }
-    __syncthreads();
-  }
+  if (group >= 64) strided_passes(buf, len, group);
 }
 
 __device__ __forceinline__ int quantize_value(float v, float scale, float inv, bool exact, float qmax) {
@@ -274,9 +278,13 @@ __device__ __forceinline__ void store_codes(uint8_t* dst, bool vec, const int (&
 }
 
 // Block-wide max of |v| and AND of finiteness; every thread gets the result.
-__device__ __forceinline__ void block_amax(float& amax, bool& finite) {
-  __shared__ float warp_amax[kMaxThreads / 32];
-  __shared__ int warp_finite[kMaxThreads / 32];
+// `parity` alternates between consecutive calls of one block: a fast warp's next
+// write cannot overtake a slow warp still reading this call's partial results.
+__device__ __forceinline__ void block_amax(float& amax, bool& finite, int parity = 0) {
+  __shared__ float warp_amax_buf[2][kMaxThreads / 32];
+  __shared__ int warp_finite_buf[2][kMaxThreads / 32];
+  float* warp_amax = warp_amax_buf[parity];
+  int* warp_finite = warp_finite_buf[parity];
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
   finite = __all_sync(0xffffffffu, finite);
@@ -363,6 +371,154 @@ __global__ void __launch_bounds__(kMaxThreads) rows_kernel(const T* __restrict__
   }
 }
 
+// The fast path, for 16-byte-aligned rows of K % 16 == 0 and K <= 16384 (8192
+// for fp32 input, whose raw vectors take twice the registers): a
+// persistent grid whose blocks walk rows (row = blockIdx.x + i * gridDim.x).
+// Each thread keeps its CPT chunks in registers; while one row is rotated and
+// quantized, the loads of the block's next row are already in flight, which
+// hides memory latency that one block per row cannot. Shared memory serves only
+// the strided stages (group >= 64) and the amax reduction; codes are packed
+// straight from registers.
+// Chunks per thread the fast path holds in registers without spilling.
+template <typename T>
+constexpr int kFastMaxChunksPerThread = sizeof(T) == 2 ? 2 : 1;
+
+template <typename T, int MODE, int CPT>
+__global__ void __launch_bounds__(kMaxThreads) rows_fast_kernel(const T* __restrict__ x, int64_t rows, int k,
+                                                                int group, void* __restrict__ out,
+                                                                float* __restrict__ scale_out) {
+  extern __shared__ float4 smem4[];
+  float* buf = reinterpret_cast<float*>(smem4);
+  constexpr int kVec = 16 * int(sizeof(T)) / 16;  // 16-byte vectors per chunk
+  const int nchunks = k / 16;
+  float unit = 1.0f;
+  for (int g = group; g > 1; g >>= 2) unit *= 0.5f;
+
+  uint4 raw[CPT][kVec];
+  auto fetch = [&](int64_t row) {
+    const uint4* src = reinterpret_cast<const uint4*>(x + row * k);
+#pragma unroll
+    for (int j = 0; j < CPT; ++j) {
+      const int c = j * blockDim.x + threadIdx.x;
+      if (c < nchunks) {
+#pragma unroll
+        for (int p = 0; p < kVec; ++p) raw[j][p] = __ldg(src + c * kVec + p);
+      }
+    }
+  };
+
+  int64_t row = blockIdx.x;
+  if (row < rows) fetch(row);
+  for (int parity = 0; row < rows; row += gridDim.x, parity ^= 1) {
+    float v[CPT][16];
+#pragma unroll
+    for (int j = 0; j < CPT; ++j) {
+#pragma unroll
+      for (int p = 0; p < kVec; ++p) {
+        const T* e = reinterpret_cast<const T*>(&raw[j][p]);
+#pragma unroll
+        for (int q = 0; q < 16 / int(sizeof(T)); ++q) v[j][p * (16 / sizeof(T)) + q] = to_float(e[q]);
+      }
+    }
+    if (row + gridDim.x < rows) fetch(row + gridDim.x);  // in flight during this row's work
+
+    if (group >= 64) {
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) {
+        const int c = j * blockDim.x + threadIdx.x;
+        if (c < nchunks) smem_store_chunk<16>(buf, c * 16, v[j]);
+      }
+      strided_passes(buf, k, group);
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) {
+        const int c = j * blockDim.x + threadIdx.x;
+        if (c < nchunks) smem_load_chunk<16>(buf, c * 16, v[j]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < CPT; ++j) finish_chunk<16>(v[j], group, unit);
+
+    if constexpr (MODE == kRotate) {
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) {
+        const int c = j * blockDim.x + threadIdx.x;
+        if (c < nchunks) store_chunk<T, 16>(static_cast<T*>(out) + row * k + c * 16, true, v[j]);
+      }
+    } else {
+      constexpr float qmax = MODE == kQuant4 ? 7.0f : 127.0f;
+      float amax = 0.0f;
+      bool finite = true;
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) {
+        if (j * int(blockDim.x) + int(threadIdx.x) < nchunks) {
+#pragma unroll
+          for (int q = 0; q < 16; ++q) {
+            const float a = fabsf(v[j][q]);
+            amax = fmaxf(amax, a);
+            finite = finite && (a <= FLT_MAX);
+          }
+        }
+      }
+      block_amax(amax, finite, parity);
+      const float scale = finite ? __fdiv_rn(amax, qmax) : __int_as_float(0x7fc00000);
+      if (threadIdx.x == 0) scale_out[row] = scale;
+      const bool zero = !(scale > 0.0f);
+      const float inv = __frcp_rn(scale);
+      const bool exact = !(inv <= FLT_MAX);
+      constexpr int kCodeBytesNum = MODE == kQuant4 ? 1 : 2;  // bytes per element = num / 2
+      uint8_t* qrow = static_cast<uint8_t*>(out) + row * k * kCodeBytesNum / 2;
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) {
+        const int c = j * blockDim.x + threadIdx.x;
+        if (c < nchunks) {
+          int q[16];
+#pragma unroll
+          for (int e = 0; e < 16; ++e) q[e] = zero ? 0 : quantize_value(v[j][e], scale, inv, exact, qmax);
+          store_codes<16, MODE>(qrow + c * 16 * kCodeBytesNum / 2, true, q);
+        }
+      }
+    }
+  }
+}
+
+inline int multiprocessors() {
+  int device = 0, count = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  return count;
+}
+
+template <typename T, int MODE, int CPT>
+void launch_fast(const void* x, int64_t rows, int64_t k, int group, void* out, float* scale, cudaStream_t stream) {
+  const int nchunks = int(k / 16);
+  const int threads = int(ceil_div(ceil_div(nchunks, CPT), 32)) * 32;
+  const size_t smem = group >= 64 ? size_t(ceil_div(int(k), 32)) * 32 * sizeof(float) : 0;
+  auto kernel = rows_fast_kernel<T, MODE, CPT>;
+  allow_dynamic_smem(kernel, smem);
+  int per_sm = 0;
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem), "cudaOccupancy");
+  const int64_t resident = int64_t(per_sm > 0 ? per_sm : 1) * multiprocessors();
+  const unsigned grid = unsigned(rows < resident ? rows : resident);
+  kernel<<<grid, threads, smem, stream>>>(static_cast<const T*>(x), rows, int(k), group, out, scale);
+  check_launch("row rotation kernel (fast path)");
+}
+
+// Whether the fast path takes these rows; it needs 16-byte vectors throughout.
+template <typename T>
+bool fast_path_applies(const void* x, int64_t k, const void* out) {
+  return k % 16 == 0 && k / 16 <= kMaxThreads * kFastMaxChunksPerThread<T> && aligned16(x) && aligned16(out);
+}
+
+template <typename T, int MODE>
+void launch_fast_any(const void* x, int64_t rows, int64_t k, int group, void* out, float* scale,
+                     cudaStream_t stream) {
+  const int64_t nchunks = k / 16;
+  if constexpr (kFastMaxChunksPerThread<T> >= 2) {
+    if (nchunks > kMaxThreads) return launch_fast<T, MODE, 2>(x, rows, k, group, out, scale, stream);
+  }
+  return launch_fast<T, MODE, 1>(x, rows, k, group, out, scale, stream);
+}
+
 // The widest chunk (16, 4, 2 or 1 elements) that divides k; 16 and 4 are
 // multiples of every group size they serve (group <= 4 needs W >= 4 only).
 inline int chunk_width(int64_t k) {
@@ -388,6 +544,7 @@ void launch_typed(const void* x, int64_t rows, int64_t k, int group, void* out, 
 
 template <typename T, int MODE>
 void launch_width(const void* x, int64_t rows, int64_t k, int group, void* out, float* scale, cudaStream_t stream) {
+  if (fast_path_applies<T>(x, k, out)) return launch_fast_any<T, MODE>(x, rows, k, group, out, scale, stream);
   switch (chunk_width(k)) {
     case 16: return launch_typed<T, 16, MODE>(x, rows, k, group, out, scale, stream);
     case 4: return launch_typed<T, 4, MODE>(x, rows, k, group, out, scale, stream);
