@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import convrot
-from convrot.quantizer.packing import pack_int4
+from convrot_kernels import pack_int4
 
 
 @pytest.mark.parametrize("rotation", convrot.ROTATIONS)

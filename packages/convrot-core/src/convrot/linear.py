@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from convrot_kernels import pack_int4
+
 from .hadamard import check_rotation, resolve_group_size
 from .ops import quantized_linear
 from .quantizer.fake_quant import simulated_linear
-from .quantizer.packing import pack_int4
 from .quantizer.weight import quantize_weight
 
 # Activation dtypes the kernels take; the output has the input's dtype.

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from convrot_kernels import unpack_int4
+
 from ..hadamard import rotate_groups
-from .packing import unpack_int4
 from .symmetric import quantize_rows
 
 
