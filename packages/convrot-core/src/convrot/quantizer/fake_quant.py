@@ -1,8 +1,9 @@
 """The simulation path: ConvRot's quantized math in plain float ops.
 
 Used for analysis (how much error does W4A4 add to this tensor or layer?)
-and as the reference the kernels are checked against. Nothing here calls
-convrot_kernels, so it runs on any device torch supports.
+and as the reference the kernels are checked against. The only kernel it
+uses is the unpacking of stored int4 weights; the rotation, quantization and
+matrix product are torch float ops.
 """
 
 from __future__ import annotations
