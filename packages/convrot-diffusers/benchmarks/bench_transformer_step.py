@@ -1,0 +1,287 @@
+"""Time one denoising step of a whole diffusion transformer: bf16 against ConvRot and torchao.
+
+For each model and batch size, every variant gets a fresh model with the same
+random weights (real widths, 1024x1024 inputs) and reports the median ms per
+step (CUDA events, after warm-up), the peak GPU memory of a step, and the bytes
+of the transformer's weights. A profile of one step splits bf16 and W4A4 time
+into GEMMs, rotate-quantize, attention and everything else.
+
+    python packages/convrot-diffusers/benchmarks/bench_transformer_step.py \
+        --models flux --flux-blocks 4,8 --batches 1 --out-dir $OUT
+
+On a machine without CUDA, --tiny runs shrunken models on the CPU as a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from transformer_configs import MODELS, build  # noqa: E402
+
+import convrot_diffusers  # noqa: E402
+
+VARIANTS = (
+    "bf16-eager",
+    "bf16-graph",
+    "bf16-compiled",
+    "w4a4-eager",
+    "w4a4-graph",
+    "w4a4-compiled",
+    "mix-eager",
+    "mix-graph",
+    "mix-compiled",
+    "torchao-fp8-compiled",
+    "torchao-int8-compiled",
+)
+# Kernel names to profile categories; the first pattern that matches wins.
+CATEGORIES = (
+    ("rotate-quantize", re.compile(r"rht|quantiz|row_rotation", re.I)),
+    ("attention", re.compile(r"flash|fmha|attention|sdpa|softmax", re.I)),
+    # CUDA kernel names (cuBLAS, CUTLASS, ours); on the CPU, the aten ops.
+    ("gemm", re.compile(r"gemm|gemv|xmma|cutlass|nvjet|wgmma|igmma|matmul|aten::(addmm|mm|linear)\b", re.I)),
+)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def prepare(model: torch.nn.Module, variant: str) -> torch.nn.Module:
+    """Quantize per the variant's scheme, in place; returns the model."""
+    scheme = variant.rsplit("-", 1)[0]
+    if scheme in ("w4a4", "mix"):
+        convrot_diffusers.quantize_transformer(model, preset=scheme, progress=False)
+    elif scheme.startswith("torchao"):
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            Int8DynamicActivationInt8WeightConfig,
+            PerRow,
+            quantize_,
+        )
+
+        config = (
+            Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+            if scheme == "torchao-fp8"
+            else Int8DynamicActivationInt8WeightConfig()
+        )
+        quantize_(model, config)
+    return model
+
+
+def step_function(model, inputs, variant: str, device):
+    """A zero-argument callable running one step the variant's way (eager, captured graph or compiled)."""
+    mode = variant.rsplit("-", 1)[1]
+    if mode == "compiled":
+        # Regional compilation: each repeated block compiles once, not the whole model.
+        if hasattr(model, "compile_repeated_blocks"):
+            model.compile_repeated_blocks(fullgraph=True)
+        else:
+            model.compile(fullgraph=True)
+    if mode != "graph" or device.type != "cuda":
+        return lambda: model(**inputs)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            model(**inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        model(**inputs)
+    return graph.replay
+
+
+def time_ms(step, device, warmup: int, iters: int) -> list[float]:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return times
+
+
+def profile_breakdown(step, device) -> dict[str, float]:
+    """ms of device time per category in one step."""
+    activity = torch.profiler.ProfilerActivity.CUDA if device.type == "cuda" else torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[activity]) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    totals = {name: 0.0 for name, _ in CATEGORIES} | {"other": 0.0}
+    for event in prof.key_averages():
+        if device.type == "cuda":
+            if getattr(event, "device_type", None) != torch.autograd.DeviceType.CUDA:
+                continue
+            us = event.self_device_time_total
+        else:
+            us = event.self_cpu_time_total
+        category = next((name for name, pattern in CATEGORIES if pattern.search(event.key)), "other")
+        totals[category] += us / 1e3
+    return totals
+
+
+def run_variant(args, name, batch, variant, device) -> dict | None:
+    blocks = args.flux_blocks if name == "flux" else args.blocks
+    model = build(name, blocks, args.tiny, device)
+    inputs = MODELS[name].inputs(model, batch, args.tiny, device)
+    try:
+        prepare(model, variant)
+    except ImportError as error:
+        print(f"  {variant}: skipped ({error})", flush=True)
+        return None
+    started = time.perf_counter()
+    with torch.inference_mode():
+        step = step_function(model, inputs, variant, device)
+        step()  # first call: compilation or capture finishes here
+        setup_s = time.perf_counter() - started
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        times = time_ms(step, device, args.warmup, args.iters)
+        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+        breakdown = profile_breakdown(step, device) if variant in ("bf16-eager", "w4a4-eager") else None
+    result = {
+        "model": name,
+        "batch": batch,
+        "variant": variant,
+        "ms_median": statistics.median(times),
+        "ms_min": min(times),
+        "ms_max": max(times),
+        "peak_gib": peak / 2**30,
+        "weight_gib": weight_bytes(model) / 2**30,
+        "setup_s": setup_s,
+        "breakdown_ms": breakdown,
+    }
+    print(
+        f"  {variant:22s} {result['ms_median']:9.2f} ms  peak {result['peak_gib']:6.2f} GiB  "
+        f"weights {result['weight_gib']:6.2f} GiB  setup {setup_s:5.1f} s",
+        flush=True,
+    )
+    del model, inputs, step
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def table(results: list[dict]) -> str:
+    """Markdown: one row per variant, ratios against bf16 of the same model and batch."""
+    lines = [
+        "| model | batch | variant | ms/step | speed-up vs bf16 eager | vs bf16 compiled | peak GiB | weights | "
+        "weights vs bf16 |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        same = {x["variant"]: x for x in results if (x["model"], x["batch"]) == (r["model"], r["batch"])}
+
+        def ratio(anchor: str, r=r, same=same) -> str:
+            return f"{same[anchor]['ms_median'] / r['ms_median']:.2f}x" if anchor in same else "-"
+
+        w = f"{r['weight_gib'] / same['bf16-eager']['weight_gib']:.3f}" if "bf16-eager" in same else "-"
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['variant']} | {r['ms_median']:.2f} | {ratio('bf16-eager')} | "
+            f"{ratio('bf16-compiled')} | {r['peak_gib']:.2f} | {r['weight_gib']:.2f} GiB | {w} |"
+        )
+    return "\n".join(lines)
+
+
+def breakdown_table(results: list[dict]) -> str:
+    lines = ["| model | batch | variant | gemm ms | rotate-quantize ms | attention ms | other ms |", "| --- " * 7 + "|"]
+    for r in results:
+        if r["breakdown_ms"]:
+            b = r["breakdown_ms"]
+            lines.append(
+                f"| {r['model']} | {r['batch']} | {r['variant']} | {b['gemm']:.2f} | {b['rotate-quantize']:.2f} | "
+                f"{b['attention']:.2f} | {b['other']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
+def bar_chart(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["model"], r["batch"]) for r in results})
+    fig, axes = plt.subplots(len(groups), 1, figsize=(9, 2.6 * len(groups)), squeeze=False)
+    for ax, (name, batch) in zip(axes[:, 0], groups, strict=True):
+        rows = [r for r in results if (r["model"], r["batch"]) == (name, batch)]
+        ax.barh([r["variant"] for r in rows], [r["ms_median"] for r in rows], color="tab:blue")
+        ax.invert_yaxis()
+        ax.set_title(f"{name}, batch {batch}: ms per denoising step (lower is better)")
+        ax.set_xlabel("ms")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def parse_blocks(text: str | None) -> tuple[int, ...] | None:
+    return tuple(int(v) for v in text.split(",")) if text else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="flux", help="comma list of: " + ", ".join(MODELS))
+    parser.add_argument("--flux-blocks", type=parse_blocks, default=None, help="double,single blocks (default 19,38)")
+    parser.add_argument("--blocks", type=parse_blocks, default=None, help="PixArt/SD3 layers (default: the real count)")
+    parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--tiny", action="store_true", help="shrunken widths (CPU smoke test)")
+    parser.add_argument("--out-dir", type=Path, default=Path("bench-out"))
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not args.tiny:
+        parser.error("no CUDA device: real-width models need a GPU (use --tiny for a CPU smoke run)")
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    if device.type == "cpu":
+        variants = [v for v in variants if v.endswith("-eager")]
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"device: {device_name}, torch {torch.__version__}", flush=True)
+
+    results = []
+    for name in args.models.split(","):
+        for batch in (int(b) for b in args.batches.split(",")):
+            print(f"{name}, batch {batch}:", flush=True)
+            for variant in variants:
+                result = run_variant(args, name, batch, variant, device)
+                if result:
+                    results.append(result)
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
+    header = f"Device: {device_name}; torch {torch.__version__}; command: `{command}`"
+    report = "\n\n".join([header, table(results), breakdown_table(results)])
+    (args.out_dir / "transformer_step.md").write_text(report + "\n")
+    summary = {"device": device_name, "command": command, "results": results}
+    (args.out_dir / "transformer_step.json").write_text(json.dumps(summary, indent=1))
+    bar_chart(results, args.out_dir / "transformer_step.png")
+    print("\n" + report)
+
+
+if __name__ == "__main__":
+    main()

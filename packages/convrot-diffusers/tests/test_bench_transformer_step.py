@@ -1,0 +1,38 @@
+"""The transformer-step benchmark runs end to end (CPU, shrunken widths), so it cannot rot between GPU runs."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_transformer_step.py"
+
+
+def test_benchmark_smoke_run_writes_its_report(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_transformer_step", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(
+        [
+            "--tiny",
+            "--models",
+            "pixart",
+            "--batches",
+            "1",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--variants",
+            "bf16-eager,w4a4-eager",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
+    report = json.loads((tmp_path / "transformer_step.json").read_text())
+    variants = {r["variant"]: r for r in report["results"]}
+    assert set(variants) == {"bf16-eager", "w4a4-eager"}
+    # 4-bit weights: the quantized transformer holds well under half of the bf16 bytes.
+    assert variants["w4a4-eager"]["weight_gib"] < 0.5 * variants["bf16-eager"]["weight_gib"]
+    assert variants["w4a4-eager"]["breakdown_ms"]["gemm"] > 0
+    assert "| pixart | 1 | w4a4-eager |" in (tmp_path / "transformer_step.md").read_text()
+    assert (tmp_path / "transformer_step.png").stat().st_size > 0
