@@ -270,8 +270,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       expand_b<BN>(packed_b, expanded, ct);
       const uint4 lo_row = *reinterpret_cast<const uint4*>(packed_a + swz64(r0, tig));
       const uint4 hi_row = *reinterpret_cast<const uint4*>(packed_a + swz64(r0 + 8, tig));
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&empty[s]);
       fence_proxy_async();
       consumers_sync();  // the whole expanded B tile is written
 #pragma unroll
@@ -283,6 +281,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int r = 0; r < 4; ++r) asm volatile("" : "+r"(a_regs[P][kb][r]));  // computed before the fence
       }
+      // Release the packed slot only now: an mbarrier arrive issued right after the
+      // shared-memory loads can overtake them (it does not wait for their data), and
+      // the next TMA into the slot then overwrites A rows not yet read. Using the
+      // loaded registers first guarantees the loads completed.
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty[s]);
       wgmma_fence();
 #pragma unroll
       for (int kb = 0; kb < 4; ++kb) wgmma_rs<BN>(acc, a_regs[P][kb], smem_desc(expanded + 32 * kb));

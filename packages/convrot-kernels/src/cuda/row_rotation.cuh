@@ -238,6 +238,30 @@ __device__ __forceinline__ int quantize_value(float v, float scale, float inv, b
   return int(fminf(fmaxf(r, -qmax - 1.0f), qmax));
 }
 
+// Codes round(v * unit / scale) of 16 unscaled rotation outputs (unit a power
+// of two, inv = unit / scale rounded once). v * inv is within 2 ulp of the
+// quotient, so only values within 0.001 of a .5 tie are recomputed with the
+// correctly rounded division: one rare, chunk-wide branch instead of one per
+// element. No clamp is needed: |v * unit| <= amax, so the quotient never passes
+// qmax (1 + 2^-22) and rounds into [-qmax, qmax].
+__device__ __forceinline__ void quantize_chunk(const float (&v)[16], float unit, float scale, float inv, bool exact,
+                                               int (&q)[16]) {
+  bool near_tie = exact;
+#pragma unroll
+  for (int e = 0; e < 16; ++e) {
+    const float t = v[e] * inv;
+    q[e] = __float2int_rn(t);
+    near_tie |= fabsf(t - float(q[e])) > 0.499f;
+  }
+  if (near_tie) {
+#pragma unroll
+    for (int e = 0; e < 16; ++e) {
+      const float t = v[e] * inv;
+      if (exact || fabsf(t - float(q[e])) > 0.499f) q[e] = __float2int_rn(__fdiv_rn(v[e] * unit, scale));
+    }
+  }
+}
+
 template <int W, int BITS>
 __device__ __forceinline__ void store_codes(uint8_t* dst, bool vec, const int (&q)[W]) {
   if constexpr (BITS == 4) {
@@ -278,6 +302,13 @@ __device__ __forceinline__ void store_codes(uint8_t* dst, bool vec, const int (&
 }
 
 // Block-wide max of |v| and AND of finiteness; every thread gets the result.
+// max(a, b), NaN if either is NaN (max.NaN), so a NaN amax survives the reduction.
+__device__ __forceinline__ float fmax_nan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
 // `parity` alternates between consecutive calls of one block: a fast warp's next
 // write cannot overtake a slow warp still reading this call's partial results.
 __device__ __forceinline__ void block_amax(float& amax, bool& finite, int parity = 0) {
@@ -286,7 +317,7 @@ __device__ __forceinline__ void block_amax(float& amax, bool& finite, int parity
   float* warp_amax = warp_amax_buf[parity];
   int* warp_finite = warp_finite_buf[parity];
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  for (int off = 16; off > 0; off >>= 1) amax = fmax_nan(amax, __shfl_xor_sync(0xffffffffu, amax, off));
   finite = __all_sync(0xffffffffu, finite);
   const int warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
   if ((threadIdx.x & 31) == 0) {
@@ -297,7 +328,7 @@ __device__ __forceinline__ void block_amax(float& amax, bool& finite, int parity
   amax = 0.0f;
   finite = true;
   for (int w = 0; w < nwarps; ++w) {
-    amax = fmaxf(amax, warp_amax[w]);
+    amax = fmax_nan(amax, warp_amax[w]);
     finite = finite && warp_finite[w];
   }
 }
@@ -371,6 +402,60 @@ __global__ void __launch_bounds__(kMaxThreads) rows_kernel(const T* __restrict__
   }
 }
 
+// Shared-memory layout of the fast path for group 256. Element
+// i = 256 blk + 64 b + 16 a + lo of a row (b, a: the digits of strides 64 and
+// 16) lives at word 272 blk + 16 lo + 4 (b ^ ((lo >> 1) & 3)) + a. A chunk
+// owner (fixed blk, b, a) then stores its 16 elements at a per-thread base plus
+// a compile-time offset, and a butterfly work item (fixed blk, lo) finds its 16
+// elements in four 16-byte vectors; both patterns are bank-conflict-free (the
+// 16-word pad moves odd blocks to the other bank half, the XOR spreads the
+// vectors of eight consecutive work items over the 32 banks).
+constexpr int kBlockWords256 = 272;
+
+__device__ __forceinline__ void chunk_offsets_256(int c, int& base, int (&bx)[4]) {
+  base = kBlockWords256 * (c >> 4) + (c & 3);
+#pragma unroll
+  for (int f = 0; f < 4; ++f) bx[f] = 4 * (((c >> 2) & 3) ^ f);
+}
+
+__device__ __forceinline__ void store_chunk_256(float* buf, int c, const float (&v)[16]) {
+  int base, bx[4];
+  chunk_offsets_256(c, base, bx);
+#pragma unroll
+  for (int lo = 0; lo < 16; ++lo) buf[base + bx[(lo >> 1) & 3] + 16 * lo] = v[lo];
+}
+
+__device__ __forceinline__ void load_chunk_256(const float* buf, int c, float (&v)[16]) {
+  int base, bx[4];
+  chunk_offsets_256(c, base, bx);
+#pragma unroll
+  for (int lo = 0; lo < 16; ++lo) v[lo] = buf[base + bx[(lo >> 1) & 3] + 16 * lo];
+}
+
+// The stages at strides 64 and 16 for work item w (blk = w >> 4, lo = w & 15).
+__device__ __forceinline__ void stride_64_16_item_256(float* buf, int w) {
+  const int lo = w & 15, t = (lo >> 1) & 3;
+  float* item = buf + kBlockWords256 * (w >> 4) + 16 * lo;
+  float e[4][4];  // e[b][a]
+#pragma unroll
+  for (int b = 0; b < 4; ++b) {
+    const float4 f = *reinterpret_cast<const float4*>(item + 4 * (b ^ t));
+    e[b][0] = f.x;
+    e[b][1] = f.y;
+    e[b][2] = f.z;
+    e[b][3] = f.w;
+  }
+#pragma unroll
+  for (int a = 0; a < 4; ++a) h4(e[0][a], e[1][a], e[2][a], e[3][a]);
+#pragma unroll
+  for (int b = 0; b < 4; ++b) h4(e[b][0], e[b][1], e[b][2], e[b][3]);
+#pragma unroll
+  for (int b = 0; b < 4; ++b) *reinterpret_cast<float4*>(item + 4 * (b ^ t)) = make_float4(e[b][0], e[b][1], e[b][2], e[b][3]);
+}
+
+// max(|a|, b), NaN if either is NaN: one instruction that also tracks finiteness.
+__device__ __forceinline__ float max_abs_nan(float a, float b) { return fmax_nan(fabsf(a), b); }
+
 // The fast path, for 16-byte-aligned rows of K % 16 == 0 and K <= 16384 (8192
 // for fp32 input, whose raw vectors take twice the registers): a
 // persistent grid whose blocks walk rows (row = blockIdx.x + i * gridDim.x).
@@ -422,7 +507,25 @@ __global__ void __launch_bounds__(kMaxThreads) rows_fast_kernel(const T* __restr
     }
     if (row + gridDim.x < rows) fetch(row + gridDim.x);  // in flight during this row's work
 
-    if (group >= 64) {
+    if (group == 256) {
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) {
+        const int c = j * blockDim.x + threadIdx.x;
+        if (c < nchunks) store_chunk_256(buf, c, v[j]);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) {
+        const int w = j * blockDim.x + threadIdx.x;
+        if (w < nchunks) stride_64_16_item_256(buf, w);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) {
+        const int c = j * blockDim.x + threadIdx.x;
+        if (c < nchunks) load_chunk_256(buf, c, v[j]);
+      }
+    } else if (group >= 64) {
 #pragma unroll
       for (int j = 0; j < CPT; ++j) {
         const int c = j * blockDim.x + threadIdx.x;
@@ -435,8 +538,10 @@ __global__ void __launch_bounds__(kMaxThreads) rows_fast_kernel(const T* __restr
         if (c < nchunks) smem_load_chunk<16>(buf, c * 16, v[j]);
       }
     }
+    // The stages of strides 4 and 1; the exact 2^-log4(g) scaling is applied here
+    // for kRotate and folded into the quantizer's reciprocal otherwise.
 #pragma unroll
-    for (int j = 0; j < CPT; ++j) finish_chunk<16>(v[j], group, unit);
+    for (int j = 0; j < CPT; ++j) finish_chunk<16>(v[j], group, MODE == kRotate ? unit : 1.0f);
 
     if constexpr (MODE == kRotate) {
 #pragma unroll
@@ -446,25 +551,24 @@ __global__ void __launch_bounds__(kMaxThreads) rows_fast_kernel(const T* __restr
       }
     } else {
       constexpr float qmax = MODE == kQuant4 ? 7.0f : 127.0f;
-      float amax = 0.0f;
-      bool finite = true;
+      float amax = 0.0f;  // of the unscaled values; NaN if any value is NaN
 #pragma unroll
       for (int j = 0; j < CPT; ++j) {
         if (j * int(blockDim.x) + int(threadIdx.x) < nchunks) {
 #pragma unroll
-          for (int q = 0; q < 16; ++q) {
-            const float a = fabsf(v[j][q]);
-            amax = fmaxf(amax, a);
-            finite = finite && (a <= FLT_MAX);
-          }
+          for (int q = 0; q < 16; ++q) amax = max_abs_nan(v[j][q], amax);
         }
       }
+      bool finite = true;
       block_amax(amax, finite, parity);
+      amax *= unit;  // exact
+      finite = amax <= FLT_MAX;
       const float scale = finite ? __fdiv_rn(amax, qmax) : __int_as_float(0x7fc00000);
       if (threadIdx.x == 0) scale_out[row] = scale;
       const bool zero = !(scale > 0.0f);
-      const float inv = __frcp_rn(scale);
-      const bool exact = !(inv <= FLT_MAX);
+      // v * unit * (1 / scale) with one rounding: unit is a power of two.
+      const float inv = __fmul_rn(__frcp_rn(scale), unit);
+      const bool exact = !(inv <= FLT_MAX) || inv < 1e-30f;
       constexpr int kCodeBytesNum = MODE == kQuant4 ? 1 : 2;  // bytes per element = num / 2
       uint8_t* qrow = static_cast<uint8_t*>(out) + row * k * kCodeBytesNum / 2;
 #pragma unroll
@@ -472,8 +576,12 @@ __global__ void __launch_bounds__(kMaxThreads) rows_fast_kernel(const T* __restr
         const int c = j * blockDim.x + threadIdx.x;
         if (c < nchunks) {
           int q[16];
+          if (zero) {
 #pragma unroll
-          for (int e = 0; e < 16; ++e) q[e] = zero ? 0 : quantize_value(v[j][e], scale, inv, exact, qmax);
+            for (int e = 0; e < 16; ++e) q[e] = 0;
+          } else {
+            quantize_chunk(v[j], unit, scale, inv, exact, q);
+          }
           store_codes<16, MODE>(qrow + c * 16 * kCodeBytesNum / 2, true, q);
         }
       }
@@ -492,7 +600,8 @@ template <typename T, int MODE, int CPT>
 void launch_fast(const void* x, int64_t rows, int64_t k, int group, void* out, float* scale, cudaStream_t stream) {
   const int nchunks = int(k / 16);
   const int threads = int(ceil_div(ceil_div(nchunks, CPT), 32)) * 32;
-  const size_t smem = group >= 64 ? size_t(ceil_div(int(k), 32)) * 32 * sizeof(float) : 0;
+  const size_t words = group == 256 ? size_t(k / 256) * kBlockWords256 : size_t(ceil_div(int(k), 32)) * 32;
+  const size_t smem = group >= 64 ? words * sizeof(float) : 0;
   auto kernel = rows_fast_kernel<T, MODE, CPT>;
   allow_dynamic_smem(kernel, smem);
   int per_sm = 0;
