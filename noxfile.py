@@ -50,9 +50,11 @@ def build(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def demo(session: nox.Session) -> None:
-    """The README's main job: a short CPU demonstration."""
+    """The README's main job, offline on a CPU: the kernels on DiT-like activations, then
+    `convrot compare` on the embedded random-weight demo pipeline (outputs in convrot-compare/)."""
     install_packages(session)
     session.run("python", "packages/convrot-kernels/examples/demo.py")
+    session.run("convrot", "compare", "--prompt", "a red fox in the snow", "--out-dir", "convrot-compare")
 
 
 @nox.session(venv_backend="none", default=False)
