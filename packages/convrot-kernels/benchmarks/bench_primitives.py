@@ -194,6 +194,12 @@ def main() -> None:
             clone = time_per_call(lambda x: x.clone(), sets)
             dense = time_per_call(lambda x: dense_rotate_then_quantize(x, h), sets)
             record("rht_quantize", m, k, 0, ours, {"bf16 clone": clone, "dense+torch": dense})
+            if m == M_LARGE:  # the row kernel's two register budgets, forced
+                for chunks in ("1", "2"):
+                    os.environ["CONVROT_ROWS_CHUNKS"] = chunks
+                    forced = time_per_call(lambda x: ck.rht_quantize(x, GROUP, 4), sets)
+                    record(f"rht_quantize c{chunks}", m, k, 0, forced, {"bf16 clone": clone})
+                del os.environ["CONVROT_ROWS_CHUNKS"]
             del sets
 
     for k, n in FLUX_KN:

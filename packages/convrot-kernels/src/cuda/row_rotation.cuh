@@ -17,6 +17,7 @@
 
 #include <cfloat>
 #include <cmath>
+#include <cstdlib>
 
 #include "common.cuh"
 
@@ -456,6 +457,24 @@ __device__ __forceinline__ void stride_64_16_item_256(float* buf, int w) {
 // max(|a|, b), NaN if either is NaN: one instruction that also tracks finiteness.
 __device__ __forceinline__ float max_abs_nan(float a, float b) { return fmax_nan(fabsf(a), b); }
 
+// Block-wide NaN-propagating max for the fast path: warp partials go to a
+// 16-slot shared array (slots of absent warps hold 0) read back as float4s.
+// `parity` alternates between rows so a fast warp cannot overwrite partials a
+// slow warp is still reading.
+__device__ __forceinline__ float block_max_nan(float v, float (*partials)[kMaxThreads / 32], int parity) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = fmax_nan(v, __shfl_xor_sync(0xffffffffu, v, off));
+  if ((threadIdx.x & 31) == 0) partials[parity][threadIdx.x / 32] = v;
+  __syncthreads();
+  const int nwarps = blockDim.x / 32;
+  float r = 0.0f;
+  for (int w = 0; w < nwarps; w += 4) {
+    const float4 p = *reinterpret_cast<const float4*>(&partials[parity][w]);
+    r = fmax_nan(fmax_nan(r, p.x), fmax_nan(fmax_nan(p.y, p.z), p.w));
+  }
+  return r;
+}
+
 // The fast path, for 16-byte-aligned rows of K % 16 == 0 and K <= 16384 (8192
 // for fp32 input, whose raw vectors take twice the registers): a
 // persistent grid whose blocks walk rows (row = blockIdx.x + i * gridDim.x).
@@ -491,6 +510,10 @@ __global__ void __launch_bounds__(kMaxThreads) rows_fast_kernel(const T* __restr
       }
     }
   };
+
+  __shared__ __align__(16) float partials[2][kMaxThreads / 32];
+  if (threadIdx.x < 2 * kMaxThreads / 32) partials[threadIdx.x / 16][threadIdx.x % 16] = 0.0f;  // absent warps
+  __syncthreads();
 
   int64_t row = blockIdx.x;
   if (row < rows) fetch(row);
@@ -559,10 +582,8 @@ __global__ void __launch_bounds__(kMaxThreads) rows_fast_kernel(const T* __restr
           for (int q = 0; q < 16; ++q) amax = max_abs_nan(v[j][q], amax);
         }
       }
-      bool finite = true;
-      block_amax(amax, finite, parity);
-      amax *= unit;  // exact
-      finite = amax <= FLT_MAX;
+      amax = block_max_nan(amax, partials, parity) * unit;  // exact scaling
+      const bool finite = amax <= FLT_MAX;
       const float scale = finite ? __fdiv_rn(amax, qmax) : __int_as_float(0x7fc00000);
       if (threadIdx.x == 0) scale_out[row] = scale;
       const bool zero = !(scale > 0.0f);
@@ -618,12 +639,17 @@ bool fast_path_applies(const void* x, int64_t k, const void* out) {
   return k % 16 == 0 && k / 16 <= kMaxThreads * kFastMaxChunksPerThread<T> && aligned16(x) && aligned16(out);
 }
 
+// Chunks per thread: 2 (for 16-bit inputs) amortises the per-row reduction over
+// twice the elements; 1 keeps more warps per row. CONVROT_ROWS_CHUNKS=1|2
+// overrides the choice, for benchmarking both.
 template <typename T, int MODE>
 void launch_fast_any(const void* x, int64_t rows, int64_t k, int group, void* out, float* scale,
                      cudaStream_t stream) {
   const int64_t nchunks = k / 16;
   if constexpr (kFastMaxChunksPerThread<T> >= 2) {
-    if (nchunks > kMaxThreads) return launch_fast<T, MODE, 2>(x, rows, k, group, out, scale, stream);
+    const char* env = std::getenv("CONVROT_ROWS_CHUNKS");
+    const bool two = env != nullptr ? std::atoi(env) == 2 : nchunks >= 128;
+    if (nchunks > kMaxThreads || two) return launch_fast<T, MODE, 2>(x, rows, k, group, out, scale, stream);
   }
   return launch_fast<T, MODE, 1>(x, rows, k, group, out, scale, stream);
 }
