@@ -172,35 +172,58 @@ __device__ __forceinline__ void expand_b(const uint8_t* packed, uint8_t* expande
 }
 
 // The epilogue: y = fp32(acc) * unit * sa[m] * sw[n] + bias[n], in fp32, left to right.
+// The output is written through a pointer the compiler must assume may alias the
+// scales, so a scale loaded between two stores waits for the first: all scales
+// and biases of a group of columns are loaded (read-only path) before the
+// group's first store, one load latency per group instead of one per store.
+constexpr int kEpilogueGroup = 8;  // n8 column blocks per group
+
 template <int BN>
 __device__ __forceinline__ void store_tile(const int (&acc)[BN / 2], float unit, const float* __restrict__ sa,
                                            const float* __restrict__ sw, const float* __restrict__ bias, void* out,
                                            Float out_dtype, int m, int n, int row0, int col0, bool pairs) {
   const int lane = threadIdx.x & 31;
   const int g = lane >> 2, tig = lane & 3;
+  float s_row[2];
+  bool row_ok[2];
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int row = row0 + g + 8 * half;
-    if (row >= m) continue;
-    const float s_row = sa[row];
+    row_ok[half] = row < m;
+    s_row[half] = row_ok[half] ? __ldg(sa + row) : 0.0f;
+  }
 #pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
-      const int col = col0 + 8 * j + 2 * tig;
-      if (col >= n) continue;
-      float y[2];
+  for (int j0 = 0; j0 < BN / 8; j0 += kEpilogueGroup) {
+    float w[kEpilogueGroup][2], b[kEpilogueGroup][2];
+#pragma unroll
+    for (int j = 0; j < kEpilogueGroup; ++j) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        if (col + e < n) {
-          y[e] = __fmul_rn(__fmul_rn(__fmul_rn(float(acc[4 * j + 2 * half + e]), unit), s_row), sw[col + e]);
-          if (bias != nullptr) y[e] = __fadd_rn(y[e], bias[col + e]);
-        }
+        const int col = col0 + 8 * (j0 + j) + 2 * tig + e;
+        w[j][e] = col < n ? __ldg(sw + col) : 0.0f;
+        b[j][e] = col < n && bias != nullptr ? __ldg(bias + col) : 0.0f;
       }
-      const int64_t at = int64_t(row) * n + col;
-      if (pairs && col + 1 < n) {
-        store2_as(out, out_dtype, at, y[0], y[1]);
-      } else {
-        store_as(out, out_dtype, at, y[0]);
-        if (col + 1 < n) store_as(out, out_dtype, at + 1, y[1]);
+    }
+#pragma unroll
+    for (int j = 0; j < kEpilogueGroup; ++j) {
+      const int col = col0 + 8 * (j0 + j) + 2 * tig;
+      if (col >= n) continue;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        if (!row_ok[half]) continue;
+        float y[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          y[e] = __fmul_rn(__fmul_rn(__fmul_rn(float(acc[4 * (j0 + j) + 2 * half + e]), unit), s_row[half]), w[j][e]);
+          if (bias != nullptr) y[e] = __fadd_rn(y[e], b[j][e]);
+        }
+        const int64_t at = int64_t(row0 + g + 8 * half) * n + col;
+        if (pairs && col + 1 < n) {
+          store2_as(out, out_dtype, at, y[0], y[1]);
+        } else {
+          store_as(out, out_dtype, at, y[0]);
+          if (col + 1 < n) store_as(out, out_dtype, at + 1, y[1]);
+        }
       }
     }
   }
