@@ -1,6 +1,16 @@
-// cuda::gemm: picks the Hopper kernel where it applies, the portable one elsewhere.
+// cuda::gemm: picks, per call, the fastest kernel that applies:
+//   - Hopper, M <= 64: the weight-streaming kernel (gemm_small_m.cu);
+//   - Hopper, larger M: the persistent TMA + wgmma kernel (gemm_sm90_persistent.cu);
+//   - anywhere else, or shapes those do not take: the portable dp4a kernel.
+// CONVROT_GEMM_KERNEL=small_m|sm90_persistent|sm90|simt forces one kernel
+// wherever it supports the call (tests and benchmarks compare them that way).
+#include <cstdlib>
+#include <cstring>
+
 #include "common.cuh"
 #include "gemm_kernels.h"
+#include "gemm_small_m.h"
+#include "gemm_sm90_persistent.h"
 
 namespace convrot::cuda {
 namespace {
@@ -16,13 +26,44 @@ constexpr bool built_for_hopper() {
   return false;
 }
 
+// Compute capability of the current device, looked up once per device.
+int device_cc() {
+  constexpr int kMaxDevices = 64;
+  static int cached[kMaxDevices] = {};
+  int device = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  if (device >= kMaxDevices) return current_device_cc();
+  if (cached[device] == 0) cached[device] = current_device_cc();
+  return cached[device];
+}
+
+enum class Kernel { automatic, small_m, sm90_persistent, sm90, simt };
+
+Kernel forced_kernel() {
+  const char* env = std::getenv("CONVROT_GEMM_KERNEL");
+  if (env == nullptr || *env == '\0') return Kernel::automatic;
+  if (std::strcmp(env, "small_m") == 0) return Kernel::small_m;
+  if (std::strcmp(env, "sm90_persistent") == 0) return Kernel::sm90_persistent;
+  if (std::strcmp(env, "sm90") == 0) return Kernel::sm90;
+  if (std::strcmp(env, "simt") == 0) return Kernel::simt;
+  throw std::runtime_error(std::string("CONVROT_GEMM_KERNEL must be small_m, sm90_persistent, sm90 or simt, not '") +
+                           env + "'");
+}
+
 }  // namespace
 
 void gemm(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias, void* out,
           Float out_dtype, int64_t m, int64_t n, int64_t k, int bits, void* stream) {
   if (m == 0 || n == 0) return;
   const cudaStream_t s = as_stream(stream);
-  if (built_for_hopper() && current_device_cc() == 90 && sm90::supports(m, n, k, bits, qa, qw)) {
+  const Kernel forced = forced_kernel();
+  const bool hopper = built_for_hopper() && device_cc() == 90;
+  const auto allowed = [forced](Kernel kernel) { return forced == Kernel::automatic || forced == kernel; };
+  if (hopper && allowed(Kernel::small_m) && small_m::supports(m, n, k, bits, qa, qw)) {
+    small_m::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, bits, s);
+  } else if (hopper && allowed(Kernel::sm90_persistent) && sm90_persistent::supports(m, n, k, bits, qa, qw)) {
+    sm90_persistent::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, bits, s);
+  } else if (hopper && forced == Kernel::sm90 && sm90::supports(m, n, k, bits, qa, qw)) {
     sm90::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, bits, s);
   } else {
     simt::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, bits, s);

@@ -28,6 +28,8 @@
 // the producer meanwhile fills the ring for the CTA's next tile.
 #include <cuda.h>
 
+#include <type_traits>
+
 #include "common.cuh"
 #include "gemm_sm90_persistent.h"
 
@@ -43,9 +45,6 @@ constexpr int kBM = 256;  // two consumer warpgroups x two m64 blocks
 constexpr int kBN = 144;
 constexpr int kBK = 128;  // codes per K-slice
 constexpr int kThreads = 384;
-constexpr int kExpandWarps = 3;
-constexpr int kExpandRowsPerPass = kExpandWarps * 32 / 4;  // four threads per row
-constexpr int kConsumerWarps = 8;
 
 template <int BITS>
 struct Layout {
@@ -69,11 +68,35 @@ struct Layout {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 using namespace sm90_ptx;
 
-// y = fp32(acc >> shift) * sa[m] * sw[n] + bias[n] for one m64 block pair of a consumer thread.
-template <int SHIFT>
-__device__ __forceinline__ void store_tile(int (&acc)[2][kBN / 2], const float* __restrict__ sa,
-                                           const float* __restrict__ sw, const float* __restrict__ bias, void* out,
-                                           Float out_dtype, int m, int n, int row0, int col0, bool pairs) {
+constexpr int kExpandWarps = 3;                             // warps 1-3
+constexpr int kExpandRowsPerPass = kExpandWarps * 32 / 4;  // four threads per row
+static_assert(kBN % kExpandRowsPerPass == 0, "whole expansion passes");
+constexpr int kConsumerWarps = 8;                           // warps 4-11
+
+constexpr int kEpilogueGroup = 3;  // column pairs whose scales are loaded before the group's stores
+
+template <typename T>
+__device__ __forceinline__ void store_two(T* out, int64_t at, float y0, float y1) {
+  if constexpr (std::is_same_v<T, float>) {
+    *reinterpret_cast<float2*>(out + at) = make_float2(y0, y1);
+  } else if constexpr (std::is_same_v<T, __half>) {
+    *reinterpret_cast<__half2*>(out + at) = __floats2half2_rn(y0, y1);
+  } else {
+    *reinterpret_cast<__nv_bfloat162*>(out + at) = __floats2bfloat162_rn(y0, y1);
+  }
+}
+
+// y = fp32(acc >> SHIFT) * sa[m] * sw[n] + bias[n] for the two m64 blocks of a consumer thread,
+// stored as T. FULL: the whole tile lies inside the output and pairs of columns can be stored
+// together, so no element needs a bounds check. The output type and FULL are compile-time so
+// that each variant is short straight-line code: with the type switched per store, the
+// epilogue was ~500 KB of machine code and ran out of the instruction cache, some 20 us per
+// tile. Scales are loaded a group at a time, ahead of the group's stores (which may alias
+// them as far as the compiler knows).
+template <int SHIFT, typename T, bool FULL>
+__device__ __forceinline__ void store_tile_as(int (&acc)[2][kBN / 2], const float* __restrict__ sa,
+                                              const float* __restrict__ sw, const float* __restrict__ bias, T* out,
+                                              int m, int n, int row0, int col0, bool pairs) {
   float s_row[2][2];
   bool row_ok[2][2];
 #pragma unroll
@@ -81,38 +104,73 @@ __device__ __forceinline__ void store_tile(int (&acc)[2][kBN / 2], const float* 
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = row0 + 64 * mb + 8 * h;
-      row_ok[mb][h] = row < m;
-      s_row[mb][h] = row_ok[mb][h] ? sa[row] : 0.0f;
+      row_ok[mb][h] = FULL || row < m;
+      s_row[mb][h] = row_ok[mb][h] ? __ldg(sa + row) : 0.0f;
     }
   }
 #pragma unroll
-  for (int j = 0; j < kBN / 8; ++j) {
-    const int col = col0 + 8 * j;
-    if (col >= n) continue;
-    const bool second = col + 1 < n;
-    const float w0 = sw[col], w1 = second ? sw[col + 1] : 0.0f;
-    const float b0 = bias != nullptr ? bias[col] : 0.0f;
-    const float b1 = bias != nullptr && second ? bias[col + 1] : 0.0f;
+  for (int j0 = 0; j0 < kBN / 8; j0 += kEpilogueGroup) {
+    float w[kEpilogueGroup][2], b[kEpilogueGroup][2];
 #pragma unroll
-    for (int mb = 0; mb < 2; ++mb) {
+    for (int j = 0; j < kEpilogueGroup; ++j) {
+      const int col = col0 + 8 * (j0 + j);
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        if (!row_ok[mb][h]) continue;
-        float y0 = __fmul_rn(__fmul_rn(float(acc[mb][4 * j + 2 * h] >> SHIFT), s_row[mb][h]), w0);
-        float y1 = __fmul_rn(__fmul_rn(float(acc[mb][4 * j + 2 * h + 1] >> SHIFT), s_row[mb][h]), w1);
-        if (bias != nullptr) {
-          y0 = __fadd_rn(y0, b0);
-          y1 = __fadd_rn(y1, b1);
-        }
-        const int64_t at = int64_t(row0 + 64 * mb + 8 * h) * n + col;
-        if (pairs && second) {
-          store2_as(out, out_dtype, at, y0, y1);
-        } else {
-          store_as(out, out_dtype, at, y0);
-          if (second) store_as(out, out_dtype, at + 1, y1);
+      for (int e = 0; e < 2; ++e) {
+        const bool ok = FULL || col + e < n;
+        w[j][e] = ok ? __ldg(sw + col + e) : 0.0f;
+        b[j][e] = ok && bias != nullptr ? __ldg(bias + col + e) : 0.0f;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kEpilogueGroup; ++j) {
+      const int col = col0 + 8 * (j0 + j);
+      if (!FULL && col >= n) continue;
+      const bool second = FULL || col + 1 < n;
+#pragma unroll
+      for (int mb = 0; mb < 2; ++mb) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          if (!row_ok[mb][h]) continue;
+          const int i = 4 * (j0 + j) + 2 * h;
+          float y0 = __fmul_rn(__fmul_rn(float(acc[mb][i] >> SHIFT), s_row[mb][h]), w[j][0]);
+          float y1 = __fmul_rn(__fmul_rn(float(acc[mb][i + 1] >> SHIFT), s_row[mb][h]), w[j][1]);
+          if (bias != nullptr) {
+            y0 = __fadd_rn(y0, b[j][0]);
+            y1 = __fadd_rn(y1, b[j][1]);
+          }
+          const int64_t at = int64_t(row0 + 64 * mb + 8 * h) * n + col;
+          if (FULL || (pairs && second)) {
+            store_two(out, at, y0, y1);
+          } else {
+            out[at] = from_float<T>(y0);
+            if (second) out[at + 1] = from_float<T>(y1);
+          }
         }
       }
     }
+  }
+}
+
+template <int SHIFT, typename T>
+__device__ __forceinline__ void store_tile_as(int (&acc)[2][kBN / 2], const float* __restrict__ sa,
+                                              const float* __restrict__ sw, const float* __restrict__ bias, void* out,
+                                              int m, int n, int row0, int col0, bool pairs, bool full) {
+  T* typed = static_cast<T*>(out);
+  if (full) {
+    store_tile_as<SHIFT, T, true>(acc, sa, sw, bias, typed, m, n, row0, col0, pairs);
+  } else {
+    store_tile_as<SHIFT, T, false>(acc, sa, sw, bias, typed, m, n, row0, col0, pairs);
+  }
+}
+
+template <int SHIFT>
+__device__ __forceinline__ void store_tile(int (&acc)[2][kBN / 2], const float* __restrict__ sa,
+                                           const float* __restrict__ sw, const float* __restrict__ bias, void* out,
+                                           Float out_dtype, int m, int n, int row0, int col0, bool pairs, bool full) {
+  switch (out_dtype) {
+    case Float::f32: return store_tile_as<SHIFT, float>(acc, sa, sw, bias, out, m, n, row0, col0, pairs, full);
+    case Float::f16: return store_tile_as<SHIFT, __half>(acc, sa, sw, bias, out, m, n, row0, col0, pairs, full);
+    default: return store_tile_as<SHIFT, __nv_bfloat16>(acc, sa, sw, bias, out, m, n, row0, col0, pairs, full);
   }
 }
 
@@ -128,7 +186,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   using L = Layout<BITS>;
   constexpr int S = L::kStages, E = L::kExpandedSlots;
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  // Derived from smem_raw by an offset (not through an integer), so the compiler keeps it in
+  // the shared space; smem_base is the same place as a shared-window address for ld/st.shared.
+  uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  const uint32_t smem_base = smem_addr(smem);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kBarriers);  // slot loaded by TMA
   uint64_t* empty = full + S;                                         // slot free for TMA
   uint64_t* expanded_full = empty + S;                                // expanded B written
@@ -175,21 +236,31 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int kt = 0; kt < num_k; ++kt) {
           mbar_wait(&full[ring.slot], ring.phase);
           mbar_wait(&expanded_empty[xring.slot], xring.phase ^ 1);
-          const uint8_t* packed = smem + L::kB + ring.slot * L::kBBytes;
-          uint8_t* expanded = smem + L::kExpanded + xring.slot * L::kExpandedBytes;
+          const uint32_t packed = smem_base + L::kB + ring.slot * L::kBBytes + 16 * quarter;
+          const uint32_t expanded = smem_base + L::kExpanded + xring.slot * L::kExpandedBytes + 4 * quarter;
+          // Loads two passes ahead of their stores (more spill at 40 registers).
+          constexpr int kPasses = kBN / kExpandRowsPerPass, kBatch = 2;
+          static_assert(kPasses % kBatch == 0, "whole batches");
 #pragma unroll
-          for (int row = et >> 2; row < kBN; row += kExpandRowsPerPass) {
-            const uint4 v = *reinterpret_cast<const uint4*>(packed + row * 64 + 16 * quarter);
+          for (int first = 0; first < kPasses; first += kBatch) {
+            uint4 v[kBatch];
 #pragma unroll
-            for (int c = 0; c < 4; ++c) {
-              *reinterpret_cast<uint32_t*>(expanded + swizzle128(row, 2 * c) + 4 * quarter) =
-                  low_nibbles_x16(word(v, c));
-              *reinterpret_cast<uint32_t*>(expanded + swizzle128(row, 2 * c + 1) + 4 * quarter) =
-                  high_nibbles_x16(word(v, c));
+            for (int i = 0; i < kBatch; ++i) {
+              v[i] = lds128(packed + ((et >> 2) + (first + i) * kExpandRowsPerPass) * 64);
+            }
+#pragma unroll
+            for (int i = 0; i < kBatch; ++i) {
+              const int row = (et >> 2) + (first + i) * kExpandRowsPerPass;
+#pragma unroll
+              for (int c = 0; c < 4; ++c) {
+                sts32(expanded + swizzle128(row, 2 * c), low_nibbles_x16(word(v[i], c)));
+                sts32(expanded + swizzle128(row, 2 * c + 1), high_nibbles_x16(word(v[i], c)));
+              }
             }
           }
           fence_proxy_async();
           __syncwarp();
+          // The packed slot is released after the stores that consumed its loads.
           if (lane == 0) {
             mbar_arrive(&empty[ring.slot]);
             mbar_arrive(&expanded_full[xring.slot]);
@@ -218,29 +289,29 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < kBN / 2; ++i) acc[mb][i] = 0;
     }
     if constexpr (BITS == 4) {
-      int previous = 0;  // expanded slot of the previous K-slice
+      // A packed slot is released one K-slice late, once wgmma instructions that consumed the
+      // registers loaded from it have issued: an arrive right after the loads can overtake
+      // them, and TMA then overwrites rows not yet read.
+      int previous = 0, previous_expanded = 0;  // slots of the previous K-slice
       for (int kt = 0; kt < num_k; ++kt) {
         mbar_wait(&full[ring.slot], ring.phase);
-        const uint8_t* packed = smem + L::kA + ring.slot * L::kABytes;
+        const uint32_t packed = smem_base + L::kA + ring.slot * L::kABytes + wrow * 64 + 16 * quarter;
         uint4 rows[2][2];  // [m64 block][row g, row g + 8]
 #pragma unroll
         for (int mb = 0; mb < 2; ++mb) {
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            rows[mb][h] = *reinterpret_cast<const uint4*>(packed + (wrow + 64 * mb + 8 * h) * 64 + 16 * quarter);
-          }
+          for (int h = 0; h < 2; ++h) rows[mb][h] = lds128(packed + (64 * mb + 8 * h) * 64);
         }
-        __syncwarp();
-        if (lane == 0) mbar_arrive(&empty[ring.slot]);
-        ring.advance();
-
         mbar_wait(&expanded_full[xring.slot], xring.phase);
         const uint8_t* expanded = smem + L::kExpanded + xring.slot * L::kExpandedBytes;
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           // The group before last is done: its A registers (this half's) may be rewritten.
           wgmma_wait<1>();
-          if (half == 1 && kt > 0 && lane == 0) mbar_arrive(&expanded_empty[previous]);
+          if (kt > 0 && lane == 0) {
+            if (half == 0) mbar_arrive(&empty[previous]);
+            else mbar_arrive(&expanded_empty[previous_expanded]);
+          }
           uint32_t a[2][2][4];  // [m64 block][k-step of this half][fragment register]
 #pragma unroll
           for (int mb = 0; mb < 2; ++mb) {
@@ -253,6 +324,16 @@ __global__ void __launch_bounds__(kThreads, 1)
               a[mb][c][3] = high_nibbles_x16(word(rows[mb][1], step));
             }
           }
+          // All of this half's A registers are written before the fence: an A register written
+          // between two wgmma makes ptxas insert another fence before each of them.
+#pragma unroll
+          for (int mb = 0; mb < 2; ++mb) {
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+#pragma unroll
+              for (int r = 0; r < 4; ++r) pin_register(a[mb][c][r]);
+            }
+          }
           wgmma_fence();
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
@@ -263,11 +344,16 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           wgmma_commit();
         }
-        previous = xring.slot;
+        previous = ring.slot;
+        previous_expanded = xring.slot;
+        ring.advance();
         xring.advance();
       }
       wgmma_wait<0>();
-      if (lane == 0) mbar_arrive(&expanded_empty[previous]);
+      if (lane == 0) {
+        mbar_arrive(&empty[previous]);
+        mbar_arrive(&expanded_empty[previous_expanded]);
+      }
     } else {
       int previous = 0;  // slot of the previous K-slice
       for (int kt = 0; kt < num_k; ++kt) {
@@ -297,9 +383,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int i = 0; i < kBN / 2; ++i) pin_register(acc[mb][i]);
     }
-    const int row0 = (tile % tiles_m) * kBM + wrow;
-    const int col0 = (tile / tiles_m) * kBN + 2 * quarter;
-    store_tile<BITS == 4 ? 8 : 0>(acc, sa, sw, bias, out, out_dtype, m, n, row0, col0, pairs);
+    const int tile_row = (tile % tiles_m) * kBM, tile_col = (tile / tiles_m) * kBN;
+    const bool full = pairs && tile_row + kBM <= m && tile_col + kBN <= n;
+    store_tile<BITS == 4 ? 8 : 0>(acc, sa, sw, bias, out, out_dtype, m, n, tile_row + wrow, tile_col + 2 * quarter,
+                                  pairs, full);
   }
 #endif
 }

@@ -14,6 +14,19 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// ---- shared memory, by 32-bit shared-window address ----
+// Volatile, so that they stay after the mbarrier waits that make their data valid.
+
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+  return v;
+}
+
+__device__ __forceinline__ void sts32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
+}
+
 // ---- mbarriers ----
 
 __device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
@@ -78,9 +91,11 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(PENDING) : "memory");
 }
 
-// Keeps the compiler from moving reads or writes of an accumulator register across
-// a wgmma wait: the asynchronous wgmma writes it behind the compiler's back.
-__device__ __forceinline__ void pin_register(int& r) { asm volatile("" : "+r"(r)::"memory"); }
+// Pins a register's value at this point of the (volatile-ordered) instruction stream:
+// an accumulator after a wgmma wait (the asynchronous wgmma writes it behind the
+// compiler's back), or an A fragment before wgmma.fence.
+__device__ __forceinline__ void pin_register(int& r) { asm volatile("" : "+r"(r)); }
+__device__ __forceinline__ void pin_register(uint32_t& r) { asm volatile("" : "+r"(r)); }
 
 // Orders this thread's ordinary shared-memory writes before later reads by the async proxy (wgmma).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }

@@ -1,0 +1,155 @@
+"""The Hopper GEMM paths against bf16 F.linear and torch._int_mm; one GPU, one run.
+
+    python packages/convrot-kernels/benchmarks/bench_gemm_sm90.py [--json PATH]
+
+Timing is bench_primitives.time_per_call (CUDA-graph replays, CUDA events,
+median). Unlike there, every input set carries its own weights too, so that
+weight-streaming shapes read them from HBM, not from L2: one round of sets
+exceeds twice the L2. Rows: gemm(bits=4) and gemm(bits=8) through each kernel
+(forced with CONVROT_GEMM_KERNEL; "auto" is the dispatcher's own choice), the
+whole chain rht_quantize + gemm(bits=4), and the anchors. TOPS count 2*M*N*K
+operations; the fraction is of the H100's 1979 TOPS dense int8 peak. Printed
+last: a markdown table of medians and ratios (anchor / ours: > 1 means faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from bench_primitives import FLUX_KN, GROUP, copies_for, time_per_call
+
+import convrot_kernels as ck
+
+INT8_PEAK_TOPS = 1979.0
+M_LARGE = 4608
+SMALL = [(m, k, n) for m in (1, 16, 64) for k, n in ((3072, 12288), (12288, 3072))]
+CROSSOVER = [(m, 3072, 12288) for m in (128, 256, 1024)]
+
+
+def forced(kernel: str, fn, tile_n: str | None = None):
+    def run(*args):
+        os.environ["CONVROT_GEMM_KERNEL"] = kernel
+        if tile_n:
+            os.environ["CONVROT_SM90_TILE_N"] = tile_n
+        try:
+            return fn(*args)
+        finally:
+            os.environ.pop("CONVROT_GEMM_KERNEL", None)
+            os.environ.pop("CONVROT_SM90_TILE_N", None)
+
+    return run
+
+
+def make_set(m: int, k: int, n: int, with_int8: bool) -> dict:
+    """bf16 inputs for the anchors and random codes and scales for the GEMM (its speed does not
+    depend on how the codes were made; the chain rows quantize x themselves)."""
+    dev = torch.device("cuda")
+    s = {
+        "x": torch.randn(m, k, device=dev, dtype=torch.bfloat16),
+        "w": torch.randn(n, k, device=dev, dtype=torch.bfloat16) / math.sqrt(k),
+        "bias": torch.randn(n, device=dev),
+    }
+    s["bias_bf16"] = s["bias"].to(torch.bfloat16)
+    for rows, name in ((m, "a"), (n, "w")):
+        s[f"q{name}4"] = torch.randint(0, 256, (rows, k // 2), device=dev, dtype=torch.uint8)
+        s[f"q{name}8"] = torch.randint(-128, 128, (rows, k), device=dev, dtype=torch.int8)
+        for bits in (4, 8):
+            s[f"s{name}{bits}"] = torch.rand(rows, device=dev) * 0.01
+    if with_int8:
+        s["wi8"] = torch.randint(-128, 128, (n, k), device=dev, dtype=torch.int8)  # [N, K]: cuBLAS's TN layout
+    return s
+
+
+def set_bytes(s: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in s.values())
+
+
+def bench_shape(m: int, k: int, n: int, kernels: list[str], record) -> None:
+    with_int8 = m > 16 and m % 8 == 0
+    first = make_set(m, k, n, with_int8)
+    sets = [first] + [make_set(m, k, n, with_int8) for _ in range(copies_for(set_bytes(first)) - 1)]
+    ops = 2.0 * m * n * k
+
+    def linear(s):
+        return F.linear(s["x"], s["w"], s["bias_bf16"])
+
+    def int_mm(s):
+        return torch._int_mm(s["qa8"], s["wi8"].t())
+
+    def gemm(bits):
+        return lambda s: ck.gemm(s[f"qa{bits}"], s[f"sa{bits}"], s[f"qw{bits}"], s[f"sw{bits}"], s["bias"], bits=bits)
+
+    def chain(s):
+        qa, sa = ck.rht_quantize(s["x"], GROUP, 4)
+        return ck.gemm(qa, sa, s["qw4"], s["sw4"], s["bias"], bits=4)
+
+    tuples = [(s,) for s in sets]
+    anchors = {"bf16 linear": time_per_call(linear, tuples)}
+    if with_int8:
+        anchors["_int_mm"] = time_per_call(int_mm, tuples)
+    for kernel in kernels:
+        for bits in (4, 8):
+            if kernel == "sm90":
+                for tile in ("256", "128"):
+                    us = time_per_call(forced(kernel, gemm(bits), tile), tuples)
+                    record(f"gemm{bits} sm90 n{tile}", m, k, n, us, anchors, ops)
+            else:
+                fn = gemm(bits) if kernel == "auto" else forced(kernel, gemm(bits))
+                record(f"gemm{bits} {kernel}", m, k, n, time_per_call(fn, tuples), anchors, ops)
+    try:
+        chain_us = time_per_call(chain, tuples)
+    except RuntimeError as error:  # report and go on: the GEMM rows stand without it
+        print(f"chain4 M={m} K={k} N={n}: {error}", flush=True)
+    else:
+        record("chain4 auto", m, k, n, chain_us, {"bf16 linear": anchors["bf16 linear"]}, ops)
+    del sets, tuples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="also write every row to this JSON file")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    print(
+        f"device: {props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MiB; "
+        f"torch {torch.__version__}; convrot_kernels {ck.build_info()}",
+        flush=True,
+    )
+    rows: list[dict] = []
+
+    def record(kind, m, k, n, us, anchors, ops):
+        tops = ops / us / 1e6
+        rows.append({"kind": kind, "M": m, "K": k, "N": n, "ours_us": us, "tops": tops, "anchors_us": anchors})
+        ratios = "  ".join(f"{name} {t:8.1f}us x{t / us:5.2f}" for name, t in anchors.items())
+        print(f"{kind:22s} M={m:5d} K={k:5d} N={n:5d} {us:8.1f}us {tops:7.1f} TOPS  {ratios}", flush=True)
+
+    for k, n in FLUX_KN:
+        bench_shape(M_LARGE, k, n, ["sm90_persistent", "sm90", "auto"], record)
+    for m, k, n in SMALL:
+        bench_shape(m, k, n, ["small_m", "sm90_persistent", "auto"], record)
+    for m, k, n in CROSSOVER:
+        bench_shape(m, k, n, ["sm90_persistent", "sm90", "auto"], record)
+
+    print("\n| path | M | K | N | ours (us) | TOPS | % of 1979 | bf16 (us) | x bf16 | _int_mm (us) | x _int_mm |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        lin = r["anchors_us"]["bf16 linear"]
+        mm = r["anchors_us"].get("_int_mm")
+        mm_cells = f"{mm:.1f} | {mm / r['ours_us']:.2f}" if mm else "n/a | n/a"
+        print(
+            f"| {r['kind']} | {r['M']} | {r['K']} | {r['N']} | {r['ours_us']:.1f} | {r['tops']:.0f} | "
+            f"{100 * r['tops'] / INT8_PEAK_TOPS:.0f}% | {lin:.1f} | {lin / r['ours_us']:.2f} | {mm_cells} |"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": props.name, "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
