@@ -239,26 +239,36 @@ __device__ __forceinline__ int quantize_value(float v, float scale, float inv, b
   return int(fminf(fmaxf(r, -qmax - 1.0f), qmax));
 }
 
+// Round to nearest even with full-rate float adds instead of the quarter-rate
+// F2I/I2F conversions: for |t| < 2^22, t + 1.5 * 2^23 rounds t to an integer
+// (half to even) in the low mantissa bits, so the float's low 8 bits are the
+// code's two's-complement byte and subtracting 1.5 * 2^23 back gives the
+// rounded value exactly.
+constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23
+
 // Codes round(v * unit / scale) of 16 unscaled rotation outputs (unit a power
-// of two, inv = unit / scale rounded once). v * inv is within 2 ulp of the
-// quotient, so only values within 0.001 of a .5 tie are recomputed with the
-// correctly rounded division: one rare, chunk-wide branch instead of one per
-// element. No clamp is needed: |v * unit| <= amax, so the quotient never passes
-// qmax (1 + 2^-22) and rounds into [-qmax, qmax].
+// of two, inv = unit / scale rounded once), as int whose low byte is the code.
+// v * inv is within 2 ulp of the quotient, so only values within 0.001 of a .5
+// tie are recomputed with the correctly rounded division: one rare, chunk-wide
+// branch instead of one per element. No clamp is needed: |v * unit| <= amax, so
+// the quotient never passes qmax (1 + 2^-22) and rounds into [-qmax, qmax].
 __device__ __forceinline__ void quantize_chunk(const float (&v)[16], float unit, float scale, float inv, bool exact,
                                                int (&q)[16]) {
   bool near_tie = exact;
 #pragma unroll
   for (int e = 0; e < 16; ++e) {
-    const float t = v[e] * inv;
-    q[e] = __float2int_rn(t);
-    near_tie |= fabsf(t - float(q[e])) > 0.499f;
+    const float t = __fmul_rn(v[e], inv);
+    const float u = __fadd_rn(t, kRoundMagic);  // not fused: t is rounded first
+    q[e] = __float_as_int(u);
+    near_tie |= fabsf(t - (u - kRoundMagic)) > 0.499f;
   }
   if (near_tie) {
 #pragma unroll
     for (int e = 0; e < 16; ++e) {
-      const float t = v[e] * inv;
-      if (exact || fabsf(t - float(q[e])) > 0.499f) q[e] = __float2int_rn(__fdiv_rn(v[e] * unit, scale));
+      const float t = __fmul_rn(v[e], inv);
+      if (exact || fabsf(t - (__int_as_float(q[e]) - kRoundMagic)) > 0.499f) {
+        q[e] = __float_as_int(__fdiv_rn(v[e] * unit, scale) + kRoundMagic);
+      }
     }
   }
 }
