@@ -541,18 +541,21 @@ __global__ void __launch_bounds__(kMaxThreads) rows_fast_kernel(const T* __restr
     if (row + gridDim.x < rows) fetch(row + gridDim.x);  // in flight during this row's work
 
     if (group == 256) {
+      // Chunk c = j * blockDim + tid: a warp's 32 chunks are two whole 256-groups
+      // (blockDim is a multiple of 32), and work item c touches only group c / 16,
+      // so the stages need only warp-level synchronisation, every row.
 #pragma unroll
       for (int j = 0; j < CPT; ++j) {
         const int c = j * blockDim.x + threadIdx.x;
         if (c < nchunks) store_chunk_256(buf, c, v[j]);
       }
-      __syncthreads();
+      __syncwarp();
 #pragma unroll
       for (int j = 0; j < CPT; ++j) {
         const int w = j * blockDim.x + threadIdx.x;
         if (w < nchunks) stride_64_16_item_256(buf, w);
       }
-      __syncthreads();
+      __syncwarp();
 #pragma unroll
       for (int j = 0; j < CPT; ++j) {
         const int c = j * blockDim.x + threadIdx.x;
