@@ -485,30 +485,35 @@ __device__ __forceinline__ float block_max_nan(float v, float (*partials)[kMaxTh
   return r;
 }
 
-// The fast path, for 16-byte-aligned rows of K % 16 == 0 and K <= 16384 (8192
-// for fp32 input, whose raw vectors take twice the registers): a
+// The fast path, for 16-byte-aligned rows of K % 16 == 0 and K <= 16384: a
 // persistent grid whose blocks walk rows (row = blockIdx.x + i * gridDim.x).
 // Each thread keeps its CPT chunks in registers; while one row is rotated and
-// quantized, the loads of the block's next row are already in flight, which
-// hides memory latency that one block per row cannot. Shared memory serves only
+// quantized, the block's next row is already on its way into shared memory
+// (cp.async, no registers held), which hides memory latency that one block per
+// row cannot. Shared memory serves only
 // the strided stages (group >= 64) and the amax reduction; codes are packed
 // straight from registers.
 // Chunks per thread the fast path holds in registers without spilling.
 template <typename T>
-constexpr int kFastMaxChunksPerThread = sizeof(T) == 2 ? 2 : 1;
+constexpr int kFastMaxChunksPerThread = 2;
 
-template <typename T, int MODE, int CPT>
-__global__ void __launch_bounds__(kMaxThreads) rows_fast_kernel(const T* __restrict__ x, int64_t rows, int k,
-                                                                int group, void* __restrict__ out,
+// Blocks of at most 384 threads can ask for two resident blocks per SM (at most
+// 80 registers a thread): twice the warps to hide latency with.
+constexpr int kTwoBlockThreads = 384;
+
+template <typename T, int MODE, int CPT, int MIN_BLOCKS>
+__global__ void __launch_bounds__(MIN_BLOCKS == 2 ? kTwoBlockThreads : kMaxThreads, MIN_BLOCKS) rows_fast_kernel(const T* __restrict__ x, int64_t rows, int k,
+                                                                int group, int work_words, void* __restrict__ out,
                                                                 float* __restrict__ scale_out) {
   extern __shared__ float4 smem4[];
-  float* buf = reinterpret_cast<float*>(smem4);
-  constexpr int kVec = 16 * int(sizeof(T)) / 16;  // 16-byte vectors per chunk
+  float* buf = reinterpret_cast<float*>(smem4);                // fp32 working area (group >= 64)
+  uint4* staged = reinterpret_cast<uint4*>(buf + work_words);  // the next row, as loaded
+  constexpr int kVec = 16 * int(sizeof(T)) / 16;               // 16-byte vectors per chunk
   const int nchunks = k / 16;
   float unit = 1.0f;
   for (int g = group; g > 1; g >>= 2) unit *= 0.5f;
 
-  uint4 raw[CPT][kVec];
+  // Each thread stages and later reads back only its own chunks: no barrier needed.
   auto fetch = [&](int64_t row) {
     const uint4* src = reinterpret_cast<const uint4*>(x + row * k);
 #pragma unroll
@@ -516,9 +521,15 @@ __global__ void __launch_bounds__(kMaxThreads) rows_fast_kernel(const T* __restr
       const int c = j * blockDim.x + threadIdx.x;
       if (c < nchunks) {
 #pragma unroll
-        for (int p = 0; p < kVec; ++p) raw[j][p] = __ldg(src + c * kVec + p);
+        for (int p = 0; p < kVec; ++p) {
+          asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(
+                           static_cast<uint32_t>(__cvta_generic_to_shared(staged + c * kVec + p))),
+                       "l"(src + c * kVec + p)
+                       : "memory");
+        }
       }
     }
+    asm volatile("cp.async.commit_group;" ::: "memory");
   };
 
   __shared__ __align__(16) float partials[2][kMaxThreads / 32];
@@ -528,14 +539,19 @@ __global__ void __launch_bounds__(kMaxThreads) rows_fast_kernel(const T* __restr
   int64_t row = blockIdx.x;
   if (row < rows) fetch(row);
   for (int parity = 0; row < rows; row += gridDim.x, parity ^= 1) {
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
     float v[CPT][16];
 #pragma unroll
     for (int j = 0; j < CPT; ++j) {
+      const int c = j * blockDim.x + threadIdx.x;
+      if (c < nchunks) {
 #pragma unroll
-      for (int p = 0; p < kVec; ++p) {
-        const T* e = reinterpret_cast<const T*>(&raw[j][p]);
+        for (int p = 0; p < kVec; ++p) {
+          const uint4 raw = staged[c * kVec + p];
+          const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-        for (int q = 0; q < 16 / int(sizeof(T)); ++q) v[j][p * (16 / sizeof(T)) + q] = to_float(e[q]);
+          for (int q = 0; q < 16 / int(sizeof(T)); ++q) v[j][p * (16 / sizeof(T)) + q] = to_float(e[q]);
+        }
       }
     }
     if (row + gridDim.x < rows) fetch(row + gridDim.x);  // in flight during this row's work
@@ -630,19 +646,21 @@ inline int multiprocessors() {
   return count;
 }
 
-template <typename T, int MODE, int CPT>
+template <typename T, int MODE, int CPT, int MIN_BLOCKS>
 void launch_fast(const void* x, int64_t rows, int64_t k, int group, void* out, float* scale, cudaStream_t stream) {
   const int nchunks = int(k / 16);
   const int threads = int(ceil_div(ceil_div(nchunks, CPT), 32)) * 32;
-  const size_t words = group == 256 ? size_t(k / 256) * kBlockWords256 : size_t(ceil_div(int(k), 32)) * 32;
-  const size_t smem = group >= 64 ? words * sizeof(float) : 0;
-  auto kernel = rows_fast_kernel<T, MODE, CPT>;
+  const size_t words = group == 256 ? size_t(k / 256) * kBlockWords256
+                      : group >= 64  ? size_t(ceil_div(int(k), 32)) * 32
+                                     : 0;
+  const size_t smem = words * sizeof(float) + size_t(k) * sizeof(T);
+  auto kernel = rows_fast_kernel<T, MODE, CPT, MIN_BLOCKS>;
   allow_dynamic_smem(kernel, smem);
   int per_sm = 0;
   check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem), "cudaOccupancy");
   const int64_t resident = int64_t(per_sm > 0 ? per_sm : 1) * multiprocessors();
   const unsigned grid = unsigned(rows < resident ? rows : resident);
-  kernel<<<grid, threads, smem, stream>>>(static_cast<const T*>(x), rows, int(k), group, out, scale);
+  kernel<<<grid, threads, smem, stream>>>(static_cast<const T*>(x), rows, int(k), group, int(words), out, scale);
   check_launch("row rotation kernel (fast path)");
 }
 
@@ -662,9 +680,10 @@ void launch_fast_any(const void* x, int64_t rows, int64_t k, int group, void* ou
   if constexpr (kFastMaxChunksPerThread<T> >= 2) {
     const char* env = std::getenv("CONVROT_ROWS_CHUNKS");
     const bool two = env != nullptr ? std::atoi(env) == 2 : nchunks >= 128;
-    if (nchunks > kMaxThreads || two) return launch_fast<T, MODE, 2>(x, rows, k, group, out, scale, stream);
+    if (nchunks > 2 * kTwoBlockThreads) return launch_fast<T, MODE, 2, 1>(x, rows, k, group, out, scale, stream);
+    if (nchunks > kMaxThreads || two) return launch_fast<T, MODE, 2, 2>(x, rows, k, group, out, scale, stream);
   }
-  return launch_fast<T, MODE, 1>(x, rows, k, group, out, scale, stream);
+  return launch_fast<T, MODE, 1, 1>(x, rows, k, group, out, scale, stream);
 }
 
 // The widest chunk (16, 4, 2 or 1 elements) that divides k; 16 and 4 are
