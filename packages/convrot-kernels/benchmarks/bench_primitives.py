@@ -5,7 +5,10 @@
 Each measurement captures R calls into a CUDA graph (so host launch overhead
 stays out), cycling through enough input copies to exceed twice the L2 cache,
 replays the graph after a warm-up and reports the median time per call over the
-replays, from CUDA events. Inputs are random, never zeros. Printed last: one
+replays, from CUDA events. A primitive and its anchors are measured in
+alternating rounds and each reported figure is the median over the rounds, so
+that clock drift between measurements hits both sides alike. Inputs are random,
+never zeros. Printed last: one
 table of medians (microseconds) and ratios (anchor time / our time, so > 1
 means we are faster).
 """
@@ -27,6 +30,7 @@ FLUX_KN = [(3072, 3072), (3072, 12288), (12288, 3072), (15360, 3072)]  # (in_fea
 M_LARGE = 4608
 M_SMALL = [1, 16, 256]
 GROUP = 256
+ROUNDS = 3  # alternating rounds of a primitive and its anchor
 
 
 def l2_bytes() -> int:
@@ -139,17 +143,23 @@ def bench_linear_shape(k: int, n: int, ms: list[int], record) -> None:
             qa4, sa4 = ck.rht_quantize(x, GROUP, 4)
             qa8, sa8 = ck.rht_quantize(x, GROUP, 8)
             sets.append((x, qa4, sa4, qa8, sa8, torch.randint(-128, 128, (m, k), device=dev, dtype=torch.int8)))
-        linear_us = time_per_call(linear, sets)
         try:
             int_mm_us = time_per_call(int_mm, sets)
         except RuntimeError:  # _int_mm rejects small M
             int_mm_us = None
-        anchors = {"bf16 linear": linear_us, "_int_mm": int_mm_us}
+        timings: dict[str, list[float]] = {}
+        for _ in range(ROUNDS):  # the kernels and bf16 F.linear alternate over rounds
+            timings.setdefault("linear", []).append(time_per_call(linear, sets))
+            for name in GEMM_KERNELS:
+                timings.setdefault(f"gemm4 {name}", []).append(time_per_call(with_kernel(name, gemm4), sets))
+                timings.setdefault(f"gemm8 {name}", []).append(time_per_call(with_kernel(name, gemm8), sets))
+                timings.setdefault(f"chain4 {name}", []).append(time_per_call(with_kernel(name, chain), sets))
+        med = {key: statistics.median(values) for key, values in timings.items()}
+        anchors = {"bf16 linear": med["linear"], "_int_mm": int_mm_us}
         for name in GEMM_KERNELS:
-            record(f"gemm4 {name}", m, k, n, time_per_call(with_kernel(name, gemm4), sets), anchors, ops)
-            record(f"gemm8 {name}", m, k, n, time_per_call(with_kernel(name, gemm8), sets), anchors, ops)
-            chain_us = time_per_call(with_kernel(name, chain), sets)
-            record(f"chain4 {name}", m, k, n, chain_us, {"bf16 linear": linear_us}, ops)
+            record(f"gemm4 {name}", m, k, n, med[f"gemm4 {name}"], anchors, ops)
+            record(f"gemm8 {name}", m, k, n, med[f"gemm8 {name}"], anchors, ops)
+            record(f"chain4 {name}", m, k, n, med[f"chain4 {name}"], {"bf16 linear": med["linear"]}, ops)
         with_kernel("auto", lambda: None)()
         x = sets[0][0]
         y = chain(x).float()
@@ -190,16 +200,15 @@ def main() -> None:
     for k in sorted({k for k, _ in FLUX_KN}):
         for m in ms:
             sets = [(torch.randn(m, k, device=dev, dtype=torch.bfloat16),) for _ in range(copies_for(m * k * 2))]
-            ours = time_per_call(lambda x: ck.rht_quantize(x, GROUP, 4), sets)
-            clone = time_per_call(lambda x: x.clone(), sets)
+            # Ours and the clone alternate over rounds (clock drift hits both alike);
+            # the heavy dense path runs last.
+            ours_t, clone_t = [], []
+            for _ in range(ROUNDS):
+                ours_t.append(time_per_call(lambda x: ck.rht_quantize(x, GROUP, 4), sets))
+                clone_t.append(time_per_call(lambda x: x.clone(), sets))
             dense = time_per_call(lambda x: dense_rotate_then_quantize(x, h), sets)
+            ours, clone = statistics.median(ours_t), statistics.median(clone_t)
             record("rht_quantize", m, k, 0, ours, {"bf16 clone": clone, "dense+torch": dense})
-            if m == M_LARGE:  # the row kernel's two register budgets, forced
-                for chunks in ("1", "2"):
-                    os.environ["CONVROT_ROWS_CHUNKS"] = chunks
-                    forced = time_per_call(lambda x: ck.rht_quantize(x, GROUP, 4), sets)
-                    record(f"rht_quantize c{chunks}", m, k, 0, forced, {"bf16 clone": clone})
-                del os.environ["CONVROT_ROWS_CHUNKS"]
             del sets
 
     for k, n in FLUX_KN:

@@ -493,16 +493,16 @@ __device__ __forceinline__ float block_max_nan(float v, float (*partials)[kMaxTh
 // row cannot. Shared memory serves only
 // the strided stages (group >= 64) and the amax reduction; codes are packed
 // straight from registers.
-// Chunks per thread the fast path holds in registers without spilling.
-template <typename T>
-constexpr int kFastMaxChunksPerThread = 2;
+// Chunks per thread the fast path may hold in registers.
+constexpr int kFastMaxChunksPerThread = 4;
 
-// Blocks of at most 384 threads can ask for two resident blocks per SM (at most
-// 80 registers a thread): twice the warps to hide latency with.
-constexpr int kTwoBlockThreads = 384;
+// Threads per block for CPT chunks per thread such that two blocks stay resident
+// per SM without spilling (65536 / (2 x threads) registers a thread): twice the
+// warps of one block per SM to hide latency with.
+constexpr int two_block_threads(int cpt) { return cpt <= 2 ? 384 : cpt == 3 ? 320 : 256; }
 
 template <typename T, int MODE, int CPT, int MIN_BLOCKS>
-__global__ void __launch_bounds__(MIN_BLOCKS == 2 ? kTwoBlockThreads : kMaxThreads, MIN_BLOCKS) rows_fast_kernel(const T* __restrict__ x, int64_t rows, int k,
+__global__ void __launch_bounds__(MIN_BLOCKS == 2 ? two_block_threads(CPT) : kMaxThreads, MIN_BLOCKS) rows_fast_kernel(const T* __restrict__ x, int64_t rows, int k,
                                                                 int group, int work_words, void* __restrict__ out,
                                                                 float* __restrict__ scale_out) {
   extern __shared__ float4 smem4[];
@@ -667,23 +667,26 @@ void launch_fast(const void* x, int64_t rows, int64_t k, int group, void* out, f
 // Whether the fast path takes these rows; it needs 16-byte vectors throughout.
 template <typename T>
 bool fast_path_applies(const void* x, int64_t k, const void* out) {
-  return k % 16 == 0 && k / 16 <= kMaxThreads * kFastMaxChunksPerThread<T> && aligned16(x) && aligned16(out);
+  const int64_t max_chunks = kFastMaxChunksPerThread * two_block_threads(kFastMaxChunksPerThread);
+  return k % 16 == 0 && k / 16 <= max_chunks && aligned16(x) && aligned16(out);
 }
 
-// Chunks per thread: 2 (for 16-bit inputs) amortises the per-row reduction over
-// twice the elements; 1 keeps more warps per row. CONVROT_ROWS_CHUNKS=1|2
-// overrides the choice, for benchmarking both.
+// Chunks per thread: at least 2 (amortises the per-row reduction over more
+// elements), as few as fit two resident blocks per SM; 1 for short rows.
+// CONVROT_ROWS_CHUNKS=1|2 overrides the choice where it applies, for benchmarking.
 template <typename T, int MODE>
 void launch_fast_any(const void* x, int64_t rows, int64_t k, int group, void* out, float* scale,
                      cudaStream_t stream) {
   const int64_t nchunks = k / 16;
-  if constexpr (kFastMaxChunksPerThread<T> >= 2) {
-    const char* env = std::getenv("CONVROT_ROWS_CHUNKS");
-    const bool two = env != nullptr ? std::atoi(env) == 2 : nchunks >= 128;
-    if (nchunks > 2 * kTwoBlockThreads) return launch_fast<T, MODE, 2, 1>(x, rows, k, group, out, scale, stream);
-    if (nchunks > kMaxThreads || two) return launch_fast<T, MODE, 2, 2>(x, rows, k, group, out, scale, stream);
+  const char* env = std::getenv("CONVROT_ROWS_CHUNKS");
+  const int forced = env != nullptr ? std::atoi(env) : 0;
+  if (forced == 1 && nchunks <= kMaxThreads) return launch_fast<T, MODE, 1, 1>(x, rows, k, group, out, scale, stream);
+  if (nchunks <= 2 * two_block_threads(2) && (nchunks >= 128 || forced == 2)) {
+    return launch_fast<T, MODE, 2, 2>(x, rows, k, group, out, scale, stream);
   }
-  return launch_fast<T, MODE, 1, 1>(x, rows, k, group, out, scale, stream);
+  if (nchunks < 128) return launch_fast<T, MODE, 1, 1>(x, rows, k, group, out, scale, stream);
+  if (nchunks <= 3 * two_block_threads(3)) return launch_fast<T, MODE, 3, 2>(x, rows, k, group, out, scale, stream);
+  return launch_fast<T, MODE, 4, 2>(x, rows, k, group, out, scale, stream);
 }
 
 // The widest chunk (16, 4, 2 or 1 elements) that divides k; 16 and 4 are
