@@ -139,6 +139,7 @@ RHT_SHAPES = [  # (rows, K, group)
     ((7, 3072), 256),
     ((5, 15360), 256),
     ((2, 4096), 1024),
+    ((2, 16384), 256),  # the widest row of the fast path
     ((2, 20480), 1024),  # longer than one staged segment
     ((9, 48), 16),
     ((3, 12), 4),
@@ -180,6 +181,7 @@ RQ_SHAPES = [  # (M, K, group)
     (5, 15360, 256),
     (3, 12288, 256),
     (2, 4096, 1024),
+    (2, 16384, 256),  # the widest row of the fast path
     (3, 20480, 256),  # two staged segments: rotated twice
     (11, 48, 16),
     (4, 20, 4),
