@@ -263,6 +263,9 @@ def main(argv: list[str] | None = None) -> None:
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"device: {device_name}, torch {torch.__version__}", flush=True)
 
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
+    header = f"Device: {device_name}; torch {torch.__version__}; command: `{command}`"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for name in args.models.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
@@ -271,16 +274,18 @@ def main(argv: list[str] | None = None) -> None:
                 result = run_variant(args, name, batch, variant, device)
                 if result:
                     results.append(result)
-
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
-    header = f"Device: {device_name}; torch {torch.__version__}; command: `{command}`"
-    report = "\n\n".join([header, table(results), breakdown_table(results)])
-    (args.out_dir / "transformer_step.md").write_text(report + "\n")
-    summary = {"device": device_name, "command": command, "results": results}
-    (args.out_dir / "transformer_step.json").write_text(json.dumps(summary, indent=1))
+                    # Rewritten after every variant: a run cut short still leaves its numbers.
+                    write_report(args.out_dir, header, device_name, command, results)
+    write_report(args.out_dir, header, device_name, command, results)
     bar_chart(results, args.out_dir / "transformer_step.png")
-    print("\n" + report)
+    print("\n" + (args.out_dir / "transformer_step.md").read_text())
+
+
+def write_report(out_dir: Path, header: str, device_name: str, command: str, results: list[dict]) -> None:
+    report = "\n\n".join([header, table(results), breakdown_table(results)])
+    (out_dir / "transformer_step.md").write_text(report + "\n")
+    summary = {"device": device_name, "command": command, "results": results}
+    (out_dir / "transformer_step.json").write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":
