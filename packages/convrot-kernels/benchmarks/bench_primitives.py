@@ -117,13 +117,15 @@ def bench_linear_shape(k: int, n: int, ms: list[int], record) -> None:
     bias_bf16 = bias.to(torch.bfloat16)
     qw4, sw4 = ck.rht_quantize(w, GROUP, 4)
     qw8, sw8 = ck.rht_quantize(w, GROUP, 8)
-    w_int8_t = torch.randint(-128, 128, (k, n), device=dev, dtype=torch.int8)
+    # int8 weights [N, K] as a linear layer stores them, passed transposed: the
+    # layout cuBLAS's int8 GEMM takes without a copy (a row-major [K, N] is slower).
+    w_int8 = torch.randint(-128, 128, (n, k), device=dev, dtype=torch.int8)
 
     def linear(x, *_):
         return F.linear(x, w, bias_bf16)
 
     def int_mm(*s):
-        return torch._int_mm(s[5], w_int8_t)
+        return torch._int_mm(s[5], w_int8.t())
 
     def gemm4(x, qa4, sa4, *_):
         return ck.gemm(qa4, sa4, qw4, sw4, bias, bits=4)
