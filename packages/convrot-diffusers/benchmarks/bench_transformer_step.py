@@ -29,16 +29,22 @@ from transformer_configs import MODELS, build  # noqa: E402
 
 import convrot_diffusers  # noqa: E402
 
+SCHEMES = ("bf16", "w4a4", "mix", "torchao-fp8", "torchao-int8")
+# eager; graph: the step captured in one CUDA graph; compiled: regional torch.compile;
+# compiled-graph: compiled, then captured (inductor's fusions without launch overhead).
+MODES = ("eager", "graph", "compiled", "compiled-graph")
 VARIANTS = (
     "bf16-eager",
     "bf16-graph",
     "bf16-compiled",
+    "bf16-compiled-graph",
     "w4a4-eager",
     "w4a4-graph",
     "w4a4-compiled",
+    "w4a4-compiled-graph",
     "mix-eager",
     "mix-graph",
-    "mix-compiled",
+    "mix-compiled-graph",
     "torchao-fp8-compiled",
     "torchao-int8-compiled",
 )
@@ -56,9 +62,15 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def split_variant(variant: str) -> tuple[str, str]:
+    """'w4a4-compiled-graph' -> ('w4a4', 'compiled-graph')."""
+    scheme = next(s for s in sorted(SCHEMES, key=len, reverse=True) if variant.startswith(s + "-"))
+    return scheme, variant[len(scheme) + 1 :]
+
+
 def prepare(model: torch.nn.Module, variant: str) -> torch.nn.Module:
     """Quantize per the variant's scheme, in place; returns the model."""
-    scheme = variant.rsplit("-", 1)[0]
+    scheme, _ = split_variant(variant)
     if scheme in ("w4a4", "mix"):
         convrot_diffusers.quantize_transformer(model, preset=scheme, progress=False)
     elif scheme.startswith("torchao"):
@@ -80,19 +92,19 @@ def prepare(model: torch.nn.Module, variant: str) -> torch.nn.Module:
 
 def step_function(model, inputs, variant: str, device):
     """A zero-argument callable running one step the variant's way (eager, captured graph or compiled)."""
-    mode = variant.rsplit("-", 1)[1]
-    if mode == "compiled":
+    _, mode = split_variant(variant)
+    if mode.startswith("compiled"):
         # Regional compilation: each repeated block compiles once, not the whole model.
         if hasattr(model, "compile_repeated_blocks"):
             model.compile_repeated_blocks(fullgraph=True)
         else:
             model.compile(fullgraph=True)
-    if mode != "graph" or device.type != "cuda":
+    if not mode.endswith("graph") or device.type != "cuda":
         return lambda: model(**inputs)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(2):
+        for _ in range(3):  # compiles, if compiled, before the capture
             model(**inputs)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
