@@ -10,10 +10,11 @@
 namespace convrot::cuda {
 
 namespace sm90 {
-// TMA + wgmma kernel (gemm_sm90.cu); runs only on compute capability 9.0 from an sm_90a build.
+// TMA + wgmma kernel (gemm_sm90.cu), one 128 x tile_n (128 or 256) tile per CTA; runs only
+// on compute capability 9.0 from an sm_90a build.
 bool supports(int64_t m, int64_t n, int64_t k, int bits, const void* qa, const void* qw);
 void gemm(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias, void* out,
-          Float out_dtype, int64_t m, int64_t n, int64_t k, int bits, cudaStream_t stream);
+          Float out_dtype, int64_t m, int64_t n, int64_t k, int bits, int tile_n, cudaStream_t stream);
 }  // namespace sm90
 
 namespace simt {

@@ -20,7 +20,6 @@
 // stores bf16/fp16/fp32 directly: no int32 [M, N] tensor touches memory.
 #include <cuda.h>
 
-#include <cstdlib>
 #include <mutex>
 
 #include "common.cuh"
@@ -393,13 +392,6 @@ void launch(const void* qa, const float* sa, const void* qw, const float* sw, co
   check_launch("sm90 gemm");
 }
 
-// Tile width: CONVROT_SM90_TILE_N (128 or 256) overrides, for benchmarking both.
-int tile_n() {
-  const char* env = std::getenv("CONVROT_SM90_TILE_N");
-  if (env != nullptr && std::atoi(env) == 128) return 128;
-  return 256;
-}
-
 }  // namespace
 
 bool supports(int64_t m, int64_t n, int64_t k, int bits, const void* qa, const void* qw) {
@@ -409,8 +401,8 @@ bool supports(int64_t m, int64_t n, int64_t k, int bits, const void* qa, const v
 }
 
 void gemm(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias, void* out,
-          Float out_dtype, int64_t m, int64_t n, int64_t k, int bits, cudaStream_t stream) {
-  const bool wide = tile_n() == 256;
+          Float out_dtype, int64_t m, int64_t n, int64_t k, int bits, int tile_n, cudaStream_t stream) {
+  const bool wide = tile_n == 256;
   if (bits == 4) {
     if (wide) return launch<4, 256, 4>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);
     return launch<4, 128, 4>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);
