@@ -20,16 +20,17 @@
 // stores bf16/fp16/fp32 directly: no int32 [M, N] tensor touches memory.
 #include <cuda.h>
 
-#include <mutex>
 
 #include "common.cuh"
 #include "gemm_kernels.h"
+#include "tensor_map.h"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #error "Build Hopper code for sm_90a (CONVROT_CUDA_ARCHS=...;90a-real): the GEMM needs wgmma"
 #endif
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#include "sm90_ptx.cuh"
 #include "wgmma_ops.cuh"
 #endif
 
@@ -60,53 +61,7 @@ struct Layout {
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
-}
-
-__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
-               : "memory");
-}
-
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
-}
-
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  asm volatile(
-      "{\n"
-      ".reg .pred done;\n"
-      "wait_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra wait_%=;\n"
-      "}\n" ::"r"(smem_addr(bar)),
-      "r"(parity)
-      : "memory");
-}
-
-__device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, int x, int y, uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
-          smem_addr(dst)),
-      "l"(map), "r"(x), "r"(y), "r"(smem_addr(bar))
-      : "memory");
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
-}
-
-// Orders this thread's generic-proxy shared-memory writes before later async-proxy (wgmma) reads.
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+using namespace sm90_ptx;
 
 // Barrier 1 among the 256 consumer threads (barrier 0 is __syncthreads).
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kConsumerThreads) : "memory"); }
@@ -118,16 +73,6 @@ __device__ __forceinline__ uint64_t smem_desc(const void* p) {
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a TMA tile with 64-byte rows, 64-byte swizzle.
 __device__ __forceinline__ int swz64(int row, int chunk) { return row * 64 + ((chunk ^ ((row >> 1) & 3)) << 4); }
-// The same in an int8 tile with 128-byte rows, 128-byte swizzle (wgmma's canonical K-major layout).
-__device__ __forceinline__ int swz128(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
-
-// Four packed words -> 16 * code as int8, low nibbles (even k) or high nibbles (odd k).
-__device__ __forceinline__ uint32_t low_nibbles(uint32_t w) { return (w << 4) & 0xF0F0F0F0u; }
-__device__ __forceinline__ uint32_t high_nibbles(uint32_t w) { return w & 0xF0F0F0F0u; }
-
-__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
-  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
-}
 
 // The K permutation within a 128-wide slice (64 packed bytes = 16 words, word w
 // holding k = 8w .. 8w+7): wgmma k-step kb (32 k), thread quad position t
@@ -145,12 +90,12 @@ __device__ __forceinline__ void expand_b(const uint8_t* packed, uint8_t* expande
     for (int t = 0; t < 4; ++t) chunk[t] = *reinterpret_cast<const uint4*>(packed + swz64(row, t));
 #pragma unroll
     for (int kb = 0; kb < 4; ++kb) {
-      const uint32_t w0 = word_of(chunk[0], kb), w1 = word_of(chunk[1], kb), w2 = word_of(chunk[2], kb),
-                     w3 = word_of(chunk[3], kb);
-      *reinterpret_cast<uint4*>(expanded + swz128(row, 2 * kb)) =
-          make_uint4(low_nibbles(w0), low_nibbles(w1), low_nibbles(w2), low_nibbles(w3));
-      *reinterpret_cast<uint4*>(expanded + swz128(row, 2 * kb + 1)) =
-          make_uint4(high_nibbles(w0), high_nibbles(w1), high_nibbles(w2), high_nibbles(w3));
+      const uint32_t w0 = word(chunk[0], kb), w1 = word(chunk[1], kb), w2 = word(chunk[2], kb),
+                     w3 = word(chunk[3], kb);
+      *reinterpret_cast<uint4*>(expanded + swizzle128(row, 2 * kb)) =
+          make_uint4(low_nibbles_x16(w0), low_nibbles_x16(w1), low_nibbles_x16(w2), low_nibbles_x16(w3));
+      *reinterpret_cast<uint4*>(expanded + swizzle128(row, 2 * kb + 1)) =
+          make_uint4(high_nibbles_x16(w0), high_nibbles_x16(w1), high_nibbles_x16(w2), high_nibbles_x16(w3));
     }
   } else {  // BN == 128: half a row per thread, k-steps 2h and 2h+1
     const int row = ct >> 1, h = ct & 1;
@@ -162,10 +107,10 @@ __device__ __forceinline__ void expand_b(const uint8_t* packed, uint8_t* expande
       const int kb = 2 * h + j;
       const uint32_t w0 = j ? part[0].y : part[0].x, w1 = j ? part[1].y : part[1].x, w2 = j ? part[2].y : part[2].x,
                      w3 = j ? part[3].y : part[3].x;
-      *reinterpret_cast<uint4*>(expanded + swz128(row, 2 * kb)) =
-          make_uint4(low_nibbles(w0), low_nibbles(w1), low_nibbles(w2), low_nibbles(w3));
-      *reinterpret_cast<uint4*>(expanded + swz128(row, 2 * kb + 1)) =
-          make_uint4(high_nibbles(w0), high_nibbles(w1), high_nibbles(w2), high_nibbles(w3));
+      *reinterpret_cast<uint4*>(expanded + swizzle128(row, 2 * kb)) =
+          make_uint4(low_nibbles_x16(w0), low_nibbles_x16(w1), low_nibbles_x16(w2), low_nibbles_x16(w3));
+      *reinterpret_cast<uint4*>(expanded + swizzle128(row, 2 * kb + 1)) =
+          make_uint4(high_nibbles_x16(w0), high_nibbles_x16(w1), high_nibbles_x16(w2), high_nibbles_x16(w3));
     }
   }
 }
@@ -262,9 +207,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int kt = 0; kt < num_k; ++kt) {
         const int s = kt % STAGES;
         if (kt >= STAGES) mbar_wait(&empty[s], ((kt / STAGES) & 1) ^ 1);
-        mbar_expect_tx(&full[s], L::kABytes + L::kBBytes);
-        tma_load(smem + L::kA + s * L::kABytes, &map_a, kt * L::kRowBytes, m0, &full[s]);
-        tma_load(smem + L::kB + s * L::kBBytes, &map_b, kt * L::kRowBytes, n0, &full[s]);
+        mbar_arrive_expect_tx(&full[s], L::kABytes + L::kBBytes);
+        tma_load_2d(smem + L::kA + s * L::kABytes, &map_a, kt * L::kRowBytes, m0, &full[s]);
+        tma_load_2d(smem + L::kB + s * L::kBBytes, &map_b, kt * L::kRowBytes, n0, &full[s]);
       }
     }
     return;
@@ -296,10 +241,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       consumers_sync();  // the whole expanded B tile is written
 #pragma unroll
       for (int kb = 0; kb < 4; ++kb) {
-        a_regs[P][kb][0] = low_nibbles(word_of(lo_row, kb));
-        a_regs[P][kb][1] = low_nibbles(word_of(hi_row, kb));
-        a_regs[P][kb][2] = high_nibbles(word_of(lo_row, kb));
-        a_regs[P][kb][3] = high_nibbles(word_of(hi_row, kb));
+        a_regs[P][kb][0] = low_nibbles_x16(word(lo_row, kb));
+        a_regs[P][kb][1] = low_nibbles_x16(word(hi_row, kb));
+        a_regs[P][kb][2] = high_nibbles_x16(word(lo_row, kb));
+        a_regs[P][kb][3] = high_nibbles_x16(word(hi_row, kb));
 #pragma unroll
         for (int r = 0; r < 4; ++r) asm volatile("" : "+r"(a_regs[P][kb][r]));  // computed before the fence
       }
@@ -345,37 +290,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // ---- host side ----
-
-using EncodeTiled = decltype(&cuTensorMapEncodeTiled);
-
-EncodeTiled encode_tiled() {
-  static EncodeTiled fn = [] {
-    void* p = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    check(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &found),
-          "cudaGetDriverEntryPointByVersion(cuTensorMapEncodeTiled)");
-    if (found != cudaDriverEntryPointSuccess || p == nullptr) {
-      throw std::runtime_error("convrot_kernels CUDA: the driver has no cuTensorMapEncodeTiled");
-    }
-    return reinterpret_cast<EncodeTiled>(p);
-  }();
-  return fn;
-}
-
-// A row-major uint8 matrix [rows, row_bytes] read in boxes of [box_rows, box_bytes].
-CUtensorMap tensor_map(const void* base, int64_t rows, int64_t row_bytes, int box_rows, int box_bytes,
-                       CUtensorMapSwizzle swizzle) {
-  CUtensorMap map;
-  const cuuint64_t dims[2] = {cuuint64_t(row_bytes), cuuint64_t(rows)};
-  const cuuint64_t strides[1] = {cuuint64_t(row_bytes)};
-  const cuuint32_t box[2] = {cuuint32_t(box_bytes), cuuint32_t(box_rows)};
-  const cuuint32_t elem_strides[2] = {1, 1};
-  const CUresult r = encode_tiled()(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(base), dims, strides,
-                                    box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
-                                    CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS) throw std::runtime_error("convrot_kernels CUDA: cuTensorMapEncodeTiled failed");
-  return map;
-}
 
 template <int BITS, int BN, int STAGES>
 void launch(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias, void* out,

@@ -32,6 +32,7 @@
 
 #include "common.cuh"
 #include "gemm_sm90_persistent.h"
+#include "tensor_map.h"
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #include "sm90_ptx.cuh"
@@ -392,37 +393,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // ---- host side ----
-
-using EncodeTiled = decltype(&cuTensorMapEncodeTiled);
-
-EncodeTiled encode_tiled() {
-  static const EncodeTiled fn = [] {
-    void* p = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    check(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &found),
-          "cudaGetDriverEntryPointByVersion(cuTensorMapEncodeTiled)");
-    if (found != cudaDriverEntryPointSuccess || p == nullptr) {
-      throw std::runtime_error("convrot_kernels CUDA: the driver has no cuTensorMapEncodeTiled");
-    }
-    return reinterpret_cast<EncodeTiled>(p);
-  }();
-  return fn;
-}
-
-// A row-major uint8 matrix [rows, row_bytes] read in boxes of [box_rows, box_bytes].
-CUtensorMap tensor_map(const void* base, int64_t rows, int64_t row_bytes, int box_rows, int box_bytes,
-                       CUtensorMapSwizzle swizzle) {
-  CUtensorMap map;
-  const cuuint64_t dims[2] = {cuuint64_t(row_bytes), cuuint64_t(rows)};
-  const cuuint64_t strides[1] = {cuuint64_t(row_bytes)};
-  const cuuint32_t box[2] = {cuuint32_t(box_bytes), cuuint32_t(box_rows)};
-  const cuuint32_t elem_strides[2] = {1, 1};
-  const CUresult r = encode_tiled()(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(base), dims, strides,
-                                    box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
-                                    CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS) throw std::runtime_error("convrot_kernels CUDA: cuTensorMapEncodeTiled failed");
-  return map;
-}
 
 int multiprocessors() {
   int device = 0, count = 0;
