@@ -263,3 +263,28 @@ def test_gpu_load_from_meta_skeleton(saved):
     assert isinstance(target.embed, ConvLinear4bit) and isinstance(target.blocks[0].ff[0], ConvLinear8bit)
     x = torch.randn(2, 9, 64, device="cuda")
     assert torch.equal(target(x), model.cuda()(x))
+
+
+def test_layer_specs_and_skeletons_without_tensors(saved):
+    model, path = saved
+    specs = convrot.read_layer_specs(path)
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, convrot.ConvLinear)}
+    assert set(specs) == set(quantized)
+    for name, spec in specs.items():
+        layer = quantized[name]
+        assert spec["kind"] == ("w4a4" if layer.bits == 4 else "w8a8")
+        assert (spec["in_features"], spec["out_features"]) == (layer.in_features, layer.out_features)
+    skeleton = meta_skeleton()
+    convrot.install_skeletons(skeleton, specs)
+    assert module_types(skeleton) == module_types(model)
+    assert all(m.qweight.is_meta for m in skeleton.modules() if isinstance(m, convrot.ConvLinear))
+
+
+def test_layer_specs_of_a_damaged_file(tmp_path):
+    path = tmp_path / "not_convrot.safetensors"
+    save_file({"w": torch.zeros(2)}, path, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="not a ConvRot checkpoint"):
+        convrot.read_layer_specs(path)
+    path.write_bytes(b"\x00" * 5)
+    with pytest.raises(CheckpointError, match="unreadable"):
+        convrot.read_layer_specs(path)

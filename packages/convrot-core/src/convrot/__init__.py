@@ -5,7 +5,7 @@ See docs/method.md in the repository for the method and the policy format.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .checkpoint import CheckpointError, load_quantized, save_quantized
+from .checkpoint import CheckpointError, install_skeletons, load_quantized, read_layer_specs, save_quantized
 from .hadamard import ROTATIONS, regular_hadamard, resolve_group_size, rotate_groups, sylvester_hadamard
 from .linear import ConvLinear, ConvLinear4bit, ConvLinear8bit
 from .model import quantize_model, set_simulation
@@ -25,8 +25,10 @@ __all__ = [
     "ConvLinear4bit",
     "ConvLinear8bit",
     "fake_quant",
+    "install_skeletons",
     "load_quantized",
     "quantize_model",
+    "read_layer_specs",
     "regular_hadamard",
     "resolve_group_size",
     "rotate_groups",

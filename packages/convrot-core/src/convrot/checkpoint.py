@@ -240,23 +240,43 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, device: torch.devi
         raise CheckpointError(f"{path}: unreadable safetensors file, truncated or corrupted ({error})") from None
 
     device = torch.device(device) if device is not None else _default_device(model)
-    modules = dict(model.named_modules(remove_duplicate=False))
-    replacements: dict[int, ConvLinear] = {}
     with torch.no_grad():
-        for name, spec in layers.items():
-            module = modules[name]
-            if isinstance(module, ConvLinear):
-                continue
-            if id(module) not in replacements:
-                replacements[id(module)] = KIND_CLASSES[spec["kind"]](
-                    spec["in_features"],
-                    spec["out_features"],
-                    bias=spec["bias"],
-                    group_size=spec["group_size"],
-                    rotation=spec["rotation"],
-                    device="meta",
-                )
-            parent_name, _, child_name = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child_name, replacements[id(module)])
+        install_skeletons(model, layers)
         model.load_state_dict({key: tensor.to(device) for key, tensor in tensors.items()}, strict=True, assign=True)
     return model
+
+
+def read_layer_specs(path: str | os.PathLike) -> dict[str, dict]:
+    """The layer list of a save_quantized file: name -> {kind, in_features,
+    out_features, bias, group_size, rotation}, checked (format, version, each
+    spec) without reading any tensor. Raises CheckpointError."""
+    path = os.fspath(path)
+    try:
+        with safe_open(path, framework="pt") as handle:
+            layers, _ = _read_header(handle, path)
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path}: unreadable safetensors file, truncated or corrupted ({error})") from None
+    return layers
+
+
+def install_skeletons(model: nn.Module, layers: Mapping[str, dict]) -> None:
+    """Replaces each listed layer of the model (by name) with an empty ConvLinear on
+    the meta device, built from its spec (as read_layer_specs returns); layers that
+    are ConvLinear already stay, and a layer shared under two names stays shared."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    replacements: dict[int, ConvLinear] = {}
+    for name, spec in layers.items():
+        module = modules[name]
+        if isinstance(module, ConvLinear):
+            continue
+        if id(module) not in replacements:
+            replacements[id(module)] = KIND_CLASSES[spec["kind"]](
+                spec["in_features"],
+                spec["out_features"],
+                bias=spec["bias"],
+                group_size=spec["group_size"],
+                rotation=spec["rotation"],
+                device="meta",
+            )
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, replacements[id(module)])

@@ -118,7 +118,6 @@ def _quantizer_class():
     from accelerate.utils import set_module_tensor_to_device
     from diffusers.quantizers.base import DiffusersQuantizer
     from diffusers.utils import get_module_from_name
-    from safetensors import safe_open
 
     from .presets import policy_for
 
@@ -134,9 +133,11 @@ def _quantizer_class():
 
         def validate_environment(self, *args, **kwargs):
             device_map = kwargs.get("device_map")
-            if isinstance(device_map, dict) and {"disk", "cpu"} & set(map(str, device_map.values())) and len(
-                set(map(str, device_map.values()))
-            ) > 1:
+            if (
+                isinstance(device_map, dict)
+                and {"disk", "cpu"} & set(map(str, device_map.values()))
+                and len(set(map(str, device_map.values()))) > 1
+            ):
                 raise ValueError("ConvRot does not support offloading part of the model to CPU or disk")
 
         def update_torch_dtype(self, torch_dtype):
@@ -146,30 +147,18 @@ def _quantizer_class():
             if self.pre_quantized:
                 self.header_layers = {}
                 for path in checkpoint_files:
-                    with safe_open(path, framework="pt") as handle:
-                        metadata = handle.metadata() or {}
-                    if metadata.get("format") != "convrot":
+                    try:
+                        self.header_layers.update(convrot.read_layer_specs(path))
+                    except convrot.CheckpointError as error:
                         raise ValueError(
-                            f"{path} has a ConvRot quantization_config but is not a ConvRot checkpoint "
-                            "(write it with convrot_diffusers.save_quantized)"
-                        )
-                    self.header_layers.update(json.loads(metadata["layers"]))
+                            f"{path} has a ConvRot quantization_config but is not a readable ConvRot checkpoint "
+                            f"(write it with convrot_diffusers.save_quantized): {error}"
+                        ) from None
             return loaded_keys
 
         def _process_model_before_weight_loading(self, model, **kwargs):
             if self.pre_quantized:
-                for name, spec in self.header_layers.items():
-                    layer = convrot.ConvLinear4bit if spec["kind"] == "w4a4" else convrot.ConvLinear8bit
-                    parent, _, child = name.rpartition(".")
-                    new = layer(
-                        spec["in_features"],
-                        spec["out_features"],
-                        bias=spec["bias"],
-                        group_size=spec["group_size"],
-                        rotation=spec["rotation"],
-                        device="meta",
-                    )
-                    setattr(model.get_submodule(parent), child, new)
+                convrot.install_skeletons(model, self.header_layers)
             else:
                 policy = policy_for(model, self.quantization_config.preset)
                 for name, module in model.named_modules():
