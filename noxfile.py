@@ -60,8 +60,9 @@ def demo(session: nox.Session) -> None:
 @nox.session(venv_backend="none", default=False)
 def gpu(session: nox.Session) -> None:
     """On a CUDA machine, in the current environment (which must hold torch with CUDA,
-    scikit-build-core and nanobind): build the kernels, run the GPU tests, run them
-    again under compute-sanitizer, and run the benchmarks."""
+    scikit-build-core, nanobind and the packages' dependencies: it installs them with
+    --no-deps, for machines without network): build the kernels, run the GPU tests,
+    run the kernels' again under compute-sanitizer, and run the kernel benchmarks."""
     pip = ("python", "-m", "pip", "install", "--no-build-isolation", "--no-deps")
     session.run(*pip, *(f"./packages/{name}" for name in PACKAGES), external=True)
     tests = [f"packages/{name}/tests" for name in PACKAGES]
