@@ -65,8 +65,9 @@ def gpu(session: nox.Session) -> None:
     run the kernels' again under compute-sanitizer, and run the kernel benchmarks."""
     pip = ("python", "-m", "pip", "install", "--no-build-isolation", "--no-deps")
     session.run(*pip, *(f"./packages/{name}" for name in PACKAGES), external=True)
-    tests = [f"packages/{name}/tests" for name in PACKAGES]
-    session.run("python", "-m", "pytest", "-m", "gpu", *tests, *session.posargs, external=True)
+    # One pytest run per package, as in `tests`: test files of different packages share names.
+    for name in PACKAGES:
+        session.run("python", "-m", "pytest", "-m", "gpu", f"packages/{name}/tests", *session.posargs, external=True)
     for tool in ("memcheck", "racecheck"):
         session.run(
             "compute-sanitizer", f"--tool={tool}", "--error-exitcode=1", "--target-processes=all",
