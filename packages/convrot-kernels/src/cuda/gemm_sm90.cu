@@ -297,8 +297,8 @@ void launch(const void* qa, const float* sa, const void* qw, const float* sw, co
   using L = Layout<BITS, BN, STAGES>;
   const CUtensorMapSwizzle swizzle = BITS == 4 ? CU_TENSOR_MAP_SWIZZLE_64B : CU_TENSOR_MAP_SWIZZLE_128B;
   const int64_t row_bytes = k * BITS / 8;
-  const CUtensorMap map_a = tensor_map(qa, m, row_bytes, kBM, L::kRowBytes, swizzle);
-  const CUtensorMap map_b = tensor_map(qw, n, row_bytes, BN, L::kRowBytes, swizzle);
+  const CUtensorMap map_a = tensor_map(qa, 1, m, row_bytes, kBM, L::kRowBytes, swizzle);
+  const CUtensorMap map_b = tensor_map(qw, 1, n, row_bytes, BN, L::kRowBytes, swizzle);
   auto kernel = gemm_kernel<BITS, BN, STAGES>;
   allow_dynamic_smem(kernel, L::kSmem);
   const dim3 grid(unsigned(ceil_div<int64_t>(n, BN)), unsigned(ceil_div<int64_t>(m, kBM)));

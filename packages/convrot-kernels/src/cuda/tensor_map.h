@@ -7,8 +7,9 @@
 
 namespace convrot::cuda {
 
-// A row-major uint8 matrix [rows, row_bytes] read in boxes of [box_rows, box_bytes].
-CUtensorMap tensor_map(const void* base, int64_t rows, int64_t row_bytes, int box_rows, int box_bytes,
+// A row-major matrix [rows, cols] of 1- or 2-byte elements (elem_bytes), loaded or stored
+// in boxes of [box_rows, box_cols].
+CUtensorMap tensor_map(const void* base, int elem_bytes, int64_t rows, int64_t cols, int box_rows, int box_cols,
                        CUtensorMapSwizzle swizzle);
 
 }  // namespace convrot::cuda
