@@ -217,10 +217,13 @@ nb::dict build_info() {
 NB_MODULE(_C, m) {
   using namespace nb::literals;
   m.doc() = "ConvRot kernel primitives (destination passing; see convrot_kernels for the API)";
-  m.def("rht", &convrot::rht, "x"_a, "out"_a, "group_size"_a, "stream"_a = 0);
-  m.def("rht_quantize", &convrot::rht_quantize, "x"_a, "q"_a, "scale"_a, "group_size"_a, "bits"_a, "stream"_a = 0);
-  m.def("gemm", &convrot::gemm, "qa"_a, "sa"_a, "qw"_a, "sw"_a, "bias"_a.none(), "out"_a, "bits"_a, "stream"_a = 0);
-  m.def("pack_int4", &convrot::pack_int4, "q"_a, "packed"_a, "stream"_a = 0);
-  m.def("unpack_int4", &convrot::unpack_int4, "packed"_a, "q"_a, "stream"_a = 0);
+  // Outputs take no implicit conversion: a converted (copied) output would receive the results and be dropped.
+  m.def("rht", &convrot::rht, "x"_a, "out"_a.noconvert(), "group_size"_a, "stream"_a = 0);
+  m.def("rht_quantize", &convrot::rht_quantize, "x"_a, "q"_a.noconvert(), "scale"_a.noconvert(), "group_size"_a,
+        "bits"_a, "stream"_a = 0);
+  m.def("gemm", &convrot::gemm, "qa"_a, "sa"_a, "qw"_a, "sw"_a, "bias"_a.none(), "out"_a.noconvert(), "bits"_a,
+        "stream"_a = 0);
+  m.def("pack_int4", &convrot::pack_int4, "q"_a, "packed"_a.noconvert(), "stream"_a = 0);
+  m.def("unpack_int4", &convrot::unpack_int4, "packed"_a, "q"_a.noconvert(), "stream"_a = 0);
   m.def("build_info", &convrot::build_info);
 }

@@ -96,3 +96,35 @@ def test_gemm_rejects_bad_arguments():
         ck.gemm(qa, sa, qw, sw, bits=2)
     with pytest.raises(ValueError, match="same device"):
         ck.gemm(qa, sa, qw, sw.to("meta"))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gemm_into_writes_what_gemm_returns(bits, out_dtype):
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    qa, _ = random_codes(9, 128, bits, g)
+    qw, _ = random_codes(20, 128, bits, g)
+    sa, sw, bias = torch.rand(9, generator=g), torch.rand(20, generator=g), torch.randn(20, generator=g)
+    out = torch.full((9, 20), float("nan"), dtype=out_dtype)
+    returned = ck.gemm_into(out, qa, sa, qw, sw, bias, bits=bits)
+    assert returned is out
+    assert torch.equal(out, ck.gemm(qa, sa, qw, sw, bias, bits=bits, out_dtype=out_dtype))
+
+
+def test_gemm_into_rejects_what_it_cannot_write():
+    qa = torch.zeros(4, 32, dtype=torch.uint8)
+    qw = torch.zeros(6, 32, dtype=torch.uint8)
+    sa, sw = torch.ones(4), torch.ones(6)
+    out = torch.empty(4, 6, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"out must be \[M, N\]"):
+        ck.gemm_into(out[:3], qa, sa, qw, sw)
+    with pytest.raises(ValueError, match="bias must be float32"):
+        ck.gemm_into(out, qa, sa, qw, sw, torch.ones(6, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="qa must be uint8"):
+        ck.gemm_into(out, qa.to(torch.int8), sa, qw, sw)
+    with pytest.raises(TypeError):  # the compiled module takes contiguous arrays only
+        ck.gemm_into(torch.empty(6, 4, dtype=torch.bfloat16).T, qa, sa, qw, sw)
+    with pytest.raises(ValueError, match="too large for exact int32"):
+        ck.gemm_into(
+            out, torch.zeros(4, 1 << 17, dtype=torch.int8), sa, torch.zeros(6, 1 << 17, dtype=torch.int8), sw, bits=8
+        )

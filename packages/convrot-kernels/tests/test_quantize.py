@@ -117,3 +117,25 @@ def test_rht_quantize_rejects_bad_arguments():
         ck.quantize(torch.zeros(2, 5), 4)
     with pytest.raises(ValueError, match="group_size must be a power of 4"):
         ck.rht_quantize(torch.zeros(2, 256), 128)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [0, 64, 256])
+def test_rht_quantize_into_writes_what_rht_quantize_returns(bits, group_size):
+    x = torch.randn(5, 512, dtype=torch.bfloat16)
+    q = torch.empty((5, 256 if bits == 4 else 512), dtype=torch.uint8 if bits == 4 else torch.int8)
+    scale = torch.full((5,), float("nan"))
+    returned = ck.rht_quantize_into(x, q, scale, group_size, bits)
+    assert returned[0] is q and returned[1] is scale
+    expected = ck.quantize(x, bits) if group_size == 0 else ck.rht_quantize(x, group_size, bits)
+    assert torch.equal(q, expected[0]) and torch.equal(scale, expected[1])
+
+
+def test_rht_quantize_into_rejects_what_it_cannot_write():
+    x = torch.zeros(3, 256)
+    with pytest.raises(ValueError, match="q has the wrong shape"):
+        ck.rht_quantize_into(x, torch.empty(3, 256, dtype=torch.uint8), torch.empty(3), 256, 4)
+    with pytest.raises(ValueError, match="scale must be float32"):
+        ck.rht_quantize_into(x, torch.empty(3, 128, dtype=torch.uint8), torch.empty(3, dtype=torch.float16), 256, 4)
+    with pytest.raises(ValueError, match="group_size must be a power of 4"):
+        ck.rht_quantize_into(x, torch.empty(3, 128, dtype=torch.uint8), torch.empty(3), 128, 4)

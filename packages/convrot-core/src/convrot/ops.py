@@ -1,8 +1,11 @@
-"""The ConvLinear forward as a torch.library custom op (namespace ``convrot``).
+"""The ConvLinear forward, and the same as a torch.library custom op (namespace ``convrot``).
 
-One opaque op with a fake (meta) implementation lets torch.compile trace a
-model of ConvLinear layers with fullgraph=True, and keeps the kernel calls
-free of Python-side synchronisation so that CUDA-graph capture works.
+``linear_forward`` is what an eager forward runs: two destination-passing kernel
+calls, with no argument checks beyond the compiled module's (the layer's
+buffers are well formed by construction) and no nested dispatch, because host
+time per call decides eager speed. The custom op wraps the same function with a
+fake (meta) implementation, so that torch.compile traces a model of ConvLinear
+layers with fullgraph=True; neither synchronises, so CUDA-graph capture works.
 """
 
 from __future__ import annotations
@@ -12,6 +15,34 @@ import torch
 import convrot_kernels
 
 from .hadamard import rotate_groups
+
+
+def linear_forward(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    rotation: str,
+) -> torch.Tensor:
+    """y = dequant(quant(rotate(x)) @ qweight^T) + bias for x [..., K]; returns [..., N] in x's dtype."""
+    k, n = x.shape[-1], qweight.shape[0]
+    rows = x.reshape(-1, k).contiguous()
+    m = rows.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m > 0:
+        group = group_size if rotation == "regular" else 0
+        if rotation == "sylvester":
+            # Ablation only: the fused kernels implement the regular rotation alone.
+            rows = rotate_groups(rows.float(), rotation, group_size)
+        q = torch.empty((m, k // 2 if bits == 4 else k), dtype=qweight.dtype, device=x.device)
+        scale = torch.empty(m, dtype=torch.float32, device=x.device)
+        convrot_kernels.rht_quantize_into(rows, q, scale, group, bits)
+        if bias is not None and bias.dtype != torch.float32:
+            bias = bias.float()
+        convrot_kernels.gemm_into(out, q, scale, qweight, weight_scale, bias, bits=bits)
+    return out.reshape(*x.shape[:-1], n)
 
 
 @torch.library.custom_op("convrot::quantized_linear", mutates_args=())
@@ -24,19 +55,8 @@ def quantized_linear(
     group_size: int,
     rotation: str,
 ) -> torch.Tensor:
-    """y = dequant(quant(rotate(x)) @ qweight^T) + bias for x [..., K]; returns [..., N] in x's dtype."""
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
-    if rows.shape[0] == 0:
-        return x.new_empty((*x.shape[:-1], qweight.shape[0]))
-    if rotation == "regular":
-        qa, sa = convrot_kernels.rht_quantize(rows, group_size, bits)
-    elif rotation == "sylvester":
-        # Ablation only: the fused kernels implement the regular rotation alone.
-        qa, sa = convrot_kernels.quantize(rotate_groups(rows.float(), rotation, group_size), bits)
-    else:
-        qa, sa = convrot_kernels.quantize(rows, bits)
-    y = convrot_kernels.gemm(qa, sa, qweight, weight_scale, bias, bits=bits, out_dtype=x.dtype)
-    return y.reshape(*x.shape[:-1], qweight.shape[0])
+    """:func:`linear_forward` as an opaque op for torch.compile."""
+    return linear_forward(x, qweight, weight_scale, bias, bits, group_size, rotation)
 
 
 @quantized_linear.register_fake

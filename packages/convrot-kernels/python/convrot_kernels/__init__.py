@@ -6,9 +6,9 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from . import _C
-from .gemm import gemm
+from .gemm import gemm, gemm_into
 from .int4_packing import pack_int4, unpack_int4
-from .quantize import quantize, rht_quantize
+from .quantize import quantize, rht_quantize, rht_quantize_into
 from .rht import rht
 
 try:
@@ -23,4 +23,14 @@ def build_info() -> dict:
     return {"version": __version__, **_C.build_info()}
 
 
-__all__ = ["build_info", "gemm", "pack_int4", "quantize", "rht", "rht_quantize", "unpack_int4"]
+__all__ = [
+    "build_info",
+    "gemm",
+    "gemm_into",
+    "pack_int4",
+    "quantize",
+    "rht",
+    "rht_quantize",
+    "rht_quantize_into",
+    "unpack_int4",
+]

@@ -86,3 +86,28 @@ def gemm(
     if bias is not None:
         bias = bias.to(torch.float32).contiguous()
     return _gemm(qa.contiguous(), sa.contiguous(), qw.contiguous(), sw.contiguous(), bias, bits, out_dtype)
+
+
+def gemm_into(
+    out: torch.Tensor,
+    qa: torch.Tensor,
+    sa: torch.Tensor,
+    qw: torch.Tensor,
+    sw: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    bits: int = 4,
+) -> torch.Tensor:
+    """Destination-passing :func:`gemm`: writes y into ``out`` (contiguous [M, N] bfloat16,
+    float16 or float32) and returns it.
+
+    For hot paths such as a layer's forward, where the operands are known to be well formed:
+    only the compiled module's checks run (dtypes, shapes, devices, contiguity, each a
+    ValueError or TypeError), ``bias`` must already be float32, and nothing is allocated.
+    It runs eagerly on the current stream and is not a torch.library op: call it from eager
+    code or from inside a custom op of your own.
+    """
+    if bits in MAX_K and qa.shape[-1] * (2 if bits == 4 else 1) > MAX_K[bits]:
+        raise ValueError(f"K is too large for exact int32 accumulation of {bits}-bit codes (max {MAX_K[bits]})")
+    _C.gemm(qa, sa, qw, sw, bias, out, bits, stream_of(out))
+    return out

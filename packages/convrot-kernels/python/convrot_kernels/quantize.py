@@ -64,3 +64,16 @@ def quantize(x: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor
     """Quantize each row of x [M, K] symmetrically, without rotation; as :func:`rht_quantize`."""
     x, bits = _checked(x, bits)
     return _rht_quantize(x, 0, bits)
+
+
+def rht_quantize_into(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group_size: int = 256, bits: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Destination-passing :func:`rht_quantize` (``group_size=0``: :func:`quantize`, no rotation):
+    writes the codes into ``q`` and the scales into ``scale``, and returns them.
+
+    For hot paths, like :func:`convrot_kernels.gemm_into`: only the compiled module's checks
+    run, nothing is allocated, and the call is eager (not a torch.library op).
+    """
+    _C.rht_quantize(x, q, scale, group_size, bits, stream_of(x))
+    return q, scale
