@@ -1,8 +1,9 @@
 // cuda::gemm: picks, per call, the fastest kernel that applies:
 //   - Hopper, M <= 64: the weight-streaming kernel (gemm_small_m.cu);
-//   - Hopper, 64 < M <= 256 and N <= 4096: the 128 x 128-tile TMA + wgmma kernel
-//     (gemm_sm90.cu), whose many small tiles fill the SMs where the persistent
-//     kernel's 256 x 144 tiles leave most of them idle (docs/benchmarks.md, M = 256);
+//   - Hopper, 64 < M <= 128, or M <= 256 with N <= 4096: the 128 x 128-tile TMA +
+//     wgmma kernel (gemm_sm90.cu), whose many small tiles fill the SMs where the
+//     persistent kernel's 256 x 144 tiles leave most of them idle (docs/benchmarks.md:
+//     at M = 128, N = 12288 20.0 vs 27.5 us; at M = 256 it wins only for N <= 4096);
 //   - Hopper, larger M: the persistent TMA + wgmma kernel (gemm_sm90_persistent.cu);
 //   - anywhere else, or shapes those do not take: the portable dp4a kernel.
 // CONVROT_GEMM_KERNEL=small_m|sm90_persistent|sm90|simt forces one kernel
@@ -69,10 +70,10 @@ void gemm(const void* qa, const float* sa, const void* qw, const float* sw, cons
   const Kernel forced = forced_kernel();
   const bool hopper = built_for_hopper() && device_cc() == 90;
   const auto allowed = [forced](Kernel kernel) { return forced == Kernel::automatic || forced == kernel; };
-  const bool narrow_medium_m = forced == Kernel::automatic && m > 64 && m <= 256 && n <= 4096;
+  const bool medium_m = forced == Kernel::automatic && m > 64 && (m <= 128 || (m <= 256 && n <= 4096));
   if (hopper && allowed(Kernel::small_m) && small_m::supports(m, n, k, bits, qa, qw)) {
     small_m::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, bits, s);
-  } else if (hopper && narrow_medium_m && sm90::supports(m, n, k, bits, qa, qw)) {
+  } else if (hopper && medium_m && sm90::supports(m, n, k, bits, qa, qw)) {
     sm90::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, bits, 128, s);
   } else if (hopper && allowed(Kernel::sm90_persistent) && sm90_persistent::supports(m, n, k, bits, qa, qw)) {
     sm90_persistent::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, bits, s);
