@@ -35,7 +35,8 @@ def test_load_builds_quantized_layers_without_bf16_weights(tmp_path):
     assert loaded.x_embedder.weight.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("preset, floor", [("w4a4", 3.0), ("mix", 2.1)])
+# Demo Flux, measured: w4a4 3.25x, mix 2.58x (2.22x when mix kept the AdaLN layers at W8A8).
+@pytest.mark.parametrize("preset, floor", [("w4a4", 3.0), ("mix", 2.4)])
 def test_on_disk_size(preset, floor, tmp_path):
     """The file is the codes plus bf16 embedders; ratios are lower than a full-size model's because the
     demo's embedders and final layers (kept bf16) are a large share of its weights (docs/diffusers.md)."""
@@ -50,12 +51,15 @@ def test_on_disk_size(preset, floor, tmp_path):
     # scale; the rest is the safetensors header (names, layer list, checksums).
     quantized = [m for m in pipe.transformer.modules() if isinstance(m, convrot.ConvLinear)]
     payload = (
-        summary.parameters["w4a4"] // 2 + summary.parameters["w8a8"] + 2 * summary.parameters["bf16"]
+        summary.parameters["w4a4"] // 2
+        + summary.parameters["w8a8"]
+        + 2 * summary.parameters["bf16"]
         + sum(4 * m.out_features for m in quantized)
     )
     assert payload < summary.file_bytes < payload + 64 * 1024
     assert summary.layers == {
-        kind: sum(1 for m in quantized if m.bits == bits) for kind, bits in (("w4a4", 4), ("w8a8", 8))
+        kind: sum(1 for m in quantized if m.bits == bits)
+        for kind, bits in (("w4a4", 4), ("w8a8", 8))
         if any(m.bits == bits for m in quantized)
     }
 
