@@ -237,7 +237,7 @@ def is_demo(model: str | None) -> bool:
 
 def demo_name(model: str | None) -> str:
     """``None`` or ``"demo:NAME"`` -> ``NAME``; the default demo is Flux."""
-    name = "flux" if model is None else model[len(DEMO_PREFIX):]
+    name = "flux" if model is None else model[len(DEMO_PREFIX) :]
     if name not in DEMOS:
         raise ValueError(f"unknown demo {name!r}; choose from: {', '.join(DEMO_PREFIX + n for n in DEMOS)}")
     return name
