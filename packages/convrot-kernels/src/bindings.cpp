@@ -157,6 +157,59 @@ void gemm(Array qa, Array sa, Array qw, Array sw, std::optional<Array> bias, Arr
   }
 }
 
+// ---- raw-pointer entries for hot paths ----
+// The Python callers (rht_quantize_into, gemm_into) check dtypes, shapes, contiguity and devices
+// first: converting each tensor through DLPack costs ~6 us, most of an eager layer's host time.
+
+Float float_code(int code) {
+  require(code >= 0 && code <= 2, "dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16)");
+  return Float(code);
+}
+
+void rht_quantize_ptr(uintptr_t x, int x_dtype, int64_t m, int64_t k, int group, int bits, uintptr_t q,
+                      uintptr_t scale, bool cuda, uintptr_t stream) {
+  const Float dtype = float_code(x_dtype);
+  require_bits(bits);
+  if (group != 0) require_group(group, k);
+  if (m == 0) return;
+  const void* src = reinterpret_cast<const void*>(x);
+  void* codes = reinterpret_cast<void*>(q);
+  auto* s = reinterpret_cast<float*>(scale);
+  if (cuda) {
+#ifdef CONVROT_WITH_CUDA
+    cuda::rht_quantize(src, dtype, m, k, group, bits, codes, s, as_stream(stream));
+#else
+    throw nb::value_error("convrot_kernels was built without its CUDA backend");
+#endif
+  } else {
+    nb::gil_scoped_release release;
+    cpu::rht_quantize(src, dtype, m, k, group, bits, codes, s);
+  }
+}
+
+void gemm_ptr(uintptr_t qa, uintptr_t sa, uintptr_t qw, uintptr_t sw, uintptr_t bias, uintptr_t out, int out_dtype,
+              int64_t m, int64_t n, int64_t k, int bits, bool cuda, uintptr_t stream) {
+  const Float dtype = float_code(out_dtype);
+  require_bits(bits);
+  if (m == 0 || n == 0) return;
+  const auto* a_scale = reinterpret_cast<const float*>(sa);
+  const auto* w_scale = reinterpret_cast<const float*>(sw);
+  const auto* b = reinterpret_cast<const float*>(bias);  // 0: no bias
+  const void* a = reinterpret_cast<const void*>(qa);
+  const void* w = reinterpret_cast<const void*>(qw);
+  void* y = reinterpret_cast<void*>(out);
+  if (cuda) {
+#ifdef CONVROT_WITH_CUDA
+    cuda::gemm(a, a_scale, w, w_scale, b, y, dtype, m, n, k, bits, as_stream(stream));
+#else
+    throw nb::value_error("convrot_kernels was built without its CUDA backend");
+#endif
+  } else {
+    nb::gil_scoped_release release;
+    cpu::gemm(a, a_scale, w, w_scale, b, y, dtype, m, n, k, bits);
+  }
+}
+
 void pack_int4(Array q, Array packed, uintptr_t stream) {
   require(is(q, nb::dlpack::dtype_code::Int, 8), "q must be int8");
   require(is(packed, nb::dlpack::dtype_code::UInt, 8), "packed must be uint8");
@@ -223,6 +276,10 @@ NB_MODULE(_C, m) {
         "bits"_a, "stream"_a = 0);
   m.def("gemm", &convrot::gemm, "qa"_a, "sa"_a, "qw"_a, "sw"_a, "bias"_a.none(), "out"_a.noconvert(), "bits"_a,
         "stream"_a = 0);
+  m.def("rht_quantize_ptr", &convrot::rht_quantize_ptr, "x"_a, "x_dtype"_a, "m"_a, "k"_a, "group_size"_a, "bits"_a,
+        "q"_a, "scale"_a, "cuda"_a, "stream"_a);
+  m.def("gemm_ptr", &convrot::gemm_ptr, "qa"_a, "sa"_a, "qw"_a, "sw"_a, "bias"_a, "out"_a, "out_dtype"_a, "m"_a, "n"_a,
+        "k"_a, "bits"_a, "cuda"_a, "stream"_a);
   m.def("pack_int4", &convrot::pack_int4, "q"_a, "packed"_a.noconvert(), "stream"_a = 0);
   m.def("unpack_int4", &convrot::unpack_int4, "packed"_a, "q"_a.noconvert(), "stream"_a = 0);
   m.def("build_info", &convrot::build_info);

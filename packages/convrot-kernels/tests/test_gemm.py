@@ -116,14 +116,22 @@ def test_gemm_into_rejects_what_it_cannot_write():
     qw = torch.zeros(6, 32, dtype=torch.uint8)
     sa, sw = torch.ones(4), torch.ones(6)
     out = torch.empty(4, 6, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match=r"out must be \[M, N\]"):
+    with pytest.raises(ValueError, match=r"out must have shape \[4, 6\]"):
         ck.gemm_into(out[:3], qa, sa, qw, sw)
-    with pytest.raises(ValueError, match="bias must be float32"):
+    with pytest.raises(TypeError, match="bias must have dtype float32"):
         ck.gemm_into(out, qa, sa, qw, sw, torch.ones(6, dtype=torch.bfloat16))
-    with pytest.raises(ValueError, match="qa must be uint8"):
+    with pytest.raises(TypeError, match="qa must have dtype uint8"):
         ck.gemm_into(out, qa.to(torch.int8), sa, qw, sw)
-    with pytest.raises(TypeError):  # the compiled module takes contiguous arrays only
+    with pytest.raises(ValueError, match="out must be contiguous"):
         ck.gemm_into(torch.empty(6, 4, dtype=torch.bfloat16).T, qa, sa, qw, sw)
+    with pytest.raises(ValueError, match=r"sw must have shape \[6\]"):
+        ck.gemm_into(out, qa, sa, qw, torch.ones(5))
+    with pytest.raises(ValueError, match="sa is on meta"):
+        ck.gemm_into(out, qa, sa.to("meta"), qw, sw)
+    with pytest.raises(TypeError, match="out must be a bfloat16, float16 or float32 tensor"):
+        ck.gemm_into(out.int(), qa, sa, qw, sw)
+    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+        ck.gemm_into(out, qa, sa, qw, sw, bits=2)
     with pytest.raises(ValueError, match="too large for exact int32"):
         ck.gemm_into(
             out, torch.zeros(4, 1 << 17, dtype=torch.int8), sa, torch.zeros(6, 1 << 17, dtype=torch.int8), sw, bits=8

@@ -133,9 +133,16 @@ def test_rht_quantize_into_writes_what_rht_quantize_returns(bits, group_size):
 
 def test_rht_quantize_into_rejects_what_it_cannot_write():
     x = torch.zeros(3, 256)
-    with pytest.raises(ValueError, match="q has the wrong shape"):
-        ck.rht_quantize_into(x, torch.empty(3, 256, dtype=torch.uint8), torch.empty(3), 256, 4)
-    with pytest.raises(ValueError, match="scale must be float32"):
-        ck.rht_quantize_into(x, torch.empty(3, 128, dtype=torch.uint8), torch.empty(3, dtype=torch.float16), 256, 4)
+    q, scale = torch.empty(3, 128, dtype=torch.uint8), torch.empty(3)
+    with pytest.raises(ValueError, match=r"q must have shape \[3, 128\]"):
+        ck.rht_quantize_into(x, torch.empty(3, 256, dtype=torch.uint8), scale, 256, 4)
+    with pytest.raises(TypeError, match="scale must have dtype float32"):
+        ck.rht_quantize_into(x, q, torch.empty(3, dtype=torch.float16), 256, 4)
+    with pytest.raises(TypeError, match="q must have dtype int8"):
+        ck.rht_quantize_into(x, q, scale, 256, 8)
     with pytest.raises(ValueError, match="group_size must be a power of 4"):
-        ck.rht_quantize_into(x, torch.empty(3, 128, dtype=torch.uint8), torch.empty(3), 128, 4)
+        ck.rht_quantize_into(x, q, scale, 128, 4)
+    with pytest.raises(ValueError, match="x must be a 2-D"):
+        ck.rht_quantize_into(x[None], q, scale, 256, 4)
+    with pytest.raises(ValueError, match="scale must be contiguous"):
+        ck.rht_quantize_into(x, q, torch.empty(3, 2)[:, 0], 256, 4)

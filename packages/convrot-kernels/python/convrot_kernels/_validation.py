@@ -55,3 +55,31 @@ def require_same_device(**tensors: torch.Tensor | None) -> torch.device:
 def stream_of(t: torch.Tensor) -> int:
     """The raw handle of PyTorch's current stream on t's device (0 for CPU)."""
     return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+
+
+# The compiled module's dtype codes (primitives.h, enum Float).
+FLOAT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def require_operand(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], device) -> int:
+    """Cheap checks of a destination-passing operand; returns its data pointer."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {str(dtype).removeprefix('torch.')}; got {t.dtype}")
+    if t.shape != shape:
+        raise ValueError(f"{name} must have shape {list(shape)}; got {list(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, the other operands on {device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    return t.data_ptr()
+
+
+def on_device(t: torch.Tensor) -> tuple[bool, int]:
+    """(is CUDA, raw current stream) for the compiled module's pointer entries."""
+    if t.device.type == "cuda":
+        return True, torch.cuda.current_stream(t.device).cuda_stream
+    if t.device.type != "cpu":
+        raise ValueError(f"convrot_kernels runs on CPU and CUDA tensors; got a tensor on {t.device}")
+    return False, 0

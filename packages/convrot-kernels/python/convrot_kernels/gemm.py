@@ -6,11 +6,14 @@ import torch
 
 from . import _C
 from ._validation import (
+    FLOAT_CODES,
     FLOAT_DTYPES,
     OUT_DTYPES,
+    on_device,
     require_bits,
     require_dtype,
     require_ndim,
+    require_operand,
     require_same_device,
     require_tensor,
     stream_of,
@@ -101,13 +104,31 @@ def gemm_into(
     """Destination-passing :func:`gemm`: writes y into ``out`` (contiguous [M, N] bfloat16,
     float16 or float32) and returns it.
 
-    For hot paths such as a layer's forward, where the operands are known to be well formed:
-    only the compiled module's checks run (dtypes, shapes, devices, contiguity, each a
-    ValueError or TypeError), ``bias`` must already be float32, and nothing is allocated.
-    It runs eagerly on the current stream and is not a torch.library op: call it from eager
-    code or from inside a custom op of your own.
+    For hot paths such as a layer's forward: every operand must already be contiguous, of its
+    exact dtype (``bias`` float32) and on one device; those checks are all it does (each
+    failure a ValueError or TypeError naming the argument), and it allocates nothing. It runs
+    eagerly on the current stream and is not a torch.library op: call it from eager code or
+    from inside a custom op of your own.
     """
-    if bits in MAX_K and qa.shape[-1] * (2 if bits == 4 else 1) > MAX_K[bits]:
-        raise ValueError(f"K is too large for exact int32 accumulation of {bits}-bit codes (max {MAX_K[bits]})")
-    _C.gemm(qa, sa, qw, sw, bias, out, bits, stream_of(out))
+    bits = require_bits(bits)
+    code = torch.uint8 if bits == 4 else torch.int8
+    if not isinstance(qa, torch.Tensor) or qa.ndim != 2:
+        raise ValueError("qa must be a 2-D tensor [M, K/2] (bits=4) or [M, K] (bits=8)")
+    if not isinstance(qw, torch.Tensor) or qw.ndim != 2:
+        raise ValueError("qw must be a 2-D tensor [N, K/2] (bits=4) or [N, K] (bits=8)")
+    (m, width), n, device = qa.shape, qw.shape[0], qa.device
+    k = width * (2 if bits == 4 else 1)
+    if k > MAX_K[bits]:
+        raise ValueError(f"K = {k} is too large for exact int32 accumulation of {bits}-bit codes (max {MAX_K[bits]})")
+    if not isinstance(out, torch.Tensor) or out.dtype not in FLOAT_CODES:
+        raise TypeError("out must be a bfloat16, float16 or float32 tensor")
+    pointers = (
+        require_operand("qa", qa, code, (m, width), device),
+        require_operand("sa", sa, torch.float32, (m,), device),
+        require_operand("qw", qw, code, (n, width), device),
+        require_operand("sw", sw, torch.float32, (n,), device),
+        0 if bias is None else require_operand("bias", bias, torch.float32, (n,), device),
+        require_operand("out", out, out.dtype, (m, n), device),
+    )
+    _C.gemm_ptr(*pointers, FLOAT_CODES[out.dtype], m, n, k, bits, *on_device(out))
     return out

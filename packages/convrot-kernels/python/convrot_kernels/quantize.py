@@ -6,11 +6,14 @@ import torch
 
 from . import _C
 from ._validation import (
+    FLOAT_CODES,
     FLOAT_DTYPES,
+    on_device,
     require_bits,
     require_dtype,
     require_group_size,
     require_ndim,
+    require_operand,
     require_same_device,
     require_tensor,
     stream_of,
@@ -72,8 +75,22 @@ def rht_quantize_into(
     """Destination-passing :func:`rht_quantize` (``group_size=0``: :func:`quantize`, no rotation):
     writes the codes into ``q`` and the scales into ``scale``, and returns them.
 
-    For hot paths, like :func:`convrot_kernels.gemm_into`: only the compiled module's checks
-    run, nothing is allocated, and the call is eager (not a torch.library op).
+    For hot paths, like :func:`convrot_kernels.gemm_into`: x, q and scale must be contiguous,
+    of the right dtypes and shapes and on one device; nothing is allocated, and the call is
+    eager (not a torch.library op).
     """
-    _C.rht_quantize(x, q, scale, group_size, bits, stream_of(x))
+    bits = require_bits(bits)
+    if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.dtype not in FLOAT_CODES:
+        raise ValueError("x must be a 2-D float32, float16 or bfloat16 tensor [M, K]")
+    m, k = x.shape
+    if bits == 4 and k % 2:
+        raise ValueError(f"K ({k}) must be even to pack 4-bit codes two per byte")
+    if group_size != 0:
+        require_group_size(group_size, k)
+    pointers = (
+        require_operand("x", x, x.dtype, (m, k), x.device),
+        require_operand("q", q, torch.uint8 if bits == 4 else torch.int8, (m, k // 2 if bits == 4 else k), x.device),
+        require_operand("scale", scale, torch.float32, (m,), x.device),
+    )
+    _C.rht_quantize_ptr(pointers[0], FLOAT_CODES[x.dtype], m, k, group_size, bits, *pointers[1:], *on_device(x))
     return q, scale
