@@ -98,7 +98,39 @@ void rht(Array x, Array out, int group, uintptr_t stream) {
   }
 }
 
+// The two kernels' dispatch to a backend, shared by the tensor entries (which check their
+// arrays first) and the raw-pointer entries (whose Python callers check the tensors).
 // group == 0 quantizes without rotating.
+void run_rht_quantize(const void* x, Float dtype, int64_t m, int64_t k, int group, int bits, void* q, float* scale,
+                      bool cuda, uintptr_t stream) {
+  if (m == 0) return;
+  if (cuda) {
+#ifdef CONVROT_WITH_CUDA
+    cuda::rht_quantize(x, dtype, m, k, group, bits, q, scale, as_stream(stream));
+#else
+    throw nb::value_error("convrot_kernels was built without its CUDA backend");
+#endif
+  } else {
+    nb::gil_scoped_release release;
+    cpu::rht_quantize(x, dtype, m, k, group, bits, q, scale);
+  }
+}
+
+void run_gemm(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias, void* out,
+              Float out_dtype, int64_t m, int64_t n, int64_t k, int bits, bool cuda, uintptr_t stream) {
+  if (m == 0 || n == 0) return;
+  if (cuda) {
+#ifdef CONVROT_WITH_CUDA
+    cuda::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, bits, as_stream(stream));
+#else
+    throw nb::value_error("convrot_kernels was built without its CUDA backend");
+#endif
+  } else {
+    nb::gil_scoped_release release;
+    cpu::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, bits);
+  }
+}
+
 void rht_quantize(Array x, Array q, Array scale, int group, int bits, uintptr_t stream) {
   const Float dtype = float_kind(x, "x");
   require_bits(bits);
@@ -112,15 +144,8 @@ void rht_quantize(Array x, Array q, Array scale, int group, int bits, uintptr_t 
   require_fp32(scale, "scale");
   require(scale.ndim() == 1 && int64_t(scale.shape(0)) == m, "scale must be float32 [M]");
   if (m == 0) return;
-  auto* s = static_cast<float*>(scale.data());
-  if (on_cuda({&x, &q, &scale})) {
-#ifdef CONVROT_WITH_CUDA
-    cuda::rht_quantize(x.data(), dtype, m, k, group, bits, q.data(), s, as_stream(stream));
-#endif
-  } else {
-    nb::gil_scoped_release release;
-    cpu::rht_quantize(x.data(), dtype, m, k, group, bits, q.data(), s);
-  }
+  const bool cuda = on_cuda({&x, &q, &scale});
+  run_rht_quantize(x.data(), dtype, m, k, group, bits, q.data(), static_cast<float*>(scale.data()), cuda, stream);
 }
 
 void gemm(Array qa, Array sa, Array qw, Array sw, std::optional<Array> bias, Array out, int bits,
@@ -144,17 +169,8 @@ void gemm(Array qa, Array sa, Array qw, Array sw, std::optional<Array> bias, Arr
     b = static_cast<const float*>(bias->data());
   }
   const bool cuda = bias ? on_cuda({&qa, &sa, &qw, &sw, &*bias, &out}) : on_cuda({&qa, &sa, &qw, &sw, &out});
-  if (m == 0 || n == 0) return;
-  const auto* a_scale = static_cast<const float*>(sa.data());
-  const auto* w_scale = static_cast<const float*>(sw.data());
-  if (cuda) {
-#ifdef CONVROT_WITH_CUDA
-    cuda::gemm(qa.data(), a_scale, qw.data(), w_scale, b, out.data(), out_dtype, m, n, k, bits, as_stream(stream));
-#endif
-  } else {
-    nb::gil_scoped_release release;
-    cpu::gemm(qa.data(), a_scale, qw.data(), w_scale, b, out.data(), out_dtype, m, n, k, bits);
-  }
+  run_gemm(qa.data(), static_cast<const float*>(sa.data()), qw.data(), static_cast<const float*>(sw.data()), b,
+           out.data(), out_dtype, m, n, k, bits, cuda, stream);
 }
 
 // ---- raw-pointer entries for hot paths ----
@@ -166,48 +182,28 @@ Float float_code(int code) {
   return Float(code);
 }
 
+template <typename T>
+T* as_pointer(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
 void rht_quantize_ptr(uintptr_t x, int x_dtype, int64_t m, int64_t k, int group, int bits, uintptr_t q,
                       uintptr_t scale, bool cuda, uintptr_t stream) {
   const Float dtype = float_code(x_dtype);
   require_bits(bits);
   if (group != 0) require_group(group, k);
-  if (m == 0) return;
-  const void* src = reinterpret_cast<const void*>(x);
-  void* codes = reinterpret_cast<void*>(q);
-  auto* s = reinterpret_cast<float*>(scale);
-  if (cuda) {
-#ifdef CONVROT_WITH_CUDA
-    cuda::rht_quantize(src, dtype, m, k, group, bits, codes, s, as_stream(stream));
-#else
-    throw nb::value_error("convrot_kernels was built without its CUDA backend");
-#endif
-  } else {
-    nb::gil_scoped_release release;
-    cpu::rht_quantize(src, dtype, m, k, group, bits, codes, s);
-  }
+  run_rht_quantize(as_pointer<const void>(x), dtype, m, k, group, bits, as_pointer<void>(q), as_pointer<float>(scale),
+                   cuda, stream);
 }
 
+// bias 0: no bias.
 void gemm_ptr(uintptr_t qa, uintptr_t sa, uintptr_t qw, uintptr_t sw, uintptr_t bias, uintptr_t out, int out_dtype,
               int64_t m, int64_t n, int64_t k, int bits, bool cuda, uintptr_t stream) {
   const Float dtype = float_code(out_dtype);
   require_bits(bits);
-  if (m == 0 || n == 0) return;
-  const auto* a_scale = reinterpret_cast<const float*>(sa);
-  const auto* w_scale = reinterpret_cast<const float*>(sw);
-  const auto* b = reinterpret_cast<const float*>(bias);  // 0: no bias
-  const void* a = reinterpret_cast<const void*>(qa);
-  const void* w = reinterpret_cast<const void*>(qw);
-  void* y = reinterpret_cast<void*>(out);
-  if (cuda) {
-#ifdef CONVROT_WITH_CUDA
-    cuda::gemm(a, a_scale, w, w_scale, b, y, dtype, m, n, k, bits, as_stream(stream));
-#else
-    throw nb::value_error("convrot_kernels was built without its CUDA backend");
-#endif
-  } else {
-    nb::gil_scoped_release release;
-    cpu::gemm(a, a_scale, w, w_scale, b, y, dtype, m, n, k, bits);
-  }
+  run_gemm(as_pointer<const void>(qa), as_pointer<const float>(sa), as_pointer<const void>(qw),
+           as_pointer<const float>(sw), as_pointer<const float>(bias), as_pointer<void>(out), dtype, m, n, k, bits,
+           cuda, stream);
 }
 
 void pack_int4(Array q, Array packed, uintptr_t stream) {

@@ -45,18 +45,8 @@ def linear_forward(
     return out.reshape(*x.shape[:-1], n)
 
 
-@torch.library.custom_op("convrot::quantized_linear", mutates_args=())
-def quantized_linear(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    weight_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-    rotation: str,
-) -> torch.Tensor:
-    """:func:`linear_forward` as an opaque op for torch.compile."""
-    return linear_forward(x, qweight, weight_scale, bias, bits, group_size, rotation)
+# The same function as an opaque op for torch.compile (its signature gives the op's schema).
+quantized_linear = torch.library.custom_op("convrot::quantized_linear", linear_forward, mutates_args=())
 
 
 @quantized_linear.register_fake

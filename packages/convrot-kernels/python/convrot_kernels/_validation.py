@@ -63,10 +63,8 @@ FLOAT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 def require_operand(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], device) -> int:
     """Cheap checks of a destination-passing operand; returns its data pointer."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {str(dtype).removeprefix('torch.')}; got {t.dtype}")
+    require_tensor(name, t)
+    require_dtype(name, t, (dtype,))
     if t.shape != shape:
         raise ValueError(f"{name} must have shape {list(shape)}; got {list(t.shape)}")
     if t.device != device:
@@ -78,8 +76,6 @@ def require_operand(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple
 
 def on_device(t: torch.Tensor) -> tuple[bool, int]:
     """(is CUDA, raw current stream) for the compiled module's pointer entries."""
-    if t.device.type == "cuda":
-        return True, torch.cuda.current_stream(t.device).cuda_stream
-    if t.device.type != "cpu":
+    if t.device.type not in ("cpu", "cuda"):
         raise ValueError(f"convrot_kernels runs on CPU and CUDA tensors; got a tensor on {t.device}")
-    return False, 0
+    return t.is_cuda, stream_of(t)
