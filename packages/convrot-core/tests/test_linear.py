@@ -1,4 +1,5 @@
 import math
+import random
 
 import float64_reference as ref
 import pytest
@@ -254,3 +255,32 @@ def test_gpu_non_finite_rows_stay_local():
     y = layer(x)
     assert y[1].isnan().all() and not y[[0, 2, 4]].isnan().any()
     assert torch.equal(y[3], layer.bias)
+
+
+@pytest.mark.parametrize("cls", LAYER_CLASSES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_concatenate_is_exact_and_split_inverts_it(cls, bias):
+    seed = random.randrange(2**31)
+    layers = [cls.from_linear(linear(512, n, bias=bias, seed=seed + i)) for i, n in enumerate((48, 16, 48))]
+    fused = cls.concatenate(layers)
+    assert type(fused) is cls and (fused.in_features, fused.out_features) == (512, 112)
+    x = torch.randn(7, 512, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(fused(x), torch.cat([layer(x) for layer in layers], dim=-1)), f"seed {seed}"
+    for part, layer in zip(fused.split([48, 16, 48]), layers, strict=True):
+        assert part.extra_repr() == layer.extra_repr()
+        for key, tensor in layer.state_dict().items():
+            assert torch.equal(part.state_dict()[key], tensor)
+
+
+def test_concatenate_and_split_errors():
+    a = ConvLinear4bit.from_linear(linear(512, 8))
+    with pytest.raises(ValueError, match="different in_features"):
+        ConvLinear4bit.concatenate([a, ConvLinear4bit.from_linear(linear(256, 8))])
+    with pytest.raises(ValueError, match="different bit widths"):
+        ConvLinear4bit.concatenate([a, ConvLinear8bit.from_linear(linear(512, 8))])
+    with pytest.raises(ValueError, match="with and without a bias"):
+        ConvLinear4bit.concatenate([a, ConvLinear4bit.from_linear(linear(512, 8, bias=False))])
+    with pytest.raises(TypeError, match="non-empty sequence of ConvLinear"):
+        ConvLinear4bit.concatenate([])
+    with pytest.raises(ValueError, match="adding up to out_features=8"):
+        a.split([4, 3])

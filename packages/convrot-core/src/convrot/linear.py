@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -87,6 +89,71 @@ class ConvLinear(nn.Module):
             layer.weight_scale = scale
             layer.bias = None if linear.bias is None else linear.bias.detach().clone()
         return layer
+
+    @classmethod
+    def concatenate(cls, layers: Sequence[ConvLinear]) -> ConvLinear:
+        """One layer whose output is the layers' outputs side by side (out_features add up).
+
+        Exact: weights are quantized per output channel and activations per
+        token, so the result equals ``torch.cat([layer(x) for layer in layers], -1)``
+        bit for bit, at the cost of one activation quantization and one GEMM
+        instead of one per layer. The layers must agree on everything but
+        out_features; the new layer holds copies of their buffers.
+        """
+        layers = list(layers)
+        if not layers or not all(isinstance(layer, ConvLinear) for layer in layers):
+            raise TypeError("concatenate expects a non-empty sequence of ConvLinear layers")
+        first = layers[0]
+        for layer in layers[1:]:
+            for what in ("in_features", "group_size", "rotation", "simulation_dtype"):
+                if getattr(layer, what) != getattr(first, what):
+                    raise ValueError(f"cannot concatenate layers with different {what}")
+            if type(layer) is not type(first):
+                raise ValueError("cannot concatenate layers with different bit widths")
+            if (layer.bias is None) != (first.bias is None):
+                raise ValueError("cannot concatenate layers with and without a bias")
+            if layer.qweight.device != first.qweight.device:
+                raise ValueError("cannot concatenate layers on different devices")
+            if first.bias is not None and layer.bias.dtype != first.bias.dtype:
+                raise ValueError("cannot concatenate layers whose biases have different dtypes")
+        fused = type(first)(
+            first.in_features,
+            sum(layer.out_features for layer in layers),
+            bias=first.bias is not None,
+            group_size=first.group_size,
+            rotation=first.rotation,
+            device="meta",
+        )
+        fused.qweight = torch.cat([layer.qweight for layer in layers])
+        fused.weight_scale = torch.cat([layer.weight_scale for layer in layers])
+        fused.bias = None if first.bias is None else torch.cat([layer.bias for layer in layers])
+        fused.simulation_dtype = first.simulation_dtype
+        return fused
+
+    def split(self, out_features: Sequence[int]) -> list[ConvLinear]:
+        """The inverse of concatenate: layers of the given out_features, copies of row ranges of this one."""
+        sizes = list(out_features)
+        if not sizes or any(not isinstance(size, int) or size < 1 for size in sizes) or sum(sizes) != self.out_features:
+            raise ValueError(f"split sizes {sizes} must be positive ints adding up to out_features={self.out_features}")
+        layers = []
+        start = 0
+        for size in sizes:
+            rows = slice(start, start + size)
+            layer = type(self)(
+                self.in_features,
+                size,
+                bias=self.bias is not None,
+                group_size=self.group_size,
+                rotation=self.rotation,
+                device="meta",
+            )
+            layer.qweight = self.qweight[rows].clone()
+            layer.weight_scale = self.weight_scale[rows].clone()
+            layer.bias = None if self.bias is None else self.bias[rows].clone()
+            layer.simulation_dtype = self.simulation_dtype
+            layers.append(layer)
+            start += size
+        return layers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1:] != (self.in_features,):
