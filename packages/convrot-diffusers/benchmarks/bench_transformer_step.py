@@ -4,7 +4,13 @@ For each model and batch size, every variant gets a fresh model with the same
 random weights (real widths, 1024x1024 inputs) and reports the median ms per
 step (CUDA events, after warm-up), the peak GPU memory of a step, and the bytes
 of the transformer's weights. A profile of one step splits bf16 and W4A4 time
-into GEMMs, rotate-quantize, attention and everything else.
+into GEMMs, rotate-quantize, attention and everything else (for compiled
+variants, a compiled step without the graph capture: the same kernels).
+
+Schemes: "bf16"; "bf16-fused": bf16 with diffusers' fuse_qkv_projections;
+"w4a4" / "mix": convrot_diffusers.quantize_transformer with that preset, then
+fuse_qkv_projections (one GEMM for q, k and v, as a user runs it for speed);
+"w4a4-unfused": the same without the fusion; torchao's float8 / int8 dynamic.
 
     python packages/convrot-diffusers/benchmarks/bench_transformer_step.py \
         --models flux --flux-blocks 4,8 --batches 1 --out-dir $OUT
@@ -15,6 +21,7 @@ On a machine without CUDA, --tiny runs shrunken models on the CPU as a smoke tes
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import re
@@ -30,7 +37,7 @@ from transformer_configs import MODELS, build  # noqa: E402
 
 import convrot_diffusers  # noqa: E402
 
-SCHEMES = ("bf16", "w4a4", "mix", "torchao-fp8", "torchao-int8")
+SCHEMES = ("bf16", "bf16-fused", "w4a4", "w4a4-unfused", "mix", "torchao-fp8", "torchao-int8")
 # eager; graph: the step captured in one CUDA graph; compiled: regional torch.compile;
 # compiled-graph: compiled, then captured (inductor's fusions without launch overhead).
 MODES = ("eager", "graph", "compiled", "compiled-graph")
@@ -39,18 +46,27 @@ VARIANTS = (
     "bf16-graph",
     "bf16-compiled",
     "bf16-compiled-graph",
+    "bf16-fused-compiled",
+    "bf16-fused-compiled-graph",
     "w4a4-eager",
     "w4a4-graph",
     "w4a4-compiled",
     "w4a4-compiled-graph",
+    "w4a4-unfused-eager",
+    "w4a4-unfused-compiled-graph",
     "mix-eager",
     "mix-graph",
     "mix-compiled-graph",
     "torchao-fp8-compiled",
     "torchao-int8-compiled",
 )
+PROFILED_SCHEMES = ("bf16", "w4a4")
+TOP_KERNELS = 25  # kept in the JSON report
 # Kernel names to profile categories; the first pattern that matches wins.
 CATEGORIES = (
+    # Inductor's kernels name the ops they fuse, e.g. "triton_poi_fused_cat_gelu_quantized_linear":
+    # elementwise and norm work around a GEMM or attention call, not the call itself.
+    ("other", re.compile(r"^triton_")),
     ("rotate-quantize", re.compile(r"rht|quantiz|row_rotation", re.I)),
     ("attention", re.compile(r"flash|fmha|attention|sdpa|softmax", re.I)),
     # CUDA kernel names (cuBLAS, CUTLASS, ours); on the CPU, the aten ops.
@@ -72,8 +88,12 @@ def split_variant(variant: str) -> tuple[str, str]:
 def prepare(model: torch.nn.Module, variant: str) -> torch.nn.Module:
     """Quantize per the variant's scheme, in place; returns the model."""
     scheme, _ = split_variant(variant)
-    if scheme in ("w4a4", "mix"):
-        convrot_diffusers.quantize_transformer(model, preset=scheme, progress=False)
+    if scheme in ("w4a4", "w4a4-unfused", "mix"):
+        convrot_diffusers.quantize_transformer(model, preset=scheme.removesuffix("-unfused"), progress=False)
+        if scheme != "w4a4-unfused":
+            convrot_diffusers.fuse_qkv_projections(model)
+    elif scheme == "bf16-fused":
+        model.fuse_qkv_projections()
     elif scheme.startswith("torchao"):
         from torchao.quantization import (
             Float8DynamicActivationFloat8WeightConfig,
@@ -133,14 +153,15 @@ def time_ms(step, device, warmup: int, iters: int) -> list[float]:
     return times
 
 
-def profile_breakdown(step, device) -> dict[str, float]:
-    """ms of device time per category in one step."""
+def profile_breakdown(step, device) -> tuple[dict[str, float], list[tuple[str, int, float]]]:
+    """ms of device time per category in one step, and the costliest kernels (name, calls, ms)."""
     activity = torch.profiler.ProfilerActivity.CUDA if device.type == "cuda" else torch.profiler.ProfilerActivity.CPU
     with torch.profiler.profile(activities=[activity]) as prof:
         step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-    totals = {name: 0.0 for name, _ in CATEGORIES} | {"other": 0.0}
+    totals = {name: 0.0 for name, _ in CATEGORIES}
+    kernels = []
     for event in prof.key_averages():
         if device.type == "cuda":
             if getattr(event, "device_type", None) != torch.autograd.DeviceType.CUDA:
@@ -150,7 +171,8 @@ def profile_breakdown(step, device) -> dict[str, float]:
             us = event.self_cpu_time_total
         category = next((name for name, pattern in CATEGORIES if pattern.search(event.key)), "other")
         totals[category] += us / 1e3
-    return totals
+        kernels.append((event.key[:160], event.count, us / 1e3))
+    return totals, sorted(kernels, key=lambda kernel: -kernel[2])[:TOP_KERNELS]
 
 
 def run_variant(args, name, batch, variant, device) -> dict | None:
@@ -172,7 +194,9 @@ def run_variant(args, name, batch, variant, device) -> dict | None:
             torch.cuda.reset_peak_memory_stats()
         times = time_ms(step, device, args.warmup, args.iters)
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
-        breakdown = profile_breakdown(step, device) if variant in ("bf16-eager", "w4a4-eager") else None
+        breakdown, top_kernels = None, None
+        if split_variant(variant)[0] in PROFILED_SCHEMES:
+            breakdown, top_kernels = profile_breakdown(functools.partial(model, **inputs), device)
     result = {
         "model": name,
         "batch": batch,
@@ -184,6 +208,7 @@ def run_variant(args, name, batch, variant, device) -> dict | None:
         "weight_gib": weight_bytes(model) / 2**30,
         "setup_s": setup_s,
         "breakdown_ms": breakdown,
+        "top_kernels": top_kernels,
     }
     print(
         f"  {variant:22s} {result['ms_median']:9.2f} ms  peak {result['peak_gib']:6.2f} GiB  "

@@ -2,6 +2,7 @@
 
     import convrot_diffusers
     pipe = convrot_diffusers.quantize_pipeline(pipe, preset="mix")
+    convrot_diffusers.fuse_qkv_projections(pipe)  # optional: one GEMM for q, k and v
     convrot_diffusers.save_quantized(pipe, "flux-convrot")
     transformer = convrot_diffusers.load_quantized("flux-convrot", device="cuda")
 
@@ -15,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .checkpoint import load_quantized, save_quantized
 from .detect import ARCHITECTURES, UnsupportedModelError, architecture_of
 from .diffusers_integration import ConvRotConfig, register
+from .fusion import fuse_qkv_projections, unfuse_qkv_projections
 from .pipeline import quantize_pipeline, quantize_transformer
 from .presets import PRESET_NAMES, PRESETS, policy_for
 
@@ -32,9 +34,11 @@ __all__ = [
     "ConvRotConfig",
     "UnsupportedModelError",
     "architecture_of",
+    "fuse_qkv_projections",
     "load_quantized",
     "policy_for",
     "quantize_pipeline",
     "quantize_transformer",
     "save_quantized",
+    "unfuse_qkv_projections",
 ]

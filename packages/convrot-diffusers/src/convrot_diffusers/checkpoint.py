@@ -24,6 +24,7 @@ import convrot
 
 from .detect import architecture_for_class, transformer_of
 from .diffusers_integration import QUANT_METHOD, ConvRotConfig
+from .fusion import fuse_qkv_projections, unfuse_qkv_projections
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -34,14 +35,23 @@ class NotAQuantizedSaveError(ValueError):
 
 
 def save_quantized(pipe_or_transformer, directory: str | os.PathLike) -> Path:
-    """Writes the quantized transformer of a pipeline (or the transformer itself) to ``directory``."""
+    """Writes the quantized transformer of a pipeline (or the transformer itself) to ``directory``.
+
+    Fused q/k/v projections (fuse_qkv_projections) are saved as separate layers.
+    """
     transformer = transformer_of(pipe_or_transformer)
     config = getattr(transformer.config, "quantization_config", None)
     if not isinstance(config, ConvRotConfig):
         raise ValueError("the transformer is not quantized: call quantize_pipeline (or quantize_transformer) first")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    convrot.save_quantized(transformer, directory / WEIGHTS_NAME)
+    # A save holds the separate q/k/v layers, which a fresh transformer of the config has.
+    fused = unfuse_qkv_projections(transformer)
+    try:
+        convrot.save_quantized(transformer, directory / WEIGHTS_NAME)
+    finally:
+        if fused:
+            fuse_qkv_projections(transformer)
     transformer.save_config(directory)
     return directory
 
