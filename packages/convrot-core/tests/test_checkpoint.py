@@ -288,3 +288,16 @@ def test_layer_specs_of_a_damaged_file(tmp_path):
     path.write_bytes(b"\x00" * 5)
     with pytest.raises(CheckpointError, match="unreadable"):
         convrot.read_layer_specs(path)
+
+
+def test_a_bf16_bias_of_an_older_save_loads_as_fp32(tmp_path):
+    model = convrot.quantize_model(make_model(seed=0), policy=POLICY, progress=False)
+    layer = model.blocks[0].ff[0]
+    layer.bias = layer.bias.bfloat16()  # as saves written before biases were kept in fp32
+    path = tmp_path / "old.safetensors"
+    convrot.save_quantized(model, path)
+    loaded = convrot.load_quantized(meta_skeleton(), path)
+    assert loaded.blocks[0].ff[0].bias.dtype == torch.float32
+    assert torch.equal(loaded.blocks[0].ff[0].bias, layer.bias.float())
+    x = torch.randn(2, 5, 64)
+    assert torch.equal(loaded(x), model(x))

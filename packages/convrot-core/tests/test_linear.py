@@ -129,7 +129,7 @@ def test_half_precision_input_equals_float64_simulation(cls, dtype):
     layer = cls.from_linear(linear(1152, 200, dtype=dtype))
     x = dit_like_activations(3 * 13, 1152, seed=5).to(dtype).reshape(3, 13, 1152)
     y = layer(x)
-    assert y.dtype == dtype and layer.bias.dtype == dtype
+    assert y.dtype == dtype and layer.bias.dtype == torch.float32
     assert_close_to_float64_reference(y, layer, x)
 
 
@@ -179,19 +179,19 @@ def test_state_dict_round_trip_is_bit_identical(cls):
     assert torch.equal(fresh(x), layer(x))
 
 
-def test_dtype_conversion_keeps_scales_fp32():
+def test_dtype_conversion_keeps_scales_and_bias_fp32():
     layer = ConvLinear4bit.from_linear(linear(64, 8))
-    scale = layer.weight_scale.clone()
+    scale, bias = layer.weight_scale.clone(), layer.bias.clone()
     layer.to(torch.float16)
-    assert layer.weight_scale.dtype == torch.float32 and torch.equal(layer.weight_scale, scale)
-    assert layer.bias.dtype == torch.float16 and layer.qweight.dtype == torch.uint8
+    assert torch.equal(layer.weight_scale, scale) and torch.equal(layer.bias, bias)
+    assert layer.weight_scale.dtype == layer.bias.dtype == torch.float32 and layer.qweight.dtype == torch.uint8
     layer.bfloat16()
-    assert layer.weight_scale.dtype == torch.float32 and layer.bias.dtype == torch.bfloat16
+    assert layer.weight_scale.dtype == layer.bias.dtype == torch.float32
 
 
 def test_meta_construction_then_to_empty():
-    layer = ConvLinear8bit(256, 16, device="meta", dtype=torch.bfloat16)
-    assert layer.qweight.is_meta and layer.bias.dtype == torch.bfloat16
+    layer = ConvLinear8bit(256, 16, device="meta")
+    assert layer.qweight.is_meta and layer.bias.dtype == torch.float32
     layer.to_empty(device="cpu")
     assert layer.weight_scale.dtype == torch.float32 and layer.qweight.device.type == "cpu"
 

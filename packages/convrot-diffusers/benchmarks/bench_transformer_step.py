@@ -7,10 +7,9 @@ of the transformer's weights. A profile of one step splits bf16 and W4A4 time
 into GEMMs, rotate-quantize, attention and everything else (for compiled
 variants, a compiled step without the graph capture: the same kernels).
 
-Schemes: "bf16"; "bf16-fused": bf16 with diffusers' fuse_qkv_projections;
-"w4a4" / "mix": convrot_diffusers.quantize_transformer with that preset, then
-fuse_qkv_projections (one GEMM for q, k and v, as a user runs it for speed);
-"w4a4-unfused": the same without the fusion; torchao's float8 / int8 dynamic.
+Schemes: "bf16"; "w4a4" / "mix": convrot_diffusers.quantize_transformer with
+that preset; "-fused": then fuse_qkv_projections (one GEMM for q, k and v;
+for bf16, diffusers' own); torchao's float8 / int8 dynamic.
 
     python packages/convrot-diffusers/benchmarks/bench_transformer_step.py \
         --models flux --flux-blocks 4,8 --batches 1 --out-dir $OUT
@@ -37,7 +36,7 @@ from transformer_configs import MODELS, build  # noqa: E402
 
 import convrot_diffusers  # noqa: E402
 
-SCHEMES = ("bf16", "bf16-fused", "w4a4", "w4a4-unfused", "mix", "torchao-fp8", "torchao-int8")
+SCHEMES = ("bf16", "bf16-fused", "w4a4", "w4a4-fused", "mix", "mix-fused", "torchao-fp8", "torchao-int8")
 # eager; graph: the step captured in one CUDA graph; compiled: regional torch.compile;
 # compiled-graph: compiled, then captured (inductor's fusions without launch overhead).
 MODES = ("eager", "graph", "compiled", "compiled-graph")
@@ -52,15 +51,17 @@ VARIANTS = (
     "w4a4-graph",
     "w4a4-compiled",
     "w4a4-compiled-graph",
-    "w4a4-unfused-eager",
-    "w4a4-unfused-compiled-graph",
+    "w4a4-fused-eager",
+    "w4a4-fused-graph",
+    "w4a4-fused-compiled-graph",
     "mix-eager",
     "mix-graph",
     "mix-compiled-graph",
+    "mix-fused-compiled-graph",
     "torchao-fp8-compiled",
     "torchao-int8-compiled",
 )
-PROFILED_SCHEMES = ("bf16", "w4a4")
+PROFILED_SCHEMES = ("bf16", "w4a4", "w4a4-fused")
 TOP_KERNELS = 25  # kept in the JSON report
 # Kernel names to profile categories; the first pattern that matches wins.
 CATEGORIES = (
@@ -88,9 +89,9 @@ def split_variant(variant: str) -> tuple[str, str]:
 def prepare(model: torch.nn.Module, variant: str) -> torch.nn.Module:
     """Quantize per the variant's scheme, in place; returns the model."""
     scheme, _ = split_variant(variant)
-    if scheme in ("w4a4", "w4a4-unfused", "mix"):
-        convrot_diffusers.quantize_transformer(model, preset=scheme.removesuffix("-unfused"), progress=False)
-        if scheme != "w4a4-unfused":
+    if scheme.removesuffix("-fused") in ("w4a4", "mix"):
+        convrot_diffusers.quantize_transformer(model, preset=scheme.removesuffix("-fused"), progress=False)
+        if scheme.endswith("-fused"):
             convrot_diffusers.fuse_qkv_projections(model)
     elif scheme == "bf16-fused":
         model.fuse_qkv_projections()

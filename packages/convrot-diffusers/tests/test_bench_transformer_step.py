@@ -23,18 +23,18 @@ def test_benchmark_smoke_run_writes_its_report(tmp_path):
             "--warmup",
             "0",
             "--variants",
-            "bf16-eager,w4a4-eager,w4a4-unfused-eager",
+            "bf16-eager,w4a4-eager,w4a4-fused-eager",
             "--out-dir",
             str(tmp_path),
         ]
     )
     report = json.loads((tmp_path / "transformer_step.json").read_text())
     variants = {r["variant"]: r for r in report["results"]}
-    assert set(variants) == {"bf16-eager", "w4a4-eager", "w4a4-unfused-eager"}
+    assert set(variants) == {"bf16-eager", "w4a4-eager", "w4a4-fused-eager"}
     # 4-bit weights: the quantized transformer holds well under half of the bf16 bytes.
     assert variants["w4a4-eager"]["weight_gib"] < 0.5 * variants["bf16-eager"]["weight_gib"]
     assert variants["w4a4-eager"]["breakdown_ms"]["gemm"] > 0
-    assert variants["w4a4-unfused-eager"]["weight_gib"] == variants["w4a4-eager"]["weight_gib"]
+    assert variants["w4a4-fused-eager"]["weight_gib"] == variants["w4a4-eager"]["weight_gib"]
     assert variants["w4a4-eager"]["top_kernels"]
     assert "| pixart | 1 | w4a4-eager |" in (tmp_path / "transformer_step.md").read_text()
     assert (tmp_path / "transformer_step.png").stat().st_size > 0

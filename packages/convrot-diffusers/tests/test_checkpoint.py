@@ -48,13 +48,15 @@ def test_on_disk_size(preset, floor, tmp_path):
     assert summary.bf16_bytes == bf16_bytes
     assert summary.ratio > floor
     # Bytes: 1/2 per W4A4 weight, 1 per W8A8 weight, 2 per bf16 tensor element, 4 per output channel
-    # scale; the rest is the safetensors header (names, layer list, checksums).
+    # scale, 4 per bias element of a quantized layer (fp32; counted among the bf16 elements, so 2 more);
+    # the rest is the safetensors header (names, layer list, checksums).
     quantized = [m for m in pipe.transformer.modules() if isinstance(m, convrot.ConvLinear)]
     payload = (
         summary.parameters["w4a4"] // 2
         + summary.parameters["w8a8"]
         + 2 * summary.parameters["bf16"]
         + sum(4 * m.out_features for m in quantized)
+        + sum(2 * m.out_features for m in quantized if m.bias is not None)
     )
     assert payload < summary.file_bytes < payload + 64 * 1024
     assert summary.layers == {

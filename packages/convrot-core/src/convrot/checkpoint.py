@@ -239,6 +239,10 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, device: torch.devi
     except SafetensorError as error:
         raise CheckpointError(f"{path}: unreadable safetensors file, truncated or corrupted ({error})") from None
 
+    for name, spec in layers.items():  # saves from before ConvLinear kept an fp32 bias hold it in bf16
+        if spec["bias"]:
+            bias = f"{name}.bias" if name else "bias"
+            tensors[bias] = tensors[bias].float()
     device = torch.device(device) if device is not None else _default_device(model)
     with torch.no_grad():
         install_skeletons(model, layers)

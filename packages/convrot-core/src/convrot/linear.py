@@ -22,9 +22,11 @@ class ConvLinear(nn.Module):
     """Base of ConvLinear4bit and ConvLinear8bit (``bits`` is set by the subclass).
 
     Buffers (the state dict): ``qweight`` (uint8 [N, K/2] packed int4, or int8
-    [N, K]), ``weight_scale`` (fp32 [N]) and ``bias`` ([N] or None). The
+    [N, K]), ``weight_scale`` (fp32 [N]) and ``bias`` (fp32 [N] or None). The
     weight codes are those of W rotated group-wise along in_features, so
-    that quant(x R) quant(W R)^T approximates x W^T.
+    that quant(x R) quant(W R)^T approximates x W^T. Scales and bias are
+    operands of the GEMM's fp32 epilogue and stay fp32 whatever the model's
+    dtype; the output has the input's dtype.
 
     ``simulation_dtype``: None runs the kernels; a float dtype runs the same
     math in torch float ops of that dtype (see convrot.set_simulation).
@@ -40,7 +42,6 @@ class ConvLinear(nn.Module):
         group_size: int = 256,
         rotation: str = "regular",
         device=None,
-        dtype: torch.dtype | None = None,
     ):
         super().__init__()
         if type(self) is ConvLinear:
@@ -59,8 +60,7 @@ class ConvLinear(nn.Module):
             qweight = torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
         self.register_buffer("qweight", qweight)
         self.register_buffer("weight_scale", torch.zeros(out_features, dtype=torch.float32, device=device))
-        bias_dtype = dtype if dtype is not None else torch.get_default_dtype()
-        self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device) if bias else None)
 
     @classmethod
     def from_linear(
@@ -87,7 +87,7 @@ class ConvLinear(nn.Module):
             codes, scale = quantize_weight(linear.weight, cls.bits, layer.group_size, rotation, clip_search)
             layer.qweight = pack_int4(codes) if cls.bits == 4 else codes
             layer.weight_scale = scale
-            layer.bias = None if linear.bias is None else linear.bias.detach().clone()
+            layer.bias = None if linear.bias is None else linear.bias.detach().float().clone()
         return layer
 
     @classmethod
@@ -114,8 +114,6 @@ class ConvLinear(nn.Module):
                 raise ValueError("cannot concatenate layers with and without a bias")
             if layer.qweight.device != first.qweight.device:
                 raise ValueError("cannot concatenate layers on different devices")
-            if first.bias is not None and layer.bias.dtype != first.bias.dtype:
-                raise ValueError("cannot concatenate layers whose biases have different dtypes")
         fused = type(first)(
             first.in_features,
             sum(layer.out_features for layer in layers),
@@ -178,12 +176,14 @@ class ConvLinear(nn.Module):
         return forward(x, self.qweight, self.weight_scale, self.bias, self.bits, self.group_size, self.rotation)
 
     def _apply(self, fn, recurse=True):
-        # model.to(dtype) / .half() convert floating buffers; the weight scales
-        # must stay fp32 (the kernels' contract), so only their device follows.
-        scale = self.weight_scale
+        # model.to(dtype) / .half() convert floating buffers; the weight scales and
+        # the bias must stay fp32 (the epilogue's operands), so only their device follows.
+        scale, bias = self.weight_scale, self.bias
         super()._apply(fn, recurse)
         if self.weight_scale.dtype != torch.float32:
             self.weight_scale = scale.to(device=self.weight_scale.device)
+        if bias is not None and self.bias.dtype != torch.float32:
+            self.bias = bias.to(device=self.bias.device)
         return self
 
     def extra_repr(self) -> str:

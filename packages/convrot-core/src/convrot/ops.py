@@ -39,7 +39,7 @@ def linear_forward(
         q = torch.empty((m, k // 2 if bits == 4 else k), dtype=qweight.dtype, device=x.device)
         scale = torch.empty(m, dtype=torch.float32, device=x.device)
         convrot_kernels.rht_quantize_into(rows, q, scale, group, bits)
-        if bias is not None and bias.dtype != torch.float32:
+        if bias is not None and bias.dtype != torch.float32:  # layers keep an fp32 bias; one set by hand may not
             bias = bias.float()
         convrot_kernels.gemm_into(out, q, scale, qweight, weight_scale, bias, bits=bits)
     return out.reshape(*x.shape[:-1], n)

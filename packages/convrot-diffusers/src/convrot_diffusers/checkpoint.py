@@ -3,7 +3,7 @@
 Layout (also what ``<Transformer>.from_pretrained(directory)`` reads, see diffusers_integration.py):
   config.json                         the transformer's diffusers config, with ``quantization_config``
                                       = ConvRotConfig (preset, group size, rotation, base model, versions)
-  diffusion_pytorch_model.safetensors convrot-core's checkpoint: packed codes, fp32 scales, bf16 rest,
+  diffusion_pytorch_model.safetensors convrot-core's checkpoint: packed codes, fp32 scales and biases, bf16 rest,
                                       and a header listing every quantized layer
 """
 

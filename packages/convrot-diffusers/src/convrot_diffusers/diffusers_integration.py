@@ -171,15 +171,16 @@ def _quantizer_class():
         def check_if_quantized_param(self, model, param_value, param_name, state_dict, **kwargs):
             module, tensor_name = get_module_from_name(model, param_name)
             if self.pre_quantized:
-                # Only the scales need care: diffusers would cast them to torch_dtype, the kernels want fp32.
-                return isinstance(module, convrot.ConvLinear) and tensor_name == "weight_scale"
+                # Only the scales and biases need care: diffusers would cast them to torch_dtype, the kernels
+                # want fp32.
+                return isinstance(module, convrot.ConvLinear) and tensor_name in ("weight_scale", "bias")
             return param_name.rpartition(".")[0] in self.pending and tensor_name in ("weight", "bias")
 
         def create_quantized_param(
             self, model, param_value, param_name, target_device, state_dict, unexpected_keys, **kwargs
         ):
-            if self.pre_quantized:
-                set_module_tensor_to_device(model, param_name, target_device, value=state_dict[param_name])
+            if self.pre_quantized:  # fp32 (saves before biases were kept in fp32 hold them in bf16)
+                set_module_tensor_to_device(model, param_name, target_device, value=state_dict[param_name].float())
                 return
             set_module_tensor_to_device(model, param_name, target_device, value=param_value)
             name = param_name.rpartition(".")[0]
