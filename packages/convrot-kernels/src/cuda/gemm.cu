@@ -1,9 +1,10 @@
 // cuda::gemm: picks, per call, the fastest kernel that applies:
 //   - Hopper, M <= 64: the weight-streaming kernel (gemm_small_m.cu);
-//   - Hopper, 64 < M <= 128, or M <= 256 with N <= 4096: the 128 x 128-tile TMA +
+//   - Hopper, 64 < M <= 128, or M <= 512 with N <= 4096: the 128 x 128-tile TMA +
 //     wgmma kernel (gemm_sm90.cu), whose many small tiles fill the SMs where the
 //     persistent kernel's 256 x 144 tiles leave most of them idle (docs/benchmarks.md:
-//     at M = 128, N = 12288 20.0 vs 27.5 us; at M = 256 it wins only for N <= 4096);
+//     at M = 128, N = 12288 20.0 vs 27.5 us; at M = 512, N = 3072 18.9 vs 26.9 us at
+//     K = 3072 and 55.6 vs 86.4 us at K = 12288; wider N or M = 1024 favour the persistent one);
 //   - Hopper, larger M: the persistent TMA + wgmma kernel (gemm_sm90_persistent.cu);
 //   - anywhere else, or shapes those do not take: the portable dp4a kernel.
 // CONVROT_GEMM_KERNEL=small_m|sm90_persistent|sm90|simt forces one kernel
@@ -70,7 +71,7 @@ void gemm(const void* qa, const float* sa, const void* qw, const float* sw, cons
   const Kernel forced = forced_kernel();
   const bool hopper = built_for_hopper() && device_cc() == 90;
   const auto allowed = [forced](Kernel kernel) { return forced == Kernel::automatic || forced == kernel; };
-  const bool medium_m = forced == Kernel::automatic && m > 64 && (m <= 128 || (m <= 256 && n <= 4096));
+  const bool medium_m = forced == Kernel::automatic && m > 64 && (m <= 128 || (m <= 512 && n <= 4096));
   if (hopper && allowed(Kernel::small_m) && small_m::supports(m, n, k, bits, qa, qw)) {
     small_m::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, bits, s);
   } else if (hopper && medium_m && sm90::supports(m, n, k, bits, qa, qw)) {
