@@ -68,6 +68,15 @@ def test_mixed_bit_widths_stay_unfused():
     assert fused == len(transformer.transformer_blocks)
 
 
+def test_layers_that_differ_in_simulation_stay_unfused():
+    transformer = flux_transformer()
+    convrot_diffusers.quantize_transformer(transformer, "w4a4", progress=False)
+    convrot.set_simulation(transformer.transformer_blocks[0].attn.to_k, torch.float64)
+    fused = fuse_qkv_projections(transformer)
+    assert not transformer.transformer_blocks[0].attn.fused_projections
+    assert fused == len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks) - 1
+
+
 def test_sd35_stays_unfused():
     """diffusers' fused joint processor skips SD3.5's q/k RMSNorms, and its image-only attention has none."""
     transformer = sd3_transformer()

@@ -53,21 +53,26 @@ def _groups(module) -> list[tuple[str, tuple[str, ...]]]:
     return groups
 
 
+def _signature(layer: ConvLinear) -> tuple:
+    """What ConvLinear.concatenate needs equal across the layers it joins."""
+    return (
+        type(layer),
+        layer.in_features,
+        layer.group_size,
+        layer.rotation,
+        layer.bias is None,
+        layer.simulation_dtype,
+        layer.qweight.device,
+    )
+
+
 def _fusable(module, groups) -> bool:
     for _, names in groups:
         layers = [getattr(module, name, None) for name in names]
         if not all(isinstance(layer, ConvLinear) for layer in layers):
             return False
-        first = layers[0]
-        for layer in layers[1:]:
-            if (type(layer), layer.in_features, layer.group_size, layer.rotation, layer.bias is None) != (
-                type(first),
-                first.in_features,
-                first.group_size,
-                first.rotation,
-                first.bias is None,
-            ):
-                return False
+        if len({_signature(layer) for layer in layers}) != 1:
+            return False
     return True
 
 
@@ -95,7 +100,7 @@ def fuse_qkv_projections(pipe_or_transformer) -> int:
     """
     transformer = transformer_of(pipe_or_transformer)
     fused = 0
-    for module in transformer.modules():
+    for module in list(transformer.modules()):  # the loop replaces submodules
         flagged = isinstance(module, AttentionModuleMixin)
         if not (flagged or isinstance(module, attention_processor.Attention)) or _is_fused(module):
             continue
