@@ -90,6 +90,36 @@ class ConvLinear(nn.Module):
             layer.bias = None if linear.bias is None else linear.bias.detach().float().clone()
         return layer
 
+    def _with_buffers(self, qweight, weight_scale, bias) -> ConvLinear:
+        """A layer of this one's kind and settings holding the given buffers (out_features from them)."""
+        layer = type(self)(
+            self.in_features,
+            weight_scale.shape[0],
+            bias=bias is not None,
+            group_size=self.group_size,
+            rotation=self.rotation,
+            device="meta",
+        )
+        layer.qweight, layer.weight_scale, layer.bias = qweight, weight_scale, bias
+        layer.simulation_dtype = self.simulation_dtype
+        return layer
+
+    @staticmethod
+    def concatenation_error(layers: Sequence[ConvLinear]) -> str | None:
+        """Why ``concatenate`` would refuse these ConvLinear layers, or None when it can join them."""
+        first = layers[0]
+        for layer in layers[1:]:
+            for what in ("in_features", "group_size", "rotation", "simulation_dtype"):
+                if getattr(layer, what) != getattr(first, what):
+                    return f"cannot concatenate layers with different {what}"
+            if type(layer) is not type(first):
+                return "cannot concatenate layers with different bit widths"
+            if (layer.bias is None) != (first.bias is None):
+                return "cannot concatenate layers with and without a bias"
+            if layer.qweight.device != first.qweight.device:
+                return "cannot concatenate layers on different devices"
+        return None
+
     @classmethod
     def concatenate(cls, layers: Sequence[ConvLinear]) -> ConvLinear:
         """One layer whose output is the layers' outputs side by side (out_features add up).
@@ -103,30 +133,12 @@ class ConvLinear(nn.Module):
         layers = list(layers)
         if not layers or not all(isinstance(layer, ConvLinear) for layer in layers):
             raise TypeError("concatenate expects a non-empty sequence of ConvLinear layers")
+        if error := cls.concatenation_error(layers):
+            raise ValueError(error)
         first = layers[0]
-        for layer in layers[1:]:
-            for what in ("in_features", "group_size", "rotation", "simulation_dtype"):
-                if getattr(layer, what) != getattr(first, what):
-                    raise ValueError(f"cannot concatenate layers with different {what}")
-            if type(layer) is not type(first):
-                raise ValueError("cannot concatenate layers with different bit widths")
-            if (layer.bias is None) != (first.bias is None):
-                raise ValueError("cannot concatenate layers with and without a bias")
-            if layer.qweight.device != first.qweight.device:
-                raise ValueError("cannot concatenate layers on different devices")
-        fused = type(first)(
-            first.in_features,
-            sum(layer.out_features for layer in layers),
-            bias=first.bias is not None,
-            group_size=first.group_size,
-            rotation=first.rotation,
-            device="meta",
-        )
-        fused.qweight = torch.cat([layer.qweight for layer in layers])
-        fused.weight_scale = torch.cat([layer.weight_scale for layer in layers])
-        fused.bias = None if first.bias is None else torch.cat([layer.bias for layer in layers])
-        fused.simulation_dtype = first.simulation_dtype
-        return fused
+        bias = None if first.bias is None else torch.cat([layer.bias for layer in layers])
+        qweight = torch.cat([layer.qweight for layer in layers])
+        return first._with_buffers(qweight, torch.cat([layer.weight_scale for layer in layers]), bias)
 
     def split(self, out_features: Sequence[int]) -> list[ConvLinear]:
         """The inverse of concatenate: layers of the given out_features, copies of row ranges of this one."""
@@ -137,19 +149,8 @@ class ConvLinear(nn.Module):
         start = 0
         for size in sizes:
             rows = slice(start, start + size)
-            layer = type(self)(
-                self.in_features,
-                size,
-                bias=self.bias is not None,
-                group_size=self.group_size,
-                rotation=self.rotation,
-                device="meta",
-            )
-            layer.qweight = self.qweight[rows].clone()
-            layer.weight_scale = self.weight_scale[rows].clone()
-            layer.bias = None if self.bias is None else self.bias[rows].clone()
-            layer.simulation_dtype = self.simulation_dtype
-            layers.append(layer)
+            bias = None if self.bias is None else self.bias[rows].clone()
+            layers.append(self._with_buffers(self.qweight[rows].clone(), self.weight_scale[rows].clone(), bias))
             start += size
         return layers
 

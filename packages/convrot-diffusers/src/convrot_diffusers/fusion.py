@@ -53,25 +53,10 @@ def _groups(module) -> list[tuple[str, tuple[str, ...]]]:
     return groups
 
 
-def _signature(layer: ConvLinear) -> tuple:
-    """What ConvLinear.concatenate needs equal across the layers it joins."""
-    return (
-        type(layer),
-        layer.in_features,
-        layer.group_size,
-        layer.rotation,
-        layer.bias is None,
-        layer.simulation_dtype,
-        layer.qweight.device,
-    )
-
-
 def _fusable(module, groups) -> bool:
     for _, names in groups:
         layers = [getattr(module, name, None) for name in names]
-        if not all(isinstance(layer, ConvLinear) for layer in layers):
-            return False
-        if len({_signature(layer) for layer in layers}) != 1:
+        if not all(isinstance(layer, ConvLinear) for layer in layers) or ConvLinear.concatenation_error(layers):
             return False
     return True
 
