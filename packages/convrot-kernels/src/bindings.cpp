@@ -101,19 +101,29 @@ void rht(Array x, Array out, int group, uintptr_t stream) {
 // The two kernels' dispatch to a backend, shared by the tensor entries (which check their
 // arrays first) and the raw-pointer entries (whose Python callers check the tensors).
 // group == 0 quantizes without rotating.
-void run_rht_quantize(const void* x, Float dtype, int64_t m, int64_t k, int group, int bits, void* q, float* scale,
-                      bool cuda, uintptr_t stream) {
+void run_rht_quantize(const RowSource& src, Float dtype, int64_t m, int64_t k, int group, int bits, void* q,
+                      float* scale, bool cuda, uintptr_t stream) {
   if (m == 0) return;
   if (cuda) {
 #ifdef CONVROT_WITH_CUDA
-    cuda::rht_quantize(x, dtype, m, k, group, bits, q, scale, as_stream(stream));
+    cuda::rht_quantize(src, dtype, m, k, group, bits, q, scale, as_stream(stream));
 #else
     throw nb::value_error("convrot_kernels was built without its CUDA backend");
 #endif
   } else {
     nb::gil_scoped_release release;
-    cpu::rht_quantize(x, dtype, m, k, group, bits, q, scale);
+    cpu::rht_quantize(src, dtype, m, k, group, bits, q, scale);
   }
+}
+
+// The row source of x [M, k1] followed by x2 [M, k - k1] (x2 null: k1 == k), GELU from
+// column gelu_from (negative: none); the layout rules of primitives.h's RowSource.
+RowSource row_source(const void* x, const void* x2, int64_t k1, int64_t k, int64_t gelu_from) {
+  require(x2 != nullptr || k1 == k, "without x2 the row is x alone");
+  require(x2 == nullptr || k1 % 16 == 0, "with x2, x's width must be a multiple of 16");
+  require(gelu_from <= k, "gelu_from must not exceed the row width");
+  require(gelu_from < 0 || gelu_from % 16 == 0, "gelu_from must be a multiple of 16");
+  return RowSource{x, x2, k1, gelu_from < 0 ? k : gelu_from};
 }
 
 void run_gemm(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias, void* out,
@@ -131,11 +141,19 @@ void run_gemm(const void* qa, const float* sa, const void* qw, const float* sw, 
   }
 }
 
-void rht_quantize(Array x, Array q, Array scale, int group, int bits, uintptr_t stream) {
+void rht_quantize(Array x, Array q, Array scale, int group, int bits, uintptr_t stream, std::optional<Array> x2,
+                  int64_t gelu_from) {
   const Float dtype = float_kind(x, "x");
   require_bits(bits);
   require(x.ndim() == 2, "x must be 2-D [M, K]");
-  const int64_t m = int64_t(x.shape(0)), k = int64_t(x.shape(1));
+  const int64_t m = int64_t(x.shape(0)), k1 = int64_t(x.shape(1));
+  int64_t k = k1;
+  if (x2) {
+    require(x2->ndim() == 2 && int64_t(x2->shape(0)) == m && x2->dtype() == x.dtype(),
+            "x2 must be 2-D [M, K2] with x's dtype");
+    k += int64_t(x2->shape(1));
+  }
+  const RowSource src = row_source(x.data(), x2 ? x2->data() : nullptr, k1, k, gelu_from);
   if (group != 0) require_group(group, k);
   require(k % 2 == 0 || bits == 8, "K must be even for 4-bit codes");
   require_codes(q, bits, "q");
@@ -144,8 +162,8 @@ void rht_quantize(Array x, Array q, Array scale, int group, int bits, uintptr_t 
   require_fp32(scale, "scale");
   require(scale.ndim() == 1 && int64_t(scale.shape(0)) == m, "scale must be float32 [M]");
   if (m == 0) return;
-  const bool cuda = on_cuda({&x, &q, &scale});
-  run_rht_quantize(x.data(), dtype, m, k, group, bits, q.data(), static_cast<float*>(scale.data()), cuda, stream);
+  const bool cuda = x2 ? on_cuda({&x, &*x2, &q, &scale}) : on_cuda({&x, &q, &scale});
+  run_rht_quantize(src, dtype, m, k, group, bits, q.data(), static_cast<float*>(scale.data()), cuda, stream);
 }
 
 void gemm(Array qa, Array sa, Array qw, Array sw, std::optional<Array> bias, Array out, int bits,
@@ -187,13 +205,15 @@ T* as_pointer(uintptr_t address) {
   return reinterpret_cast<T*>(address);
 }
 
+// x2 0: the row is x alone; x_k -1: x is k wide.
 void rht_quantize_ptr(uintptr_t x, int x_dtype, int64_t m, int64_t k, int group, int bits, uintptr_t q,
-                      uintptr_t scale, bool cuda, uintptr_t stream) {
+                      uintptr_t scale, bool cuda, uintptr_t stream, uintptr_t x2, int64_t x_k, int64_t gelu_from) {
   const Float dtype = float_code(x_dtype);
   require_bits(bits);
   if (group != 0) require_group(group, k);
-  run_rht_quantize(as_pointer<const void>(x), dtype, m, k, group, bits, as_pointer<void>(q), as_pointer<float>(scale),
-                   cuda, stream);
+  const RowSource src =
+      row_source(as_pointer<const void>(x), as_pointer<const void>(x2), x_k < 0 ? k : x_k, k, gelu_from);
+  run_rht_quantize(src, dtype, m, k, group, bits, as_pointer<void>(q), as_pointer<float>(scale), cuda, stream);
 }
 
 // bias 0: no bias.
@@ -269,11 +289,11 @@ NB_MODULE(_C, m) {
   // Outputs take no implicit conversion: a converted (copied) output would receive the results and be dropped.
   m.def("rht", &convrot::rht, "x"_a, "out"_a.noconvert(), "group_size"_a, "stream"_a = 0);
   m.def("rht_quantize", &convrot::rht_quantize, "x"_a, "q"_a.noconvert(), "scale"_a.noconvert(), "group_size"_a,
-        "bits"_a, "stream"_a = 0);
+        "bits"_a, "stream"_a = 0, "x2"_a.none() = nb::none(), "gelu_from"_a = -1);
   m.def("gemm", &convrot::gemm, "qa"_a, "sa"_a, "qw"_a, "sw"_a, "bias"_a.none(), "out"_a.noconvert(), "bits"_a,
         "stream"_a = 0);
   m.def("rht_quantize_ptr", &convrot::rht_quantize_ptr, "x"_a, "x_dtype"_a, "m"_a, "k"_a, "group_size"_a, "bits"_a,
-        "q"_a, "scale"_a, "cuda"_a, "stream"_a);
+        "q"_a, "scale"_a, "cuda"_a, "stream"_a, "x2"_a = 0, "x_k"_a = -1, "gelu_from"_a = -1);
   m.def("gemm_ptr", &convrot::gemm_ptr, "qa"_a, "sa"_a, "qw"_a, "sw"_a, "bias"_a, "out"_a, "out_dtype"_a, "m"_a, "n"_a,
         "k"_a, "bits"_a, "cuda"_a, "stream"_a);
   m.def("pack_int4", &convrot::pack_int4, "q"_a, "packed"_a.noconvert(), "stream"_a = 0);

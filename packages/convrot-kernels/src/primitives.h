@@ -10,16 +10,28 @@ namespace convrot {
 // Element type of a floating-point input or output buffer.
 enum class Float { f32, f16, bf16 };
 
+// The rows rht_quantize reads, `k` elements each: row r is the concatenation of
+// x[r, 0:k1] and x2[r, 0:k-k1] (x2 null when k1 == k), and its elements from
+// column gelu_from on (k: none) first pass through GELU, tanh approximation,
+// computed in fp32 and rounded to the input dtype. k1 and gelu_from are
+// multiples of 16 (the CUDA rows are loaded in chunks of 16).
+struct RowSource {
+  const void* x;
+  const void* x2;
+  int64_t k1;
+  int64_t gelu_from;
+};
+
 namespace cpu {
 
 // out[r, :] = rht(x[r, :], group) for each of `rows` rows of `k` elements.
 void rht(const void* x, void* out, Float dtype, int64_t rows, int64_t k, int group);
 
-// Rotates each row group-wise (group == 0: no rotation), then quantizes it to
-// `bits` (4 or 8) per row. q is uint8 [rows, k/2] packed for 4 bits, int8
+// Rotates each row of `src` group-wise (group == 0: no rotation), then quantizes
+// it to `bits` (4 or 8) per row. q is uint8 [rows, k/2] packed for 4 bits, int8
 // [rows, k] for 8 bits; scale is fp32 [rows].
-void rht_quantize(const void* x, Float dtype, int64_t rows, int64_t k, int group, int bits,
-                  void* q, float* scale);
+void rht_quantize(const RowSource& src, Float dtype, int64_t rows, int64_t k, int group, int bits, void* q,
+                  float* scale);
 
 // out[m, n] = (sum_k qa[m, k] qw[n, k]) * sa[m] * sw[n] + bias[n]; bias may be null.
 void gemm(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias,
@@ -38,8 +50,8 @@ namespace cuda {
 // `stream` (a cudaStream_t) and never synchronised. Launch errors throw
 // std::runtime_error.
 void rht(const void* x, void* out, Float dtype, int64_t rows, int64_t k, int group, void* stream);
-void rht_quantize(const void* x, Float dtype, int64_t rows, int64_t k, int group, int bits,
-                  void* q, float* scale, void* stream);
+void rht_quantize(const RowSource& src, Float dtype, int64_t rows, int64_t k, int group, int bits, void* q,
+                  float* scale, void* stream);
 void gemm(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias,
           void* out, Float out_dtype, int64_t m, int64_t n, int64_t k, int bits, void* stream);
 void pack_int4(const int8_t* q, uint8_t* packed, int64_t n_bytes, void* stream);

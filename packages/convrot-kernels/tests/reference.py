@@ -62,3 +62,29 @@ def gemm(qa: np.ndarray, sa: np.ndarray, qw: np.ndarray, sw: np.ndarray, bias: n
 def cast(v: np.ndarray, dtype: torch.dtype) -> np.ndarray:
     """float64 values rounded to dtype and back: the error of the same math in that precision."""
     return torch.from_numpy(v).to(dtype).double().numpy()
+
+
+def gelu_tanh(v: np.ndarray) -> np.ndarray:
+    """GELU, tanh approximation, in float64."""
+    return 0.5 * v * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (v + 0.044715 * v**3)))
+
+
+def gelu_steady(x: torch.Tensor) -> torch.Tensor:
+    """x with each element whose GELU lies within 1/20 of a unit in the last place of x's dtype
+    from a rounding boundary set to 0: only there may a GELU computed in fp32 (a few fp32 ulps
+    off) round to another value of the dtype than the float64 one."""
+    if x.dtype == torch.float32:
+        return x
+    g = gelu_tanh(x.double().numpy())
+    eps = 0.05 * 2.0 ** (-8 if x.dtype == torch.bfloat16 else -11)
+    steady = cast(g * (1 - eps), x.dtype) == cast(g * (1 + eps), x.dtype)
+    return torch.where(torch.from_numpy(steady), x, torch.zeros_like(x))
+
+
+def fused_rows(x: torch.Tensor, x2: torch.Tensor | None, gelu_from: int | None) -> torch.Tensor:
+    """cat([x, x2], 1) with GELU (rounded to x's dtype) from column gelu_from on, in float64."""
+    rows = x.double() if x2 is None else torch.cat([x.double(), x2.double()], dim=1)
+    if gelu_from is not None:
+        tail = cast(gelu_tanh(rows[:, gelu_from:].numpy()), x.dtype)
+        rows[:, gelu_from:] = torch.from_numpy(tail)
+    return rows

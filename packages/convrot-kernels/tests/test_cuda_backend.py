@@ -1,4 +1,5 @@
-"""The CUDA backend against the CPU backend and a float64 reference written here.
+"""The CUDA backend against the CPU backend and a float64 reference written here
+(the rows of fused inputs come from reference.py).
 
 Every check draws fresh random inputs. Outputs are written into buffers poisoned
 with two different patterns (by calling the destination-passing ``_C`` functions
@@ -16,6 +17,8 @@ import torch
 
 import convrot_kernels as ck
 from convrot_kernels import _C
+
+import reference as ref
 
 pytestmark = [
     pytest.mark.gpu,
@@ -108,8 +111,10 @@ def cuda_rht(x: torch.Tensor, group: int) -> torch.Tensor:
     return out
 
 
-def cuda_rht_quantize(x: torch.Tensor, group: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    m, k = x.shape
+def cuda_rht_quantize(
+    x: torch.Tensor, group: int, bits: int, x2: torch.Tensor | None = None, gelu_from: int = -1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    m, k = x.shape[0], x.shape[1] + (0 if x2 is None else x2.shape[1])
 
     def outputs():
         q = torch.empty(
@@ -117,7 +122,7 @@ def cuda_rht_quantize(x: torch.Tensor, group: int, bits: int) -> tuple[torch.Ten
         )
         return [q, torch.empty(m, dtype=torch.float32, device=x.device)]
 
-    q, scale = poisoned_runs(outputs, lambda q, s: _C.rht_quantize(x, q, s, group, bits, stream()))
+    q, scale = poisoned_runs(outputs, lambda q, s: _C.rht_quantize(x, q, s, group, bits, stream(), x2, gelu_from))
     return q, scale
 
 
@@ -196,6 +201,39 @@ def test_rht_quantize_matches_cpu_backend_and_float64(m, k, group, dtype, bits):
     q, scale = cuda_rht_quantize(x.cuda(), group, bits)
     cpu_q, cpu_scale = ck.rht_quantize(x, group, bits)
     assert_codes(q, scale, rotate64(x, group), bits, cpu_q, cpu_scale)
+
+
+FUSED_SHAPES = [  # (M, width of x, width of x2, gelu_from, group)
+    (5, 3072, 12288, 3072, 256),  # Flux's single-block proj_out: cat([attn, gelu(mlp)])
+    (3, 12288, 0, 0, 256),  # Flux's feed-forward output layer: gelu(h)
+    (4, 0, 12288, 0, 256),  # the same, given as x2
+    (7, 4608, 0, 0, 64),  # PixArt's feed-forward output layer
+    (3, 1152, 4608, 2304, 64),  # GELU from inside x2
+    (2, 4096, 16384, 4096, 256),  # two staged segments
+    (3, 48, 20, 16, 4),  # chunks of 4
+]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k1,k2,gelu_from,group", FUSED_SHAPES)
+def test_fused_inputs_match_cpu_backend_and_float64(m, k1, k2, gelu_from, group, dtype, bits):
+    x = ref.gelu_steady((torch.randn(m, k1 + k2) * 2 + torch.randn(m, 1)).to(dtype))
+    x1, x2 = x[:, :k1].contiguous(), (x[:, k1:].contiguous() if k2 else None)
+    q, scale = cuda_rht_quantize(x1.cuda(), group, bits, None if x2 is None else x2.cuda(), gelu_from)
+    cpu_q, cpu_scale = ck.rht_quantize(x1, group, bits, x2=x2, gelu_from=gelu_from)
+    assert_codes(q, scale, rotate64(ref.fused_rows(x1, x2, gelu_from), group), bits, cpu_q, cpu_scale)
+
+
+def test_misaligned_fused_input_takes_the_scalar_path():
+    x1 = torch.randn(3, 256, device="cuda").to(torch.bfloat16)
+    storage = torch.empty(3 * 1024 + 1, device="cuda", dtype=torch.bfloat16)
+    x2 = storage[1:].view(3, 1024)  # 2 bytes into its storage: no 16-byte vector loads
+    x2.copy_(ref.gelu_steady(torch.randn(3, 1024).to(torch.bfloat16)))
+    assert x2.data_ptr() % 16
+    q, scale = cuda_rht_quantize(x1, 256, 4, x2, 256)
+    cpu_q, cpu_scale = ck.rht_quantize(x1.cpu(), 256, 4, x2=x2.cpu(), gelu_from=256)
+    assert_codes(q, scale, rotate64(ref.fused_rows(x1.cpu(), x2.cpu(), 256), 256), 4, cpu_q, cpu_scale)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

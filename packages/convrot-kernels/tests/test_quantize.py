@@ -93,6 +93,66 @@ def test_zero_and_non_finite_rows_stay_in_their_row(bits):
     assert scale[0].item() == good_scale.item() and (codes[0] == codes_of(good_q, bits)[0]).all()
 
 
+@given(
+    rows=st.integers(1, 5),
+    x_chunks=st.integers(0, 6),
+    x2_width=st.integers(0, 100),
+    group_size=st.sampled_from([0, 4, 16, 64]),
+    gelu_chunk=st.integers(0, 12),
+    bits=st.sampled_from([4, 8]),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_fused_inputs_match_the_materialised_row(rows, x_chunks, x2_width, group_size, gelu_chunk, bits, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    k1 = 16 * x_chunks
+    k = k1 + x2_width
+    if group_size:
+        k = max(group_size, -(-k // group_size) * group_size)
+    elif k % 2:
+        k += 1
+    gelu_from = 16 * gelu_chunk if 16 * gelu_chunk <= k else None
+    x = ref.gelu_steady((torch.randn(rows, k, generator=g) * 3).to(dtype))
+    x1, x2 = x[:, :k1].contiguous(), (x[:, k1:].contiguous() if k1 < k else None)
+    q = torch.empty((rows, k // 2 if bits == 4 else k), dtype=torch.uint8 if bits == 4 else torch.int8)
+    scale = torch.empty(rows)
+    ck.rht_quantize_into(x1, q, scale, group_size, bits, x2=x2, gelu_from=gelu_from)
+    row = ref.fused_rows(x1, x2, gelu_from)
+    assert_codes_match(q, scale, ref.rht(row, group_size) if group_size else row.numpy(), bits)
+    if group_size:
+        returned = ck.rht_quantize(x1, group_size, bits, x2=x2, gelu_from=gelu_from)
+        assert torch.equal(returned[0], q) and torch.equal(returned[1], scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_gelu_is_the_tanh_approximation_rounded_to_the_dtype(dtype):
+    # 8-bit codes of unrotated values: a GELU off by one unit of the dtype (or the erf GELU) shows.
+    x = ref.gelu_steady((torch.linspace(-6, 6, 4096) * 1.01).to(dtype).reshape(8, 512))
+    q, scale = torch.empty(8, 512, dtype=torch.int8), torch.empty(8)
+    ck.rht_quantize_into(x, q, scale, 0, 8, gelu_from=0)
+    assert_codes_match(q, scale, ref.fused_rows(x, None, 0).numpy(), 8)
+
+
+def test_fused_inputs_are_checked():
+    x, x2 = torch.zeros(2, 256), torch.zeros(2, 512)
+    with pytest.raises(ValueError, match="x2 must be 2-D"):
+        ck.rht_quantize(x, x2=x2.half())
+    with pytest.raises(ValueError, match="x2 must be 2-D"):
+        ck.rht_quantize(x, x2=torch.zeros(3, 512))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        ck.rht_quantize(torch.zeros(2, 8), 16, x2=torch.zeros(2, 8))
+    with pytest.raises(ValueError, match=r"gelu_from must be a multiple of 16 in \[0, 768\]"):
+        ck.rht_quantize(x, x2=x2, gelu_from=8)
+    with pytest.raises(ValueError, match="gelu_from"):
+        ck.rht_quantize(x, x2=x2, gelu_from=784)
+    with pytest.raises(ValueError, match="gelu_from"):
+        ck.rht_quantize(x, gelu_from=True)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        ck.rht_quantize(x, x2=torch.zeros(2, 16))
+    with pytest.raises(ValueError, match="x2 must be contiguous"):
+        ck.rht_quantize_into(x, torch.empty(2, 384, dtype=torch.uint8), torch.empty(2), x2=torch.zeros(2, 1024)[:, ::2])
+
+
 def test_empty_input_gives_empty_outputs():
     q, scale = ck.rht_quantize(torch.zeros(0, 256, dtype=torch.bfloat16))
     assert q.shape == (0, 128) and scale.shape == (0,)

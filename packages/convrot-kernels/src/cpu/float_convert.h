@@ -52,4 +52,13 @@ inline void store_float(void* base, Float dtype, int64_t i, float v) {
   }
 }
 
+// v rounded to dtype and back.
+inline float round_to(Float dtype, float v) {
+  switch (dtype) {
+    case Float::f32: return v;
+    case Float::f16: return f16_to_float(float_to_f16(v));
+    default: return bf16_to_float(float_to_bf16(v));
+  }
+}
+
 }  // namespace convrot::cpu

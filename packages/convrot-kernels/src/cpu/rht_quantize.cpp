@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "cpu/float_convert.h"
+#include "cpu/gelu.h"
 #include "cpu/hadamard_butterfly.h"
 #include "cpu/parallel_for.h"
 #include "primitives.h"
@@ -36,13 +37,16 @@ float quantize_row(const float* v, int64_t k, int bits, int8_t* q) {
 
 }  // namespace
 
-void rht_quantize(const void* x, Float dtype, int64_t rows, int64_t k, int group, int bits,
-                  void* q, float* scale) {
+void rht_quantize(const RowSource& src, Float dtype, int64_t rows, int64_t k, int group, int bits, void* q,
+                  float* scale) {
+  const int64_t k2 = k - src.k1;
   parallel_for(rows, k * 8, [&](int64_t begin, int64_t end) {
     std::vector<float> row(static_cast<size_t>(k));
     std::vector<int8_t> codes(static_cast<size_t>(k));
     for (int64_t r = begin; r < end; ++r) {
-      for (int64_t j = 0; j < k; ++j) row[j] = load_float(x, dtype, r * k + j);
+      for (int64_t j = 0; j < src.k1; ++j) row[j] = load_float(src.x, dtype, r * src.k1 + j);
+      for (int64_t j = 0; j < k2; ++j) row[src.k1 + j] = load_float(src.x2, dtype, r * k2 + j);
+      for (int64_t j = src.gelu_from; j < k; ++j) row[j] = round_to(dtype, gelu_tanh(row[j]));
       if (group > 0) {
         for (int64_t g0 = 0; g0 < k; g0 += group) rotate_group(row.data() + g0, group);
       }

@@ -5,7 +5,8 @@ namespace convrot::cuda {
 
 void rht(const void* x, void* out, Float dtype, int64_t rows, int64_t k, int group, void* stream) {
   if (rows == 0 || k == 0) return;
-  row_rotation::launch<row_rotation::kRotate>(x, dtype, rows, k, group, out, nullptr, stream);
+  const RowSource src{x, nullptr, k, k};
+  row_rotation::launch<row_rotation::kRotate>(src, dtype, rows, k, group, out, nullptr, stream);
 }
 
 }  // namespace convrot::cuda

@@ -13,6 +13,8 @@
 // straight from shared memory: x is read once and only codes and one scale per
 // row are written. Rows longer than kMaxStaged are rotated segment by segment,
 // twice (once for the amax, once for the codes): correct for any K, slower.
+// A row may be the concatenation of two inputs, part of it passed through GELU
+// on load (RowSource in primitives.h): the fused form of cat([a, gelu(b)]).
 #pragma once
 
 #include <cfloat>
@@ -20,8 +22,34 @@
 #include <cstdlib>
 
 #include "common.cuh"
+#include "gelu.cuh"
 
 namespace convrot::cuda::row_rotation {
+
+// A RowSource typed: where element `col` of row `row` lives, and where GELU starts.
+template <typename T>
+struct Rows {
+  const T* x;
+  const T* x2;
+  int64_t k1, k2;
+  int64_t gelu_from;
+
+  __device__ __forceinline__ const T* at(int64_t row, int64_t col) const {
+    return col < k1 ? x + row * k1 + col : x2 + row * k2 + (col - k1);
+  }
+};
+
+template <typename T>
+Rows<T> typed(const RowSource& src, int64_t k) {
+  return Rows<T>{static_cast<const T*>(src.x), static_cast<const T*>(src.x2), src.k1, k - src.k1, src.gelu_from};
+}
+
+// GELU of a loaded chunk, rounded to the input dtype as the unfused model's GELU output would be.
+template <typename T, int W>
+__device__ __forceinline__ void gelu_chunk(float (&v)[W]) {
+#pragma unroll
+  for (int q = 0; q < W; ++q) v[q] = to_float(from_float<T>(gelu_tanh<T>(v[q])));
+}
 
 constexpr int kMaxThreads = 512;
 // Elements of a row staged in shared memory at once (64 KB of fp32): Flux's
@@ -213,13 +241,17 @@ __device__ __forceinline__ void strided_passes(float* buf, int len, int group) {
   __syncthreads();
 }
 
-// Loads x[0, len) into shared memory and applies every stage of stride >= 16.
-// On return this thread may read back its own chunks (c = tid, tid + T, ...).
+// Loads elements [base, base + len) of a row into shared memory and applies
+// every stage of stride >= 16. On return this thread may read back its own
+// chunks (c = tid, tid + T, ...).
 template <typename T, int W>
-__device__ __forceinline__ void stage_segment(const T* x, int len, int group, bool vec, float* buf) {
+__device__ __forceinline__ void stage_segment(const Rows<T>& src, int64_t row, int64_t base, int len, int group,
+                                              bool vec, float* buf) {
   for (int c = threadIdx.x; c < len / W; c += blockDim.x) {
+    const int64_t col = base + c * W;
     float v[W];
-    load_chunk<T, W>(x + c * W, vec, v);
+    load_chunk<T, W>(src.at(row, col), vec, v);
+    if (col >= src.gelu_from) gelu_chunk<T, W>(v);
     smem_store_chunk<W>(buf, c * W, v);
   }
   if (group >= 64) strided_passes(buf, len, group);
@@ -356,13 +388,12 @@ __device__ __forceinline__ void block_amax(float& amax, bool& finite, int parity
 // kQuant4 / kQuant8 write codes to `out` (uint8 / int8) and the row scale.
 // group == 0 (quantization only) skips every stage.
 template <typename T, int W, int MODE>
-__global__ void __launch_bounds__(kMaxThreads) rows_kernel(const T* __restrict__ x, int64_t k, int group,
-                                                           int seg_len, bool vec, void* __restrict__ out,
+__global__ void __launch_bounds__(kMaxThreads) rows_kernel(const Rows<T> src, int64_t k, int group, int seg_len,
+                                                           bool vec, void* __restrict__ out,
                                                            float* __restrict__ scale_out) {
   extern __shared__ float4 smem4[];
   float* buf = reinterpret_cast<float*>(smem4);
   const int64_t row = blockIdx.x;
-  const T* xr = x + row * k;
   const int nseg = int(ceil_div<int64_t>(k, seg_len));
   float unit = 1.0f;  // 2^-log4(group), exact
   for (int g = group; g > 1; g >>= 2) unit *= 0.5f;
@@ -373,7 +404,7 @@ __global__ void __launch_bounds__(kMaxThreads) rows_kernel(const T* __restrict__
     const int64_t base = int64_t(seg) * seg_len;
     const int len = int(k - base < seg_len ? k - base : seg_len);
     if (seg > 0) __syncthreads();  // the previous segment's strided passes are done with buf
-    stage_segment<T, W>(xr + base, len, group, vec, buf);
+    stage_segment<T, W>(src, row, base, len, group, vec, buf);
     for (int c = threadIdx.x; c < len / W; c += blockDim.x) {
       float v[W];
       smem_load_chunk<W>(buf, c * W, v);
@@ -406,7 +437,7 @@ __global__ void __launch_bounds__(kMaxThreads) rows_kernel(const T* __restrict__
       const int len = int(k - base < seg_len ? k - base : seg_len);
       if (nseg > 1) {
         __syncthreads();
-        stage_segment<T, W>(xr + base, len, group, vec, buf);
+        stage_segment<T, W>(src, row, base, len, group, vec, buf);
       }
       for (int c = threadIdx.x; c < len / W; c += blockDim.x) {
         float v[W];
@@ -510,7 +541,7 @@ constexpr int kFastMaxChunksPerThread = 4;
 constexpr int two_block_threads(int cpt) { return cpt <= 2 ? 384 : cpt == 3 ? 320 : 256; }
 
 template <typename T, int MODE, int CPT, int MIN_BLOCKS>
-__global__ void __launch_bounds__(MIN_BLOCKS == 2 ? two_block_threads(CPT) : kMaxThreads, MIN_BLOCKS) rows_fast_kernel(const T* __restrict__ x, int64_t rows, int k,
+__global__ void __launch_bounds__(MIN_BLOCKS == 2 ? two_block_threads(CPT) : kMaxThreads, MIN_BLOCKS) rows_fast_kernel(const Rows<T> src, int64_t rows, int k,
                                                                 int group, int work_words, void* __restrict__ out,
                                                                 float* __restrict__ scale_out) {
   extern __shared__ float4 smem4[];
@@ -523,16 +554,16 @@ __global__ void __launch_bounds__(MIN_BLOCKS == 2 ? two_block_threads(CPT) : kMa
 
   // Each thread stages and later reads back only its own chunks: no barrier needed.
   auto fetch = [&](int64_t row) {
-    const uint4* src = reinterpret_cast<const uint4*>(x + row * k);
 #pragma unroll
     for (int j = 0; j < CPT; ++j) {
       const int c = j * blockDim.x + threadIdx.x;
       if (c < nchunks) {
+        const uint4* chunk = reinterpret_cast<const uint4*>(src.at(row, c * 16));
 #pragma unroll
         for (int p = 0; p < kVec; ++p) {
           asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(
                            static_cast<uint32_t>(__cvta_generic_to_shared(staged + c * kVec + p))),
-                       "l"(src + c * kVec + p)
+                       "l"(chunk + p)
                        : "memory");
         }
       }
@@ -560,6 +591,7 @@ __global__ void __launch_bounds__(MIN_BLOCKS == 2 ? two_block_threads(CPT) : kMa
 #pragma unroll
           for (int q = 0; q < 16 / int(sizeof(T)); ++q) v[j][p * (16 / sizeof(T)) + q] = to_float(e[q]);
         }
+        if (c * 16 >= src.gelu_from) gelu_chunk<T, 16>(v[j]);
       }
     }
     if (row + gridDim.x < rows) fetch(row + gridDim.x);  // in flight during this row's work
@@ -655,7 +687,8 @@ inline int multiprocessors() {
 }
 
 template <typename T, int MODE, int CPT, int MIN_BLOCKS>
-void launch_fast(const void* x, int64_t rows, int64_t k, int group, void* out, float* scale, cudaStream_t stream) {
+void launch_fast(const RowSource& src, int64_t rows, int64_t k, int group, void* out, float* scale,
+                 cudaStream_t stream) {
   const int nchunks = int(k / 16);
   const int threads = int(ceil_div(ceil_div(nchunks, CPT), 32)) * 32;
   const size_t words = group == 256 ? size_t(k / 256) * kBlockWords256
@@ -668,33 +701,37 @@ void launch_fast(const void* x, int64_t rows, int64_t k, int group, void* out, f
   check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem), "cudaOccupancy");
   const int64_t resident = int64_t(per_sm > 0 ? per_sm : 1) * multiprocessors();
   const unsigned grid = unsigned(rows < resident ? rows : resident);
-  kernel<<<grid, threads, smem, stream>>>(static_cast<const T*>(x), rows, int(k), group, int(words), out, scale);
+  kernel<<<grid, threads, smem, stream>>>(typed<T>(src, k), rows, int(k), group, int(words), out, scale);
   check_launch("row rotation kernel (fast path)");
 }
 
+// Whether 16-byte vector accesses reach every chunk of these rows (given k % W == 0).
+inline bool vectorizable(const RowSource& src, const void* out) {
+  return aligned16(src.x) && (src.x2 == nullptr || aligned16(src.x2)) && aligned16(out);
+}
+
 // Whether the fast path takes these rows; it needs 16-byte vectors throughout.
-template <typename T>
-bool fast_path_applies(const void* x, int64_t k, const void* out) {
+inline bool fast_path_applies(const RowSource& src, int64_t k, const void* out) {
   const int64_t max_chunks = kFastMaxChunksPerThread * two_block_threads(kFastMaxChunksPerThread);
-  return k % 16 == 0 && k / 16 <= max_chunks && aligned16(x) && aligned16(out);
+  return k % 16 == 0 && k / 16 <= max_chunks && vectorizable(src, out);
 }
 
 // Chunks per thread: at least 2 (amortises the per-row reduction over more
 // elements), as few as fit two resident blocks per SM; 1 for short rows.
 // CONVROT_ROWS_CHUNKS=1|2 overrides the choice where it applies, for benchmarking.
 template <typename T, int MODE>
-void launch_fast_any(const void* x, int64_t rows, int64_t k, int group, void* out, float* scale,
+void launch_fast_any(const RowSource& src, int64_t rows, int64_t k, int group, void* out, float* scale,
                      cudaStream_t stream) {
   const int64_t nchunks = k / 16;
   const char* env = std::getenv("CONVROT_ROWS_CHUNKS");
   const int forced = env != nullptr ? std::atoi(env) : 0;
-  if (forced == 1 && nchunks <= kMaxThreads) return launch_fast<T, MODE, 1, 1>(x, rows, k, group, out, scale, stream);
+  if (forced == 1 && nchunks <= kMaxThreads) return launch_fast<T, MODE, 1, 1>(src, rows, k, group, out, scale, stream);
   if (nchunks <= 2 * two_block_threads(2) && (nchunks >= 128 || forced == 2)) {
-    return launch_fast<T, MODE, 2, 2>(x, rows, k, group, out, scale, stream);
+    return launch_fast<T, MODE, 2, 2>(src, rows, k, group, out, scale, stream);
   }
-  if (nchunks < 128) return launch_fast<T, MODE, 1, 1>(x, rows, k, group, out, scale, stream);
-  if (nchunks <= 3 * two_block_threads(3)) return launch_fast<T, MODE, 3, 2>(x, rows, k, group, out, scale, stream);
-  return launch_fast<T, MODE, 4, 2>(x, rows, k, group, out, scale, stream);
+  if (nchunks < 128) return launch_fast<T, MODE, 1, 1>(src, rows, k, group, out, scale, stream);
+  if (nchunks <= 3 * two_block_threads(3)) return launch_fast<T, MODE, 3, 2>(src, rows, k, group, out, scale, stream);
+  return launch_fast<T, MODE, 4, 2>(src, rows, k, group, out, scale, stream);
 }
 
 // The widest chunk (16, 4, 2 or 1 elements) that divides k; 16 and 4 are
@@ -707,44 +744,45 @@ inline int chunk_width(int64_t k) {
 }
 
 template <typename T, int W, int MODE>
-void launch_typed(const void* x, int64_t rows, int64_t k, int group, void* out, float* scale, cudaStream_t stream) {
+void launch_typed(const RowSource& src, int64_t rows, int64_t k, int group, void* out, float* scale,
+                  cudaStream_t stream) {
   const int seg_len = int(k < kMaxStaged ? k : kMaxStaged);
   const int chunks = seg_len / W;
   const int threads = chunks >= kMaxThreads ? kMaxThreads : int(ceil_div(chunks, 32)) * 32;
   const size_t smem = size_t(ceil_div(seg_len, 32)) * 32 * sizeof(float);
-  const bool vec = aligned16(x) && aligned16(out);
   auto kernel = rows_kernel<T, W, MODE>;
   allow_dynamic_smem(kernel, smem);
-  kernel<<<dim3(unsigned(rows)), threads, smem, stream>>>(static_cast<const T*>(x), k, group, seg_len, vec, out,
-                                                          scale);
+  kernel<<<dim3(unsigned(rows)), threads, smem, stream>>>(typed<T>(src, k), k, group, seg_len,
+                                                          vectorizable(src, out), out, scale);
   check_launch("row rotation kernel");
 }
 
 template <typename T, int MODE>
-void launch_width(const void* x, int64_t rows, int64_t k, int group, void* out, float* scale, cudaStream_t stream) {
-  if (fast_path_applies<T>(x, k, out)) return launch_fast_any<T, MODE>(x, rows, k, group, out, scale, stream);
+void launch_width(const RowSource& src, int64_t rows, int64_t k, int group, void* out, float* scale,
+                  cudaStream_t stream) {
+  if (fast_path_applies(src, k, out)) return launch_fast_any<T, MODE>(src, rows, k, group, out, scale, stream);
   switch (chunk_width(k)) {
-    case 16: return launch_typed<T, 16, MODE>(x, rows, k, group, out, scale, stream);
-    case 4: return launch_typed<T, 4, MODE>(x, rows, k, group, out, scale, stream);
+    case 16: return launch_typed<T, 16, MODE>(src, rows, k, group, out, scale, stream);
+    case 4: return launch_typed<T, 4, MODE>(src, rows, k, group, out, scale, stream);
     default:
       if constexpr (MODE != kRotate) {  // odd widths occur only without rotation
-        if (k % 2 == 0) return launch_typed<T, 2, MODE>(x, rows, k, group, out, scale, stream);
-        if constexpr (MODE == kQuant8) return launch_typed<T, 1, MODE>(x, rows, k, group, out, scale, stream);
+        if (k % 2 == 0) return launch_typed<T, 2, MODE>(src, rows, k, group, out, scale, stream);
+        if constexpr (MODE == kQuant8) return launch_typed<T, 1, MODE>(src, rows, k, group, out, scale, stream);
       }
       throw std::runtime_error("convrot_kernels CUDA: unsupported row width for this primitive");
   }
 }
 
-// Rows of x (dtype) through the engine; `scale` is null for kRotate.
+// Rows of `src` (dtype) through the engine; `scale` is null for kRotate.
 template <int MODE>
-void launch(const void* x, Float dtype, int64_t rows, int64_t k, int group, void* out, float* scale,
+void launch(const RowSource& src, Float dtype, int64_t rows, int64_t k, int group, void* out, float* scale,
             void* stream) {
   if (rows > 0x7fffffff) throw std::runtime_error("convrot_kernels CUDA: more than 2^31 - 1 rows");
   const cudaStream_t s = as_stream(stream);
   switch (dtype) {
-    case Float::f32: return launch_width<float, MODE>(x, rows, k, group, out, scale, s);
-    case Float::f16: return launch_width<__half, MODE>(x, rows, k, group, out, scale, s);
-    default: return launch_width<__nv_bfloat16, MODE>(x, rows, k, group, out, scale, s);
+    case Float::f32: return launch_width<float, MODE>(src, rows, k, group, out, scale, s);
+    case Float::f16: return launch_width<__half, MODE>(src, rows, k, group, out, scale, s);
+    default: return launch_width<__nv_bfloat16, MODE>(src, rows, k, group, out, scale, s);
   }
 }
 
