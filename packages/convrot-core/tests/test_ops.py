@@ -24,6 +24,24 @@ def test_opcheck(rotation, bits):
             torch.library.opcheck(quantized_linear, args)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_opcheck_input_in_parts(bits):
+    cls = convrot.ConvLinear4bit if bits == 4 else convrot.ConvLinear8bit
+    layer = cls.from_linear(nn.Linear(64, 16), group_size=16)
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    for x1, x2, gelu_from in ((x[..., :16], x[..., 16:], 32), (x, None, 0), (x[..., :48], x[..., 48:], -1)):
+        args = (x1, layer.qweight, layer.weight_scale, layer.bias, bits, 16, "regular", x2, gelu_from)
+        torch.library.opcheck(quantized_linear, args)
+
+
+def test_torch_compile_fullgraph_of_input_in_parts_matches_eager():
+    layer = convrot.ConvLinear4bit.from_linear(nn.Linear(64, 32), group_size=16)
+    layer.gelu_from = 16
+    x = torch.randn(3, 64)
+    compiled = torch.compile(lambda a, b: layer(a, b), fullgraph=True)
+    assert torch.equal(compiled(x[:, :16], x[:, 16:]), layer(x[:, :16], x[:, 16:]))
+
+
 def test_fake_implementation_shapes():
     layer = convrot.ConvLinear4bit.from_linear(nn.Linear(64, 16), group_size=16)
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:

@@ -9,6 +9,7 @@ from torch import nn
 
 from convrot_kernels import pack_int4
 
+from .fused_input import materialize
 from .hadamard import check_rotation, resolve_group_size
 from .ops import linear_forward, quantized_linear
 from .quantizer.fake_quant import simulated_linear
@@ -30,6 +31,12 @@ class ConvLinear(nn.Module):
 
     ``simulation_dtype``: None runs the kernels; a float dtype runs the same
     math in torch float ops of that dtype (see convrot.set_simulation).
+
+    ``gelu_from``: None, or a column (a multiple of 16) from which the input
+    passes through GELU (tanh approximation) inside the layer, fused into the
+    activation quantization; ``forward(x, x2)`` then also takes the input in
+    two parts, ``cat([x, x2], -1)``. Set by convrot_diffusers.fuse_activations
+    together with the module whose GELU and concatenation it removes.
     """
 
     bits: int
@@ -54,6 +61,7 @@ class ConvLinear(nn.Module):
         self.group_size = resolve_group_size(in_features, group_size)
         self.rotation = rotation
         self.simulation_dtype: torch.dtype | None = None
+        self.gelu_from = None
         if self.bits == 4:
             qweight = torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device)
         else:
@@ -102,14 +110,26 @@ class ConvLinear(nn.Module):
         )
         layer.qweight, layer.weight_scale, layer.bias = qweight, weight_scale, bias
         layer.simulation_dtype = self.simulation_dtype
+        layer.gelu_from = self.gelu_from
         return layer
+
+    @property
+    def gelu_from(self) -> int | None:
+        return self._gelu_from
+
+    @gelu_from.setter
+    def gelu_from(self, column: int | None) -> None:
+        valid = isinstance(column, int) and not isinstance(column, bool) and 0 <= column <= self.in_features
+        if column is not None and not (valid and column % 16 == 0):
+            raise ValueError(f"gelu_from must be None or a multiple of 16 in [0, {self.in_features}]; got {column!r}")
+        self._gelu_from = column
 
     @staticmethod
     def concatenation_error(layers: Sequence[ConvLinear]) -> str | None:
         """Why ``concatenate`` would refuse these ConvLinear layers, or None when it can join them."""
         first = layers[0]
         for layer in layers[1:]:
-            for what in ("in_features", "group_size", "rotation", "simulation_dtype"):
+            for what in ("in_features", "group_size", "rotation", "simulation_dtype", "gelu_from"):
                 if getattr(layer, what) != getattr(first, what):
                     return f"cannot concatenate layers with different {what}"
             if type(layer) is not type(first):
@@ -154,14 +174,24 @@ class ConvLinear(nn.Module):
             start += size
         return layers
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1:] != (self.in_features,):
-            raise ValueError(f"{type(self).__name__}: expected input [..., {self.in_features}], got {tuple(x.shape)}")
+    def forward(self, x: torch.Tensor, x2: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer on x [..., in_features], or on ``cat([x, x2], -1)`` given as x and x2."""
+        name = type(self).__name__
+        if x2 is None:
+            if x.shape[-1:] != (self.in_features,):
+                raise ValueError(f"{name}: expected input [..., {self.in_features}], got {tuple(x.shape)}")
+        elif x2.shape[:-1] != x.shape[:-1] or x.shape[-1] + x2.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{name}: x and x2 must share their leading dims and add up to {self.in_features} features; "
+                f"got {tuple(x.shape)} and {tuple(x2.shape)}"
+            )
         if x.dtype not in ACTIVATION_DTYPES:
-            raise TypeError(f"{type(self).__name__}: input dtype must be float32, float16 or bfloat16, got {x.dtype}")
+            raise TypeError(f"{name}: input dtype must be float32, float16 or bfloat16, got {x.dtype}")
+        if x2 is not None and (x2.dtype != x.dtype or x2.device != x.device):
+            raise ValueError(f"{name}: x2 ({x2.dtype}, {x2.device}) must match x ({x.dtype}, {x.device})")
         if self.simulation_dtype is not None:
             return simulated_linear(
-                x,
+                materialize(x, x2, self.gelu_from),
                 self.qweight,
                 self.weight_scale,
                 self.bias,
@@ -171,10 +201,13 @@ class ConvLinear(nn.Module):
                 self.simulation_dtype,
             )
         if x.device != self.qweight.device:
-            raise ValueError(f"{type(self).__name__}: input is on {x.device}, the layer on {self.qweight.device}")
+            raise ValueError(f"{name}: input is on {x.device}, the layer on {self.qweight.device}")
         # Eager calls skip the custom op's dispatch (tens of microseconds a call); traced ones need it.
         forward = quantized_linear if torch.compiler.is_compiling() else linear_forward
-        return forward(x, self.qweight, self.weight_scale, self.bias, self.bits, self.group_size, self.rotation)
+        gelu_from = -1 if self.gelu_from is None else self.gelu_from
+        return forward(
+            x, self.qweight, self.weight_scale, self.bias, self.bits, self.group_size, self.rotation, x2, gelu_from
+        )
 
     def _apply(self, fn, recurse=True):
         # model.to(dtype) / .half() convert floating buffers; the weight scales and
@@ -191,6 +224,7 @@ class ConvLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"group_size={self.group_size}, rotation={self.rotation!r}"
+            + ("" if self.gelu_from is None else f", gelu_from={self.gelu_from}")
         )
 
 
