@@ -9,7 +9,9 @@ variants, a compiled step without the graph capture: the same kernels).
 
 Schemes: "bf16"; "w4a4" / "mix": convrot_diffusers.quantize_transformer with
 that preset; "-fused": then fuse_qkv_projections (one GEMM for q, k and v;
-for bf16, diffusers' own); torchao's float8 / int8 dynamic.
+for bf16, diffusers' own) and, for ConvRot, fuse_activations (GELUs and Flux
+single blocks' concatenation applied inside the next layer); torchao's
+float8 / int8 dynamic.
 
     python packages/convrot-diffusers/benchmarks/bench_transformer_step.py \
         --models flux --flux-blocks 4,8 --batches 1 --out-dir $OUT
@@ -93,6 +95,7 @@ def prepare(model: torch.nn.Module, variant: str) -> torch.nn.Module:
         convrot_diffusers.quantize_transformer(model, preset=scheme.removesuffix("-fused"), progress=False)
         if scheme.endswith("-fused"):
             convrot_diffusers.fuse_qkv_projections(model)
+            convrot_diffusers.fuse_activations(model)
     elif scheme == "bf16-fused":
         model.fuse_qkv_projections()
     elif scheme.startswith("torchao"):

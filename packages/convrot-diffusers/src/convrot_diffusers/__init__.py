@@ -3,6 +3,7 @@
     import convrot_diffusers
     pipe = convrot_diffusers.quantize_pipeline(pipe, preset="mix")
     convrot_diffusers.fuse_qkv_projections(pipe)  # optional: one GEMM for q, k and v
+    convrot_diffusers.fuse_activations(pipe)  # optional: GELUs applied inside the next layer
     convrot_diffusers.save_quantized(pipe, "flux-convrot")
     transformer = convrot_diffusers.load_quantized("flux-convrot", device="cuda")
 
@@ -13,6 +14,7 @@ Importing the package registers ``ConvRotConfig`` with diffusers, so that
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .activation_fusion import fuse_activations, unfuse_activations
 from .checkpoint import load_quantized, save_quantized
 from .detect import ARCHITECTURES, UnsupportedModelError, architecture_of
 from .diffusers_integration import ConvRotConfig, register
@@ -34,11 +36,13 @@ __all__ = [
     "ConvRotConfig",
     "UnsupportedModelError",
     "architecture_of",
+    "fuse_activations",
     "fuse_qkv_projections",
     "load_quantized",
     "policy_for",
     "quantize_pipeline",
     "quantize_transformer",
     "save_quantized",
+    "unfuse_activations",
     "unfuse_qkv_projections",
 ]
