@@ -16,8 +16,8 @@ Handled:
   output layer applies the GELU;
 - Flux's single blocks whose ``proj_out`` is a ConvLinear: their forward is
   replaced by the same computation with the concatenation and GELU moved into
-  ``proj_out``, for the forward signature written here (diffusers >= 0.35);
-  blocks of other diffusers versions are left as they are.
+  ``proj_out``, for the forward signature written here (diffusers 0.42's);
+  blocks whose forward has another signature are left as they are.
 """
 
 from __future__ import annotations
