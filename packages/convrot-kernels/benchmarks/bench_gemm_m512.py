@@ -5,19 +5,19 @@
 Runs itself three times: with the dispatcher's choice, and with the 128 x 128 and
 128 x 256 sm90 kernels forced (CONVROT_GEMM_KERNEL=sm90, CONVROT_SM90_TILE_N).
 Shapes: Flux's text-stream projections (K, N) = (3072, 9216), (3072, 3072),
-(3072, 12288), (12288, 3072). Bias, bf16 output; a CUDA graph of 8 calls on
-distinct inputs, median of 50 replays.
+(3072, 12288), (12288, 3072). Bias, bf16 output; bench_primitives.time_per_call
+over 8 distinct input sets (a CUDA graph of 8 calls), median of 50 replays.
 """
 
 from __future__ import annotations
 
 import os
-import statistics
 import subprocess
 import sys
 
 import torch
 import torch.nn.functional as F
+from bench_primitives import time_per_call
 
 import convrot_kernels as ck
 
@@ -26,43 +26,27 @@ SHAPES = ((3072, 9216), (3072, 3072), (3072, 12288), (12288, 3072))
 KERNELS = ({}, {"CONVROT_GEMM_KERNEL": "sm90", "CONVROT_SM90_TILE_N": "128"}, {"CONVROT_GEMM_KERNEL": "sm90"})
 
 
-def per_call_us(calls) -> float:
-    calls()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        calls()
-    times = []
-    for _ in range(50):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) * 1e3 / SETS)
-    return statistics.median(times)
-
-
 def measure() -> None:
     for m in (512, 1024):
         for k, n in SHAPES:
             x = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(SETS)]
             w = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(SETS)]
             bias = torch.randn(n, device="cuda")
-            qa = [ck.rht_quantize(t, 256, 4) for t in x]
-            qw = [ck.rht_quantize(t, 256, 4) for t in w]
-            out = [torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(SETS)]
-            bias16 = bias.bfloat16()
+            ours_sets = [
+                (
+                    torch.empty(m, n, device="cuda", dtype=torch.bfloat16),
+                    *ck.rht_quantize(a, 256, 4),
+                    *ck.rht_quantize(b, 256, 4),
+                )
+                for a, b in zip(x, w, strict=True)
+            ]
+            bf16_sets = [(a, b, bias.bfloat16()) for a, b in zip(x, w, strict=True)]
 
-            def ours_calls(out=out, qa=qa, qw=qw, bias=bias):
-                for i in range(SETS):
-                    ck.gemm_into(out[i], *qa[i], *qw[i], bias, bits=4)
+            def ours_call(out, qa, sa, qw, sw, bias=bias):
+                ck.gemm_into(out, qa, sa, qw, sw, bias, bits=4)
 
-            def bf16_calls(x=x, w=w, bias16=bias16):
-                for i in range(SETS):
-                    F.linear(x[i], w[i], bias16)
-
-            ours, bf16 = per_call_us(ours_calls), per_call_us(bf16_calls)
+            ours = time_per_call(ours_call, ours_sets, replays=50)
+            bf16 = time_per_call(F.linear, bf16_sets, replays=50)
             print(
                 f"  M={m} K={k:5d} N={n:5d} gemm4 {ours:6.1f} us  bf16 {bf16:6.1f} us  x{bf16 / ours:.2f}", flush=True
             )
