@@ -94,6 +94,76 @@ __device__ __forceinline__ void store2_as(void* out, Float dtype, int64_t i, flo
   }
 }
 
+// ---- runs of contiguous elements ----
+
+// W contiguous elements of T from global memory into fp32 registers; `vec`: the
+// address is aligned to the run's bytes (16-byte multiples: to 16), so vector loads apply.
+template <typename T, int W>
+__device__ __forceinline__ void load_chunk(const T* src, bool vec, float (&v)[W]) {
+  constexpr int kBytes = W * int(sizeof(T));
+  if (vec && kBytes >= 4) {
+    if constexpr (kBytes % 16 == 0) {
+#pragma unroll
+      for (int p = 0; p < kBytes / 16; ++p) {
+        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(src) + p);
+        const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int q = 0; q < 16 / int(sizeof(T)); ++q) v[p * (16 / sizeof(T)) + q] = to_float(e[q]);
+      }
+      return;
+    } else if constexpr (kBytes == 8) {
+      const uint2 raw = __ldg(reinterpret_cast<const uint2*>(src));
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int q = 0; q < W; ++q) v[q] = to_float(e[q]);
+      return;
+    } else if constexpr (kBytes == 4) {
+      const uint32_t raw = __ldg(reinterpret_cast<const unsigned int*>(src));
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int q = 0; q < W; ++q) v[q] = to_float(e[q]);
+      return;
+    }
+  }
+#pragma unroll
+  for (int q = 0; q < W; ++q) v[q] = to_float(src[q]);
+}
+
+// W fp32 values rounded to T into global memory; `vec` as for load_chunk.
+template <typename T, int W>
+__device__ __forceinline__ void store_chunk(T* dst, bool vec, const float (&v)[W]) {
+  constexpr int kBytes = W * int(sizeof(T));
+  if (vec) {
+    if constexpr (kBytes % 16 == 0) {
+#pragma unroll
+      for (int p = 0; p < kBytes / 16; ++p) {
+        uint4 raw;
+        T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+        for (int q = 0; q < 16 / int(sizeof(T)); ++q) e[q] = from_float<T>(v[p * (16 / sizeof(T)) + q]);
+        reinterpret_cast<uint4*>(dst)[p] = raw;
+      }
+      return;
+    } else if constexpr (kBytes == 8) {
+      uint2 raw;
+      T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+      for (int q = 0; q < W; ++q) e[q] = from_float<T>(v[q]);
+      *reinterpret_cast<uint2*>(dst) = raw;
+      return;
+    } else if constexpr (kBytes == 4) {
+      uint32_t raw;
+      T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+      for (int q = 0; q < W; ++q) e[q] = from_float<T>(v[q]);
+      *reinterpret_cast<uint32_t*>(dst) = raw;
+      return;
+    }
+  }
+#pragma unroll
+  for (int q = 0; q < W; ++q) dst[q] = from_float<T>(v[q]);
+}
+
 // ---- the H4 butterfly of docs/format.md: (a, b, c, d) @ H4 = (s - 2d, s - 2c, s - 2b, s - 2a) ----
 
 // s - 2x as one FMA: 2x is exact, so fma(-2, x, s) rounds exactly once like the

@@ -78,59 +78,6 @@ __device__ __forceinline__ int slot(int i) {
   }
 }
 
-// W contiguous elements of T from global memory into fp32 registers.
-template <typename T, int W>
-__device__ __forceinline__ void load_chunk(const T* src, bool vec, float (&v)[W]) {
-  constexpr int kBytes = W * int(sizeof(T));
-  if (vec && kBytes >= 4) {
-    if constexpr (kBytes % 16 == 0) {
-#pragma unroll
-      for (int p = 0; p < kBytes / 16; ++p) {
-        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(src) + p);
-        const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-        for (int q = 0; q < 16 / int(sizeof(T)); ++q) v[p * (16 / sizeof(T)) + q] = to_float(e[q]);
-      }
-      return;
-    } else if constexpr (kBytes == 8) {
-      const uint2 raw = __ldg(reinterpret_cast<const uint2*>(src));
-      const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-      for (int q = 0; q < W; ++q) v[q] = to_float(e[q]);
-      return;
-    } else if constexpr (kBytes == 4) {
-      const uint32_t raw = __ldg(reinterpret_cast<const unsigned int*>(src));
-      const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-      for (int q = 0; q < W; ++q) v[q] = to_float(e[q]);
-      return;
-    }
-  }
-#pragma unroll
-  for (int q = 0; q < W; ++q) v[q] = to_float(src[q]);
-}
-
-// W fp32 values rounded to T into global memory.
-template <typename T, int W>
-__device__ __forceinline__ void store_chunk(T* dst, bool vec, const float (&v)[W]) {
-  constexpr int kBytes = W * int(sizeof(T));
-  if constexpr (kBytes % 16 == 0) {
-    if (vec) {
-#pragma unroll
-      for (int p = 0; p < kBytes / 16; ++p) {
-        uint4 raw;
-        T* e = reinterpret_cast<T*>(&raw);
-#pragma unroll
-        for (int q = 0; q < 16 / int(sizeof(T)); ++q) e[q] = from_float<T>(v[p * (16 / sizeof(T)) + q]);
-        reinterpret_cast<uint4*>(dst)[p] = raw;
-      }
-      return;
-    }
-  }
-#pragma unroll
-  for (int q = 0; q < W; ++q) dst[q] = from_float<T>(v[q]);
-}
-
 template <int W>
 __device__ __forceinline__ void smem_store_chunk(float* buf, int first, const float (&v)[W]) {
   if constexpr (W % 4 == 0) {
