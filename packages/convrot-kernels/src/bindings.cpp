@@ -192,7 +192,7 @@ void gemm(Array qa, Array sa, Array qw, Array sw, std::optional<Array> bias, Arr
 }
 
 // ---- raw-pointer entries for hot paths ----
-// The Python callers (rht_quantize_into, gemm_into) check dtypes, shapes, contiguity and devices
+// The Python callers (rht_quantize_into, gemm_into, rms_norm_rope_into) check dtypes, shapes, layouts and devices
 // first: converting each tensor through DLPack costs ~6 us, most of an eager layer's host time.
 
 Float float_code(int code) {
@@ -224,6 +224,38 @@ void gemm_ptr(uintptr_t qa, uintptr_t sa, uintptr_t qw, uintptr_t sw, uintptr_t 
   run_gemm(as_pointer<const void>(qa), as_pointer<const float>(sa), as_pointer<const void>(qw),
            as_pointer<const float>(sw), as_pointer<const float>(bias), as_pointer<void>(out), dtype, m, n, k, bits,
            cuda, stream);
+}
+
+// Rows of [batch, tokens, heads, dim] at the given element strides (the last dimension
+// contiguous); weight, cos and sin 0: absent (cos and sin go together).
+void rms_norm_rope_ptr(uintptr_t x, int64_t x_batch, int64_t x_token, int64_t x_head, uintptr_t out,
+                       int64_t out_batch, int64_t out_token, int64_t out_head, int dtype, int64_t batch,
+                       int64_t tokens, int64_t heads, int64_t dim, uintptr_t weight, uintptr_t cos, uintptr_t sin,
+                       float eps, bool cuda, uintptr_t stream) {
+  const Float kind = float_code(dtype);
+  require(batch >= 0 && tokens >= 0 && heads >= 0, "shape must not be negative");
+  require(dim >= 2 && dim % 2 == 0 && dim <= 1024, "the head dimension must be even, 2 to 1024");
+  require((cos == 0) == (sin == 0), "cos and sin go together");
+  const HeadStrides xs{x_batch, x_token, x_head}, os{out_batch, out_token, out_head};
+  const NormRope p{batch,
+                   tokens,
+                   heads,
+                   dim,
+                   as_pointer<const void>(weight),
+                   as_pointer<const float>(cos),
+                   as_pointer<const float>(sin),
+                   eps};
+  if (batch == 0 || tokens == 0 || heads == 0) return;
+  if (cuda) {
+#ifdef CONVROT_WITH_CUDA
+    cuda::rms_norm_rope(as_pointer<const void>(x), xs, as_pointer<void>(out), os, kind, p, as_stream(stream));
+#else
+    throw nb::value_error("convrot_kernels was built without its CUDA backend");
+#endif
+  } else {
+    nb::gil_scoped_release release;
+    cpu::rms_norm_rope(as_pointer<const void>(x), xs, as_pointer<void>(out), os, kind, p);
+  }
 }
 
 void pack_int4(Array q, Array packed, uintptr_t stream) {
@@ -296,6 +328,9 @@ NB_MODULE(_C, m) {
         "q"_a, "scale"_a, "cuda"_a, "stream"_a, "x2"_a = 0, "x_k"_a = -1, "gelu_from"_a = -1);
   m.def("gemm_ptr", &convrot::gemm_ptr, "qa"_a, "sa"_a, "qw"_a, "sw"_a, "bias"_a, "out"_a, "out_dtype"_a, "m"_a, "n"_a,
         "k"_a, "bits"_a, "cuda"_a, "stream"_a);
+  m.def("rms_norm_rope_ptr", &convrot::rms_norm_rope_ptr, "x"_a, "x_batch"_a, "x_token"_a, "x_head"_a, "out"_a,
+        "out_batch"_a, "out_token"_a, "out_head"_a, "dtype"_a, "batch"_a, "tokens"_a, "heads"_a, "dim"_a, "weight"_a,
+        "cos"_a, "sin"_a, "eps"_a, "cuda"_a, "stream"_a);
   m.def("pack_int4", &convrot::pack_int4, "q"_a, "packed"_a.noconvert(), "stream"_a = 0);
   m.def("unpack_int4", &convrot::unpack_int4, "packed"_a, "q"_a.noconvert(), "stream"_a = 0);
   m.def("build_info", &convrot::build_info);

@@ -22,6 +22,35 @@ struct RowSource {
   int64_t gelu_from;
 };
 
+// Where row (b, s, h) of a [B, S, H, D] tensor starts: b * batch + s * token + h * head
+// elements from its base; the D elements of a row are contiguous.
+struct HeadStrides {
+  int64_t batch, token, head;
+};
+
+// The shape and parameters of rms_norm_rope (docs/format.md): each row of D elements is
+// divided by its root mean square (fp32, eps added to the mean square), multiplied by
+// weight [D] (the dtype; null: none), rounded to the dtype (torch.nn.RMSNorm) and, when
+// cos and sin (fp32 [S, D]) are given, rotated pairwise (elements 2i, 2i + 1) by position
+// s's angles, in fp32, rounded to the dtype.
+struct NormRope {
+  int64_t batch, tokens, heads, dim;
+  const void* weight;
+  const float* cos;
+  const float* sin;
+  float eps;
+};
+
+// The layout of rms_norm_rope's mean square, which both backends sum in the same order:
+// lane l of 32 adds the squares of elements [2 P l, 2 P (l + 1)) in order, then the 32 lane
+// sums meet in an XOR butterfly (offsets 16, 8, 4, 2, 1). P, the pairs a lane holds, is the
+// smallest power of two with 64 P >= D.
+inline int rms_norm_rope_pairs_per_lane(int64_t dim) {
+  int pairs = 1;
+  while (64 * int64_t(pairs) < dim) pairs *= 2;
+  return pairs;
+}
+
 namespace cpu {
 
 // out[r, :] = rht(x[r, :], group) for each of `rows` rows of `k` elements.
@@ -41,6 +70,9 @@ void gemm(const void* qa, const float* sa, const void* qw, const float* sw, cons
 void pack_int4(const int8_t* q, uint8_t* packed, int64_t n_bytes);
 void unpack_int4(const uint8_t* packed, int8_t* q, int64_t n_bytes);
 
+// out[b, s, h, :] = rms_norm_rope(x[b, s, h, :]) for every row; out may be x itself.
+void rms_norm_rope(const void* x, HeadStrides xs, void* out, HeadStrides os, Float dtype, const NormRope& p);
+
 }  // namespace cpu
 
 #ifdef CONVROT_WITH_CUDA
@@ -56,6 +88,8 @@ void gemm(const void* qa, const float* sa, const void* qw, const float* sw, cons
           void* out, Float out_dtype, int64_t m, int64_t n, int64_t k, int bits, void* stream);
 void pack_int4(const int8_t* q, uint8_t* packed, int64_t n_bytes, void* stream);
 void unpack_int4(const uint8_t* packed, int8_t* q, int64_t n_bytes, void* stream);
+void rms_norm_rope(const void* x, HeadStrides xs, void* out, HeadStrides os, Float dtype, const NormRope& p,
+                   void* stream);
 
 }  // namespace cuda
 #endif

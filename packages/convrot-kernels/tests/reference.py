@@ -88,3 +88,26 @@ def fused_rows(x: torch.Tensor, x2: torch.Tensor | None, gelu_from: int | None) 
         tail = cast(gelu_tanh(rows[:, gelu_from:].numpy()), x.dtype)
         rows[:, gelu_from:] = torch.from_numpy(tail)
     return rows
+
+
+def rms_norm_rope(x: torch.Tensor, weight, cos, sin, eps: float) -> np.ndarray:
+    """RMSNorm over the last dimension, then the interleaved-pair rotary embedding, in float64."""
+    v = x.double().numpy()
+    v = v / np.sqrt((v * v).mean(axis=-1, keepdims=True) + eps)
+    if weight is not None:
+        v = v * weight.double().numpy()
+    if cos is not None:
+        c, s = cos.double().numpy()[None, :, None, :], sin.double().numpy()[None, :, None, :]
+        rotated = np.stack([-v[..., 1::2], v[..., 0::2]], axis=-1).reshape(v.shape)
+        v = v * c + rotated * s
+    return v
+
+
+def rms_norm_rope_torch(x: torch.Tensor, weight, cos, sin, eps: float) -> torch.Tensor:
+    """The same in x's precision with torch's eager ops: torch.nn.RMSNorm, then diffusers' apply_rotary_emb."""
+    h = torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
+    if cos is None:
+        return h
+    real, imag = h.reshape(*h.shape[:-1], -1, 2).unbind(-1)
+    rotated = torch.stack([-imag, real], dim=-1).flatten(3)
+    return (h.float() * cos[None, :, None] + rotated.float() * sin[None, :, None]).to(x.dtype)

@@ -392,6 +392,73 @@ def test_chain_approximates_bf16_linear():
     assert rel < 0.2, rel
 
 
+# ---------------------------------------------------------------- RMSNorm + rotary embedding
+
+
+def norm_rope_operands(shape, dtype, weighted=True, rotated=True):
+    b, s, h, d = shape
+    x = torch.randn(shape) * torch.rand(b, s, h, 1) * 8 + torch.randn(b, s, h, 1)
+    weight = (torch.randn(d) * 0.5 + 1).to(dtype) if weighted else None
+    angles = torch.rand(s, d // 2).double() * s
+    cos = angles.cos().repeat_interleave(2, dim=1).float() if rotated else None
+    sin = angles.sin().repeat_interleave(2, dim=1).float() if rotated else None
+    return x.to(dtype), weight, cos, sin
+
+
+def cuda_rms_norm_rope(x, weight, cos, sin, eps=1e-6):
+    """On the GPU into poisoned outputs, through the pointer entry the public functions use."""
+    dev = [None if t is None else t.cuda() for t in (x, weight, cos, sin)]
+    (out,) = poisoned_runs(
+        lambda: [torch.empty(x.shape, dtype=x.dtype, device="cuda")],
+        lambda out: ck.rms_norm_rope_into(dev[0], out, *dev[1:], eps=eps),
+    )
+    return out.cpu()
+
+
+NORM_ROPE_SHAPES = [  # (batch, tokens, heads, head_dim)
+    (1, 1, 1, 2),
+    (1, 4608, 24, 128),  # Flux, one image and its text
+    (2, 333, 3, 128),
+    (1, 7, 9, 64),  # more heads than one block's 8 warps
+    (3, 5, 2, 96),  # lanes left without pairs
+    (1, 3, 2, 6),
+    (2, 4, 2, 256),
+    (1, 2, 1, 1024),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", NORM_ROPE_SHAPES)
+@pytest.mark.parametrize("weighted,rotated", [(True, True), (False, True), (True, False)])
+def test_rms_norm_rope_matches_cpu_backend(shape, dtype, weighted, rotated):
+    x, weight, cos, sin = norm_rope_operands(shape, dtype, weighted, rotated)
+    got = cuda_rms_norm_rope(x, weight, cos, sin)
+    # The same operations in the same order on both backends: equal bit for bit.
+    assert torch.equal(got, ck.rms_norm_rope(x, weight, cos, sin))
+    expected = ref.rms_norm_rope(x, weight, cos, sin, 1e-6)
+    torch_err = np.abs(ref.rms_norm_rope_torch(x, weight, cos, sin, 1e-6).double().numpy() - expected).max()
+    assert np.abs(got.double().numpy() - expected).max() <= 2 * torch_err + 1e-6 * (np.abs(expected).max() + 1)
+
+
+def test_rms_norm_rope_strided_rows_into_a_slice_and_in_place():
+    b, s, h, d, text = 2, 300, 24, 128, 17
+    qkv = torch.randn(b, s, 3 * h * d, device="cuda").to(torch.bfloat16)
+    k = qkv.chunk(3, dim=-1)[1].unflatten(-1, (h, d))
+    _, weight, cos, sin = norm_rope_operands((b, s, h, d), torch.bfloat16)
+    weight, cos, sin = weight.cuda(), cos.cuda(), sin.cuda()
+    joint = torch.full((b, text + s, h, d), 7.0, dtype=torch.bfloat16, device="cuda")
+    ck.rms_norm_rope_into(k, joint[:, text:], weight, cos, sin)
+    expected = ck.rms_norm_rope(k.cpu().contiguous(), weight.cpu(), cos.cpu(), sin.cpu())
+    assert torch.equal(joint[:, text:].cpu(), expected)
+    assert (joint[:, :text] == 7.0).all()
+    assert torch.equal(ck.rms_norm_rope(k, weight, cos, sin).cpu(), expected)  # the torch.library op
+    before = qkv.clone()
+    ck.rms_norm_rope_into(k, k, weight, cos, sin)
+    assert torch.equal(k.cpu(), expected)
+    for part in (0, 2):  # q and v, beside k in each row, are untouched
+        assert torch.equal(qkv.chunk(3, dim=-1)[part], before.chunk(3, dim=-1)[part])
+
+
 # ---------------------------------------------------------------- packing
 
 

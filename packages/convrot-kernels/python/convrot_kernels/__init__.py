@@ -1,5 +1,6 @@
 """ConvRot kernel primitives: regular Hadamard rotation, 4/8-bit quantization and
-int4/int8 GEMM, on CPU and CUDA tensors. The numeric contract is docs/format.md."""
+int4/int8 GEMM, on CPU and CUDA tensors, and the attention heads' RMSNorm with the
+rotary embedding. The numeric contract is docs/format.md."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from .gemm import gemm, gemm_into
 from .int4_packing import pack_int4, unpack_int4
 from .quantize import quantize, rht_quantize, rht_quantize_into
 from .rht import rht
+from .rms_norm_rope import rms_norm_rope, rms_norm_rope_into
 
 try:
     __version__ = version("convrot-kernels")
@@ -32,5 +34,7 @@ __all__ = [
     "rht",
     "rht_quantize",
     "rht_quantize_into",
+    "rms_norm_rope",
+    "rms_norm_rope_into",
     "unpack_int4",
 ]

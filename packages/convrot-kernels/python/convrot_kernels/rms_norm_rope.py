@@ -1,0 +1,152 @@
+"""RMSNorm of each attention head, then the rotary position embedding, in one pass.
+
+The q/k normalisation of Flux-style attention: ``torch.nn.RMSNorm`` on the
+head dimension followed by diffusers' ``apply_rotary_emb`` (interleaved pairs), whose eager
+form runs a dozen fp32 elementwise kernels per tensor. The contract is
+docs/format.md, "rms_norm_rope".
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from . import _C
+from ._validation import FLOAT_CODES, FLOAT_DTYPES, on_device, require_dtype, require_same_device, require_tensor
+
+MAX_HEAD_DIM = 1024
+
+
+def _head_dim(x: torch.Tensor) -> int:
+    require_tensor("x", x)
+    require_dtype("x", x, FLOAT_DTYPES)
+    if x.ndim != 4:
+        raise ValueError(f"x must be 4-D [batch, tokens, heads, head_dim]; got shape {tuple(x.shape)}")
+    d = x.shape[-1]
+    if d % 2 or not 2 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"the head dimension must be even, 2 to {MAX_HEAD_DIM}; got {d}")
+    return d
+
+
+def _check_parameters(x: torch.Tensor, weight, cos, sin, eps) -> float:
+    d = x.shape[-1]
+    if weight is not None:
+        require_tensor("weight", weight)
+        if weight.shape != (d,) or weight.dtype != x.dtype:
+            raise ValueError(
+                f"weight must be [{d}] (the head dimension) with x's dtype ({x.dtype}); "
+                f"got {weight.dtype} {tuple(weight.shape)}"
+            )
+    if (cos is None) != (sin is None):
+        raise ValueError("cos and sin must be given together (or neither, for RMSNorm alone)")
+    if cos is not None:
+        for name, t in (("cos", cos), ("sin", sin)):
+            require_tensor(name, t)
+            if t.dtype != torch.float32 or t.shape != (x.shape[1], d):
+                raise ValueError(
+                    f"{name} must be float32 [tokens, head_dim] = [{x.shape[1]}, {d}]; got {t.dtype} {tuple(t.shape)}"
+                )
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number; got {eps!r}")
+    require_same_device(x=x, weight=weight, cos=cos, sin=sin)
+    return float(eps)
+
+
+def _launch(x, weight, cos, sin, eps: float, out: torch.Tensor) -> torch.Tensor:
+    """The kernel call; x and out have the last dimension contiguous, the parameters are contiguous."""
+    b, s, h, d = x.shape
+    _C.rms_norm_rope_ptr(
+        x.data_ptr(),
+        *x.stride()[:3],
+        out.data_ptr(),
+        *out.stride()[:3],
+        FLOAT_CODES[x.dtype],
+        b,
+        s,
+        h,
+        d,
+        0 if weight is None else weight.data_ptr(),
+        0 if cos is None else cos.data_ptr(),
+        0 if sin is None else sin.data_ptr(),
+        eps,
+        *on_device(x),
+    )
+    return out
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+@torch.library.custom_op("convrot_kernels::rms_norm_rope", mutates_args=())
+def _rms_norm_rope(
+    x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return _launch(_rows_contiguous(x), _contiguous(weight), _contiguous(cos), _contiguous(sin), eps, out)
+
+
+@_rms_norm_rope.register_fake
+def _(x, weight, cos, sin, eps):
+    return x.new_empty(x.shape)
+
+
+def rms_norm_rope(
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    *,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """RMSNorm over the last dimension of x [batch, tokens, heads, head_dim], then the rotary embedding.
+
+    Each row ``r = x[b, s, h, :]`` becomes ``rope(round(r / rms(r) * weight), s)``: in
+    fp32, ``eps`` added to the mean square, rounded once to x's dtype as
+    ``torch.nn.functional.rms_norm`` does; then elements (2i, 2i+1) rotated by ``cos[s]``,
+    ``sin[s]`` (float32 [tokens, head_dim]) in fp32 and rounded, as diffusers'
+    ``apply_rotary_emb`` with ``use_real_unbind_dim=-1``. Without ``weight`` no scaling; without ``cos``/``sin``
+    no rotation. x may be a strided view (e.g. q out of a fused qkv projection); the result
+    is a new contiguous tensor. A torch.library op: works under torch.compile.
+    """
+    _head_dim(x)
+    eps = _check_parameters(x, weight, cos, sin, eps)
+    return _rms_norm_rope(x, weight, cos, sin, eps)
+
+
+def rms_norm_rope_into(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    *,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Destination-passing :func:`rms_norm_rope`: writes into ``out`` and returns it.
+
+    ``out`` has x's shape and dtype and may be a strided view, e.g. the image part of the
+    joint [text + image] query that attention reads, so that no concatenation follows; it
+    may also be x itself. x and out need a contiguous last dimension, weight, cos and sin
+    must be contiguous. Eager only (not a torch.library op), for hot paths.
+    """
+    _head_dim(x)
+    eps = _check_parameters(x, weight, cos, sin, eps)
+    require_tensor("out", out)
+    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(
+            f"out must have x's shape, dtype and device ({tuple(x.shape)}, {x.dtype}, {x.device}); "
+            f"got {tuple(out.shape)}, {out.dtype}, {out.device}"
+        )
+    for name, t in (("x", x), ("out", out)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dimension; got strides {t.stride()}")
+    for name, t in (("weight", weight), ("cos", cos), ("sin", sin)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    return _launch(x, weight, cos, sin, eps, out)
