@@ -10,8 +10,9 @@ variants, a compiled step without the graph capture: the same kernels).
 Schemes: "bf16"; "w4a4" / "mix": convrot_diffusers.quantize_transformer with
 that preset; "-fused": then fuse_qkv_projections (one GEMM for q, k and v;
 for bf16, diffusers' own) and, for ConvRot, fuse_activations (GELUs and Flux
-single blocks' concatenation applied inside the next layer); torchao's
-float8 / int8 dynamic.
+single blocks' concatenation applied inside the next layer); "-normrope": then
+fuse_qk_norm_rope (Flux's q/k RMSNorm and rotary embedding in one kernel, no
+quantization involved); torchao's float8 / int8 dynamic.
 
     python packages/convrot-diffusers/benchmarks/bench_transformer_step.py \
         --models flux --flux-blocks 4,8 --batches 1 --out-dir $OUT
@@ -38,7 +39,18 @@ from transformer_configs import MODELS, build  # noqa: E402
 
 import convrot_diffusers  # noqa: E402
 
-SCHEMES = ("bf16", "bf16-fused", "w4a4", "w4a4-fused", "mix", "mix-fused", "torchao-fp8", "torchao-int8")
+SCHEMES = (
+    "bf16",
+    "bf16-fused",
+    "bf16-normrope",
+    "w4a4",
+    "w4a4-fused",
+    "w4a4-fused-normrope",
+    "mix",
+    "mix-fused",
+    "torchao-fp8",
+    "torchao-int8",
+)
 # eager; graph: the step captured in one CUDA graph; compiled: regional torch.compile;
 # compiled-graph: compiled, then captured (inductor's fusions without launch overhead).
 MODES = ("eager", "graph", "compiled", "compiled-graph")
@@ -49,6 +61,7 @@ VARIANTS = (
     "bf16-compiled-graph",
     "bf16-fused-compiled",
     "bf16-fused-compiled-graph",
+    "bf16-normrope-eager",
     "w4a4-eager",
     "w4a4-graph",
     "w4a4-compiled",
@@ -56,6 +69,8 @@ VARIANTS = (
     "w4a4-fused-eager",
     "w4a4-fused-graph",
     "w4a4-fused-compiled-graph",
+    "w4a4-fused-normrope-eager",
+    "w4a4-fused-normrope-compiled-graph",
     "mix-eager",
     "mix-graph",
     "mix-compiled-graph",
@@ -63,7 +78,7 @@ VARIANTS = (
     "torchao-fp8-compiled",
     "torchao-int8-compiled",
 )
-PROFILED_SCHEMES = ("bf16", "w4a4", "w4a4-fused")
+PROFILED_SCHEMES = ("bf16", "w4a4", "w4a4-fused", "w4a4-fused-normrope")
 TOP_KERNELS = 25  # kept in the JSON report
 # Kernel names to profile categories; the first pattern that matches wins.
 CATEGORIES = (
@@ -90,7 +105,8 @@ def split_variant(variant: str) -> tuple[str, str]:
 
 def prepare(model: torch.nn.Module, variant: str) -> torch.nn.Module:
     """Quantize per the variant's scheme, in place; returns the model."""
-    scheme, _ = split_variant(variant)
+    full_scheme, _ = split_variant(variant)
+    scheme = full_scheme.removesuffix("-normrope")
     if scheme.removesuffix("-fused") in ("w4a4", "mix"):
         convrot_diffusers.quantize_transformer(model, preset=scheme.removesuffix("-fused"), progress=False)
         if scheme.endswith("-fused"):
@@ -112,6 +128,8 @@ def prepare(model: torch.nn.Module, variant: str) -> torch.nn.Module:
             else Int8DynamicActivationInt8WeightConfig()
         )
         quantize_(model, config)
+    if full_scheme.endswith("-normrope"):
+        convrot_diffusers.fuse_qk_norm_rope(model)
     return model
 
 

@@ -4,13 +4,20 @@ import importlib.util
 import json
 from pathlib import Path
 
+import convrot_diffusers
+
 BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_transformer_step.py"
 
 
-def test_benchmark_smoke_run_writes_its_report(tmp_path):
+def load_bench():
     spec = importlib.util.spec_from_file_location("bench_transformer_step", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_smoke_run_writes_its_report(tmp_path):
+    bench = load_bench()
     bench.main(
         [
             "--tiny",
@@ -38,3 +45,14 @@ def test_benchmark_smoke_run_writes_its_report(tmp_path):
     assert variants["w4a4-eager"]["top_kernels"]
     assert "| pixart | 1 | w4a4-eager |" in (tmp_path / "transformer_step.md").read_text()
     assert (tmp_path / "transformer_step.png").stat().st_size > 0
+
+
+def test_normrope_variants_install_the_fused_attention_processor(tmp_path):
+    bench = load_bench()
+    args = ["--tiny", "--models", "flux", "--batches", "1", "--iters", "1", "--warmup", "0", "--out-dir", str(tmp_path)]
+    bench.main([*args, "--variants", "bf16-normrope-eager,w4a4-fused-normrope-eager"])
+    report = json.loads((tmp_path / "transformer_step.json").read_text())
+    assert {r["variant"] for r in report["results"]} == {"bf16-normrope-eager", "w4a4-fused-normrope-eager"}
+    model = bench.prepare(bench.build("flux", None, True, "cpu"), "bf16-normrope-eager")
+    assert convrot_diffusers.fuse_qk_norm_rope(model) == 0  # prepare gave every module the fused processor
+    assert convrot_diffusers.unfuse_qk_norm_rope(model) > 0

@@ -4,6 +4,7 @@
     pipe = convrot_diffusers.quantize_pipeline(pipe, preset="mix")
     convrot_diffusers.fuse_qkv_projections(pipe)  # optional: one GEMM for q, k and v
     convrot_diffusers.fuse_activations(pipe)  # optional: GELUs applied inside the next layer
+    convrot_diffusers.fuse_qk_norm_rope(pipe)  # optional: Flux's q/k RMSNorm + RoPE in one kernel
     convrot_diffusers.save_quantized(pipe, "flux-convrot")
     transformer = convrot_diffusers.load_quantized("flux-convrot", device="cuda")
 
@@ -21,6 +22,7 @@ from .diffusers_integration import ConvRotConfig, register
 from .fusion import fuse_qkv_projections, unfuse_qkv_projections
 from .pipeline import quantize_pipeline, quantize_transformer
 from .presets import PRESET_NAMES, PRESETS, policy_for
+from .qk_norm_rope import fuse_qk_norm_rope, unfuse_qk_norm_rope
 
 register()
 
@@ -37,6 +39,7 @@ __all__ = [
     "UnsupportedModelError",
     "architecture_of",
     "fuse_activations",
+    "fuse_qk_norm_rope",
     "fuse_qkv_projections",
     "load_quantized",
     "policy_for",
@@ -44,5 +47,6 @@ __all__ = [
     "quantize_transformer",
     "save_quantized",
     "unfuse_activations",
+    "unfuse_qk_norm_rope",
     "unfuse_qkv_projections",
 ]
