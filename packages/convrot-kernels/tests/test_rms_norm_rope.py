@@ -14,7 +14,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 def inputs(g: torch.Generator, shape, dtype, weighted=True, rotated=True):
     """x with per-row offsets and spread (as q/k rows have), a weight and a token's angles."""
     b, s, h, d = shape
-    x = (torch.randn(shape, generator=g) * torch.rand(b, s, h, 1, generator=g) * 8 + torch.randn(b, s, h, 1, generator=g))
+    spread, offset = torch.rand(b, s, h, 1, generator=g) * 8, torch.randn(b, s, h, 1, generator=g)
+    x = torch.randn(shape, generator=g) * spread + offset
     weight = (torch.randn(d, generator=g) * 0.5 + 1).to(dtype) if weighted else None
     angles = torch.rand(s, d // 2, generator=g).double() * torch.logspace(0, -4, d // 2).double() * s
     cos = angles.cos().repeat_interleave(2, dim=1).float() if rotated else None
