@@ -18,7 +18,7 @@ from ._validation import FLOAT_CODES, FLOAT_DTYPES, on_device, require_dtype, re
 MAX_HEAD_DIM = 1024
 
 
-def _head_dim(x: torch.Tensor) -> int:
+def _check_x(x: torch.Tensor) -> None:
     require_tensor("x", x)
     require_dtype("x", x, FLOAT_DTYPES)
     if x.ndim != 4:
@@ -26,7 +26,6 @@ def _head_dim(x: torch.Tensor) -> int:
     d = x.shape[-1]
     if d % 2 or not 2 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"the head dimension must be even, 2 to {MAX_HEAD_DIM}; got {d}")
-    return d
 
 
 def _check_parameters(x: torch.Tensor, weight, cos, sin, eps) -> float:
@@ -114,7 +113,7 @@ def rms_norm_rope(
     no rotation. x may be a strided view (e.g. q out of a fused qkv projection); the result
     is a new contiguous tensor. A torch.library op: works under torch.compile.
     """
-    _head_dim(x)
+    _check_x(x)
     eps = _check_parameters(x, weight, cos, sin, eps)
     return _rms_norm_rope(x, weight, cos, sin, eps)
 
@@ -135,7 +134,7 @@ def rms_norm_rope_into(
     may also be x itself. x and out need a contiguous last dimension, weight, cos and sin
     must be contiguous. Eager only (not a torch.library op), for hot paths.
     """
-    _head_dim(x)
+    _check_x(x)
     eps = _check_parameters(x, weight, cos, sin, eps)
     require_tensor("out", out)
     if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
