@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <stdexcept>
+#include <type_traits>
 #include <string>
 
 #include "../primitives.h"
@@ -74,6 +75,47 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
+// The two 16-bit values of a 32-bit word as fp32 (element 0 in the low half). bf16 widens by
+// bit operations, one instruction each (the generic conversion spends two on the high half).
+template <typename T>
+__device__ __forceinline__ void pair_to_float(uint32_t w, float& lo, float& hi) {
+  if constexpr (std::is_same_v<T, __half>) {
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w));
+    lo = f.x;
+    hi = f.y;
+  } else {
+    lo = __uint_as_float(w << 16);
+    hi = __uint_as_float(w & 0xFFFF0000u);
+  }
+}
+
+// The elements of a 16-byte vector of T as fp32.
+template <typename T>
+__device__ __forceinline__ void vector_to_float(const uint4& raw, float* v) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+  if constexpr (std::is_same_v<T, float>) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] = __uint_as_float(w[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) pair_to_float<T>(w[i], v[2 * i], v[2 * i + 1]);
+  }
+}
+
+// a and b rounded to the 16-bit T and back, as r0 and r1: one packing conversion for both.
+template <typename T>
+__device__ __forceinline__ void round_pair(float a, float b, float& r0, float& r1) {
+  uint32_t w;
+  if constexpr (std::is_same_v<T, __half>) {
+    const __half2 h = __floats2half2_rn(a, b);
+    w = *reinterpret_cast<const uint32_t*>(&h);
+  } else {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    w = *reinterpret_cast<const uint32_t*>(&h);
+  }
+  pair_to_float<T>(w, r0, r1);
+}
+
 // Stores one fp32 value to an output of runtime dtype `dtype` at element index i.
 __device__ __forceinline__ void store_as(void* out, Float dtype, int64_t i, float v) {
   switch (dtype) {
@@ -105,10 +147,7 @@ __device__ __forceinline__ void load_chunk(const T* src, bool vec, float (&v)[W]
     if constexpr (kBytes % 16 == 0) {
 #pragma unroll
       for (int p = 0; p < kBytes / 16; ++p) {
-        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(src) + p);
-        const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-        for (int q = 0; q < 16 / int(sizeof(T)); ++q) v[p * (16 / sizeof(T)) + q] = to_float(e[q]);
+        vector_to_float<T>(__ldg(reinterpret_cast<const uint4*>(src) + p), v + p * (16 / sizeof(T)));
       }
       return;
     } else if constexpr (kBytes == 8) {

@@ -20,6 +20,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdlib>
+#include <type_traits>
 
 #include "common.cuh"
 #include "gelu.cuh"
@@ -45,10 +46,16 @@ Rows<T> typed(const RowSource& src, int64_t k) {
 }
 
 // GELU of a loaded chunk, rounded to the input dtype as the unfused model's GELU output would be.
+// 16-bit results are rounded two at a time (one packing conversion per pair).
 template <typename T, int W>
 __device__ __forceinline__ void gelu_chunk(float (&v)[W]) {
+  if constexpr (!std::is_same_v<T, float> && W % 2 == 0) {
 #pragma unroll
-  for (int q = 0; q < W; ++q) v[q] = to_float(from_float<T>(gelu_tanh<T>(v[q])));
+    for (int q = 0; q < W; q += 2) round_pair<T>(gelu_tanh<T>(v[q]), gelu_tanh<T>(v[q + 1]), v[q], v[q + 1]);
+  } else {
+#pragma unroll
+    for (int q = 0; q < W; ++q) v[q] = to_float(from_float<T>(gelu_tanh<T>(v[q])));
+  }
 }
 
 constexpr int kMaxThreads = 512;
@@ -409,34 +416,40 @@ __global__ void __launch_bounds__(kMaxThreads) rows_kernel(const Rows<T> src, in
 // vectors of eight consecutive work items over the 32 banks).
 constexpr int kBlockWords256 = 272;
 
-__device__ __forceinline__ void chunk_offsets_256(int c, int& base, int (&bx)[4]) {
-  base = kBlockWords256 * (c >> 4) + (c & 3);
-#pragma unroll
-  for (int f = 0; f < 4; ++f) bx[f] = 4 * (((c >> 2) & 3) ^ f);
-}
+// Chunk c's 16 elements (blk = c >> 4, b = (c >> 2) & 3, a = c & 3): element lo at word
+// (base ^ 4 ((lo >> 1) & 3)) + 16 lo, base = 272 blk + 4 b + a. The XOR touches only bits 2-3,
+// which are b's (272 blk has none there), so each of the four quarters costs one XOR and the
+// rest are immediate offsets.
+__device__ __forceinline__ int chunk_base_256(int c) { return kBlockWords256 * (c >> 4) + (c & 15); }
 
 __device__ __forceinline__ void store_chunk_256(float* buf, int c, const float (&v)[16]) {
-  int base, bx[4];
-  chunk_offsets_256(c, base, bx);
+  const int base = chunk_base_256(c);
 #pragma unroll
-  for (int lo = 0; lo < 16; ++lo) buf[base + bx[(lo >> 1) & 3] + 16 * lo] = v[lo];
+  for (int f = 0; f < 4; ++f) {
+    float* quarter = buf + (base ^ (4 * f));
+#pragma unroll
+    for (int lo : {2 * f, 2 * f + 1, 2 * f + 8, 2 * f + 9}) quarter[16 * lo] = v[lo];
+  }
 }
 
 __device__ __forceinline__ void load_chunk_256(const float* buf, int c, float (&v)[16]) {
-  int base, bx[4];
-  chunk_offsets_256(c, base, bx);
+  const int base = chunk_base_256(c);
 #pragma unroll
-  for (int lo = 0; lo < 16; ++lo) v[lo] = buf[base + bx[(lo >> 1) & 3] + 16 * lo];
+  for (int f = 0; f < 4; ++f) {
+    const float* quarter = buf + (base ^ (4 * f));
+#pragma unroll
+    for (int lo : {2 * f, 2 * f + 1, 2 * f + 8, 2 * f + 9}) v[lo] = quarter[16 * lo];
+  }
 }
 
 // The stages at strides 64 and 16 for work item w (blk = w >> 4, lo = w & 15).
 __device__ __forceinline__ void stride_64_16_item_256(float* buf, int w) {
-  const int lo = w & 15, t = (lo >> 1) & 3;
-  float* item = buf + kBlockWords256 * (w >> 4) + 16 * lo;
+  // Vector b of the item at word (base ^ 4 b), base = 272 blk + 16 lo + 4 ((lo >> 1) & 3).
+  const int lo = w & 15, base = kBlockWords256 * (w >> 4) + 16 * lo + 2 * (lo & 6);
   float e[4][4];  // e[b][a]
 #pragma unroll
   for (int b = 0; b < 4; ++b) {
-    const float4 f = *reinterpret_cast<const float4*>(item + 4 * (b ^ t));
+    const float4 f = *reinterpret_cast<const float4*>(buf + (base ^ (4 * b)));
     e[b][0] = f.x;
     e[b][1] = f.y;
     e[b][2] = f.z;
@@ -447,7 +460,7 @@ __device__ __forceinline__ void stride_64_16_item_256(float* buf, int w) {
 #pragma unroll
   for (int b = 0; b < 4; ++b) h4(e[b][0], e[b][1], e[b][2], e[b][3]);
 #pragma unroll
-  for (int b = 0; b < 4; ++b) *reinterpret_cast<float4*>(item + 4 * (b ^ t)) = make_float4(e[b][0], e[b][1], e[b][2], e[b][3]);
+  for (int b = 0; b < 4; ++b) *reinterpret_cast<float4*>(buf + (base ^ (4 * b))) = make_float4(e[b][0], e[b][1], e[b][2], e[b][3]);
 }
 
 // max(|a|, b), NaN if either is NaN: one instruction that also tracks finiteness.
@@ -498,6 +511,9 @@ __global__ void __launch_bounds__(MIN_BLOCKS == 2 ? two_block_threads(CPT) : kMa
   uint4* staged = reinterpret_cast<uint4*>(buf + work_words);  // the next row, as loaded
   constexpr int kVec = 16 * int(sizeof(T)) / 16;               // 16-byte vectors per chunk
   const int nchunks = k / 16;
+  // Whether this thread has chunk j. Chunks j < CPT - 1 always exist (launch_fast_as sizes
+  // the block so), which spares their code the branch.
+  auto has = [&](int j) { return j < CPT - 1 || j * int(blockDim.x) + int(threadIdx.x) < nchunks; };
   float unit = 1.0f;
   for (int g = group; g > 1; g >>= 2) unit *= 0.5f;
 
@@ -506,7 +522,7 @@ __global__ void __launch_bounds__(MIN_BLOCKS == 2 ? two_block_threads(CPT) : kMa
 #pragma unroll
     for (int j = 0; j < CPT; ++j) {
       const int c = j * blockDim.x + threadIdx.x;
-      if (c < nchunks) {
+      if (has(j)) {
         const uint4* chunk = reinterpret_cast<const uint4*>(FUSED ? src.at(row, c * 16) : src.x + row * k + c * 16);
 #pragma unroll
         for (int p = 0; p < kVec; ++p) {
@@ -532,14 +548,9 @@ __global__ void __launch_bounds__(MIN_BLOCKS == 2 ? two_block_threads(CPT) : kMa
 #pragma unroll
     for (int j = 0; j < CPT; ++j) {
       const int c = j * blockDim.x + threadIdx.x;
-      if (c < nchunks) {
+      if (has(j)) {
 #pragma unroll
-        for (int p = 0; p < kVec; ++p) {
-          const uint4 raw = staged[c * kVec + p];
-          const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-          for (int q = 0; q < 16 / int(sizeof(T)); ++q) v[j][p * (16 / sizeof(T)) + q] = to_float(e[q]);
-        }
+        for (int p = 0; p < kVec; ++p) vector_to_float<T>(staged[c * kVec + p], v[j] + p * (16 / sizeof(T)));
         if constexpr (FUSED) {
           if (c * 16 >= src.gelu_from) gelu_chunk<T, 16>(v[j]);
         }
@@ -554,31 +565,31 @@ __global__ void __launch_bounds__(MIN_BLOCKS == 2 ? two_block_threads(CPT) : kMa
 #pragma unroll
       for (int j = 0; j < CPT; ++j) {
         const int c = j * blockDim.x + threadIdx.x;
-        if (c < nchunks) store_chunk_256(buf, c, v[j]);
+        if (has(j)) store_chunk_256(buf, c, v[j]);
       }
       __syncwarp();
 #pragma unroll
       for (int j = 0; j < CPT; ++j) {
         const int w = j * blockDim.x + threadIdx.x;
-        if (w < nchunks) stride_64_16_item_256(buf, w);
+        if (has(j)) stride_64_16_item_256(buf, w);
       }
       __syncwarp();
 #pragma unroll
       for (int j = 0; j < CPT; ++j) {
         const int c = j * blockDim.x + threadIdx.x;
-        if (c < nchunks) load_chunk_256(buf, c, v[j]);
+        if (has(j)) load_chunk_256(buf, c, v[j]);
       }
     } else if (group >= 64) {
 #pragma unroll
       for (int j = 0; j < CPT; ++j) {
         const int c = j * blockDim.x + threadIdx.x;
-        if (c < nchunks) smem_store_chunk<16>(buf, c * 16, v[j]);
+        if (has(j)) smem_store_chunk<16>(buf, c * 16, v[j]);
       }
       strided_passes(buf, k, group);
 #pragma unroll
       for (int j = 0; j < CPT; ++j) {
         const int c = j * blockDim.x + threadIdx.x;
-        if (c < nchunks) smem_load_chunk<16>(buf, c * 16, v[j]);
+        if (has(j)) smem_load_chunk<16>(buf, c * 16, v[j]);
       }
     }
     // The stages of strides 4 and 1; the exact 2^-log4(g) scaling is applied here
@@ -590,14 +601,14 @@ __global__ void __launch_bounds__(MIN_BLOCKS == 2 ? two_block_threads(CPT) : kMa
 #pragma unroll
       for (int j = 0; j < CPT; ++j) {
         const int c = j * blockDim.x + threadIdx.x;
-        if (c < nchunks) store_chunk<T, 16>(static_cast<T*>(out) + row * k + c * 16, true, v[j]);
+        if (has(j)) store_chunk<T, 16>(static_cast<T*>(out) + row * k + c * 16, true, v[j]);
       }
     } else {
       constexpr float qmax = MODE == kQuant4 ? 7.0f : 127.0f;
       float amax = 0.0f;  // of the unscaled values; NaN if any value is NaN
 #pragma unroll
       for (int j = 0; j < CPT; ++j) {
-        if (j * int(blockDim.x) + int(threadIdx.x) < nchunks) {
+        if (has(j)) {
 #pragma unroll
           for (int q = 0; q < 16; ++q) amax = max_abs_nan(v[j][q], amax);
         }
@@ -615,7 +626,7 @@ __global__ void __launch_bounds__(MIN_BLOCKS == 2 ? two_block_threads(CPT) : kMa
 #pragma unroll
       for (int j = 0; j < CPT; ++j) {
         const int c = j * blockDim.x + threadIdx.x;
-        if (c < nchunks) {
+        if (has(j)) {
           int q[16];
           if (zero) {
 #pragma unroll
@@ -642,6 +653,7 @@ void launch_fast_as(const RowSource& src, int64_t rows, int64_t k, int group, vo
                     cudaStream_t stream) {
   const int nchunks = int(k / 16);
   const int threads = int(ceil_div(ceil_div(nchunks, CPT), 32)) * 32;
+  if ((CPT - 1) * threads > nchunks) throw std::logic_error("row rotation fast path: too few chunks for CPT");
   const size_t words = group == 256 ? size_t(k / 256) * kBlockWords256
                       : group >= 64  ? size_t(ceil_div(int(k), 32)) * 32
                                      : 0;
@@ -688,7 +700,7 @@ void launch_fast_any(const RowSource& src, int64_t rows, int64_t k, int group, v
   const char* env = std::getenv("CONVROT_ROWS_CHUNKS");
   const int forced = env != nullptr ? std::atoi(env) : 0;
   if (forced == 1 && nchunks <= kMaxThreads) return launch_fast<T, MODE, 1, 1>(src, rows, k, group, out, scale, stream);
-  if (nchunks <= 2 * two_block_threads(2) && (nchunks >= 128 || forced == 2)) {
+  if (nchunks <= 2 * two_block_threads(2) && (nchunks >= 128 || (forced == 2 && nchunks >= 64))) {
     return launch_fast<T, MODE, 2, 2>(src, rows, k, group, out, scale, stream);
   }
   if (nchunks < 128) return launch_fast<T, MODE, 1, 1>(src, rows, k, group, out, scale, stream);
