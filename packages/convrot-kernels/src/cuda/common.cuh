@@ -150,14 +150,9 @@ __device__ __forceinline__ void load_chunk(const T* src, bool vec, float (&v)[W]
         vector_to_float<T>(__ldg(reinterpret_cast<const uint4*>(src) + p), v + p * (16 / sizeof(T)));
       }
       return;
-    } else if constexpr (kBytes == 8) {
-      const uint2 raw = __ldg(reinterpret_cast<const uint2*>(src));
-      const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-      for (int q = 0; q < W; ++q) v[q] = to_float(e[q]);
-      return;
-    } else if constexpr (kBytes == 4) {
-      const uint32_t raw = __ldg(reinterpret_cast<const unsigned int*>(src));
+    } else if constexpr (kBytes == 8 || kBytes == 4) {
+      using Word = std::conditional_t<kBytes == 8, uint2, unsigned int>;  // one 8- or 4-byte load
+      const Word raw = __ldg(reinterpret_cast<const Word*>(src));
       const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
       for (int q = 0; q < W; ++q) v[q] = to_float(e[q]);
@@ -183,19 +178,13 @@ __device__ __forceinline__ void store_chunk(T* dst, bool vec, const float (&v)[W
         reinterpret_cast<uint4*>(dst)[p] = raw;
       }
       return;
-    } else if constexpr (kBytes == 8) {
-      uint2 raw;
+    } else if constexpr (kBytes == 8 || kBytes == 4) {
+      using Word = std::conditional_t<kBytes == 8, uint2, uint32_t>;  // one 8- or 4-byte store
+      Word raw;
       T* e = reinterpret_cast<T*>(&raw);
 #pragma unroll
       for (int q = 0; q < W; ++q) e[q] = from_float<T>(v[q]);
-      *reinterpret_cast<uint2*>(dst) = raw;
-      return;
-    } else if constexpr (kBytes == 4) {
-      uint32_t raw;
-      T* e = reinterpret_cast<T*>(&raw);
-#pragma unroll
-      for (int q = 0; q < W; ++q) e[q] = from_float<T>(v[q]);
-      *reinterpret_cast<uint32_t*>(dst) = raw;
+      *reinterpret_cast<Word*>(dst) = raw;
       return;
     }
   }
