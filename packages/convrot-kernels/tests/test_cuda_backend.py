@@ -187,6 +187,7 @@ def assert_codes(q, scale, values64, bits, cpu_q, cpu_scale, same_input=True):
 RQ_SHAPES = [  # (M, K, group)
     (1, 3072, 256),
     (7, 3072, 256),
+    (4101, 3072, 256),  # more rows than resident blocks: each block walks several, some one fewer
     (33, 1152, 64),
     (5, 15360, 256),
     (3, 12288, 256),
