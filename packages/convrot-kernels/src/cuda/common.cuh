@@ -44,6 +44,14 @@ inline int current_device_cc() {
   return major * 10 + minor;
 }
 
+// Multiprocessors of the current device.
+inline int multiprocessors() {
+  int device = 0, count = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  return count;
+}
+
 // Kernels whose shared memory (dynamic plus their few static bytes) exceeds
 // 48 KB must say so first; the margin covers the static part.
 template <typename Kernel>

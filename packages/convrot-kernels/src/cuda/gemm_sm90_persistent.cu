@@ -504,13 +504,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // ---- host side ----
 
-int multiprocessors() {
-  int device = 0, count = 0;
-  check(cudaGetDevice(&device), "cudaGetDevice");
-  check(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-  return count;
-}
-
 template <int BITS, bool STAGED>
 void launch(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias, void* out,
             Float out_dtype, int64_t m, int64_t n, int64_t k, cudaStream_t stream) {

@@ -179,13 +179,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-int multiprocessors() {
-  int device = 0, count = 0;
-  check(cudaGetDevice(&device), "cudaGetDevice");
-  check(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-  return count;
-}
-
 template <int BITS, int MB, int NB, int UNROLL>
 void launch(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias, void* out,
             Float out_dtype, int64_t m, int64_t n, int64_t k, cudaStream_t stream) {
@@ -197,21 +190,19 @@ void launch(const void* qa, const float* sa, const void* qw, const float* sw, co
   check_launch("small-M gemm");
 }
 
-template <int BITS, int NB>
-void launch_m(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias, void* out,
-              Float out_dtype, int64_t m, int64_t n, int64_t k, cudaStream_t stream) {
-  if (m <= 16) return launch<BITS, 1, NB, 4>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);
-  if (m <= 32) return launch<BITS, 2, NB, 2>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);
-  launch<BITS, 4, NB, 2>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);
-}
-
 template <int BITS>
 void launch_bits(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias, void* out,
                  Float out_dtype, int64_t m, int64_t n, int64_t k, cudaStream_t stream) {
-  // 8-row blocks where 16-row ones would not fill every SM's resident slots: measured faster
-  // at M <= 16 on the H200 (e.g. 1 x 12288 x 3072: 10.9 vs 11.7 us), slower at M = 64.
-  if (m <= 16 && ceil_div<int64_t>(n, 16) < kBlocksPerSm * multiprocessors()) return launch_m<BITS, 1>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);
-  launch_m<BITS, 2>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);
+  if (m <= 16) {
+    // 8-row blocks where 16-row ones would not fill every SM's resident slots: measured faster
+    // on the H200 (e.g. 1 x 12288 x 3072: 10.9 vs 11.7 us); at M = 64 they were slower.
+    if (ceil_div<int64_t>(n, 16) < kBlocksPerSm * multiprocessors()) {
+      return launch<BITS, 1, 1, 4>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);
+    }
+    return launch<BITS, 1, 2, 4>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);
+  }
+  if (m <= 32) return launch<BITS, 2, 2, 2>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);
+  launch<BITS, 4, 2, 2>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);
 }
 
 }  // namespace

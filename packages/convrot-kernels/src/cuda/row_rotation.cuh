@@ -641,13 +641,6 @@ __global__ void __launch_bounds__(MIN_BLOCKS == 2 ? two_block_threads(CPT) : kMa
   }
 }
 
-inline int multiprocessors() {
-  int device = 0, count = 0;
-  check(cudaGetDevice(&device), "cudaGetDevice");
-  check(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-  return count;
-}
-
 template <typename T, int MODE, int CPT, int MIN_BLOCKS, bool FUSED>
 void launch_fast_as(const RowSource& src, int64_t rows, int64_t k, int group, void* out, float* scale,
                     cudaStream_t stream) {
