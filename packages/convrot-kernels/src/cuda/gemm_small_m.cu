@@ -1,14 +1,18 @@
 // The weight-streaming GEMM for M <= 64. With few activation rows the GEMM is
 // a pass over the packed weights (N x K/2 bytes, 4x fewer than bf16), so the
 // kernel is built to keep HBM busy rather than the tensor cores:
-//   - each block owns 16 weight rows (8 at M <= 16 where 16-row blocks would not
-//     fill every SM's resident block slots: fewer bytes in flight); its
-//     8 warps split K between them in slices of 64 packed bytes per row, and every
-//     thread issues the 16-byte loads of several slices (streaming, no L1
-//     allocation) before it uses any;
-//   - weights go straight from those loads into mma.sync m16n8k32 B fragments
-//     (no shared memory), activations (a few KB, L1/L2-resident) into A
-//     fragments of up to four 16-row blocks;
+//   - each block owns 16 weight rows; its 8 warps split K between them in slices
+//     of 64 packed bytes per row (four threads x 16 bytes), warp w taking slices
+//     w, w + 8, ...;
+//   - every thread streams its own 16-byte pieces through a ring of kStages slices
+//     in shared memory, filled by cp.async (L2 only for weights; with M <= 16 the
+//     activations' pieces ride along through L1): only the thread that copied a
+//     piece reads it, so the ring needs no barrier, and the loads in flight hold
+//     no registers. (Loading into registers instead, as an earlier version did,
+//     left HBM idle between each warp's rounds of loads: 9.6-13.3 vs 6.8-13.5 us
+//     on the H200, docs/benchmarks.md.) With more activation rows they come from
+//     __ldg, L1/L2-resident;
+//   - weights and activations go from the ring into mma.sync m16n8k32 fragments;
 //   - the warps' int32 partial sums meet in shared memory, and the fp32
 //     epilogue y = fp32(acc) * sa[m] * sw[n] + bias[n] writes the output, its
 //     scales and bias loaded at the start so that their latency hides under the loop.
@@ -26,16 +30,11 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kBlocksPerSm = 3;  // 16-row blocks resident per SM at M <= 16 (80 registers a thread)
 constexpr int kSliceBytes = 64;  // bytes of a row per warp and slice: four threads x 16 bytes
-
-__device__ __forceinline__ uint4 load_streaming(const uint8_t* p) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
-  return v;
-}
+constexpr int kNB = 2;           // 8-row blocks of weights per block: 16 rows
+// Slices each thread has in flight. Measured on the H200 against 6 (and 8 with the
+// activations outside the ring): 4 was as fast or faster at every shape but one.
+constexpr int kStages = 4;
 
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
 __device__ __forceinline__ uint32_t low_nibbles_x16(uint32_t w) { return (w << 4) & 0xF0F0F0F0u; }
@@ -50,32 +49,49 @@ __device__ __forceinline__ void mma_s8(int (&c)[4], uint32_t a0, uint32_t a1, ui
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// MB: 16-row blocks of activations; NB: 8-row blocks of weights; UNROLL: slices whose loads a
-// thread issues before using them.
-template <int BITS, int MB, int NB, int UNROLL>
+// Copy 16 bytes from global to shared memory (cp.async, sm_80+), bypassing L1 or through it;
+// with `valid` false they write 16 zero bytes and read nothing.
+__device__ __forceinline__ void copy_async16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void copy_async16_l1(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int PENDING>
+__device__ __forceinline__ void copy_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory"); }
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+  return v;
+}
+
+// MB: 16-row blocks of activations (1, 2 or 4).
+template <int BITS, int MB>
 __global__ void __launch_bounds__(kThreads)
     gemm_kernel(const uint8_t* __restrict__ qa, const float* __restrict__ sa, const uint8_t* __restrict__ qw,
                 const float* __restrict__ sw, const float* __restrict__ bias, void* __restrict__ out, Float out_dtype,
                 int m, int n, int row_bytes) {
-  __shared__ int partial[MB * NB * 4][kWarps][32];
+  __shared__ int partial[MB * kNB * 4][kWarps][32];
+  // With one 16-row block of activations its two 16-byte pieces a slice ride in the ring too
+  // (through L1, which every block of the SM reads them from); with more, they are __ldg'd.
+  constexpr bool kActivationsInRing = MB == 1;
+  constexpr int kPieces = kNB + (kActivationsInRing ? 2 : 0);
+  extern __shared__ uint4 ring[];  // [kStages][kPieces][kThreads]
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   const int g = lane >> 2, quarter = lane & 3;
-  const int n0 = blockIdx.x * 8 * NB;
+  const int n0 = blockIdx.x * 8 * kNB;
   const int num_slices = (row_bytes + kSliceBytes - 1) / kSliceBytes;
+  const int slices = num_slices > warp ? (num_slices - warp + kWarps - 1) / kWarps : 0;  // warp, warp + 8, ...
 
-  // Entry e of lane l of the partial sums: accumulator r = e % 4 of n8 block (e / 4) % NB and
-  // m16 block e / (4 NB), i.e. token 16 * mb + l / 4 (+ 8 for r >= 2) and weight row
-  // 8 * nb + 2 * (l % 4) + r % 2. Thread t turns entries t, t + kThreads, ... into outputs.
-  constexpr int kEntries = MB * NB * 4 * 32, kMine = (kEntries + kThreads - 1) / kThreads;
+  constexpr int kEntries = MB * kNB * 4 * 32, kMine = (kEntries + kThreads - 1) / kThreads;
   const auto entry = [&](int i, int& token, int& row) {  // token = m: nothing to write
     const int idx = threadIdx.x + i * kThreads, e = idx / 32, l = idx % 32;
-    const int r = e % 4, nb = (e / 4) % NB, mb = e / (4 * NB);
+    const int r = e % 4, nb = (e / 4) % kNB, mb = e / (4 * kNB);
     token = 16 * mb + l / 4 + (r >= 2 ? 8 : 0);
     row = n0 + 8 * nb + 2 * (l % 4) + r % 2;
     if (idx >= kEntries || token >= m || row >= n) token = m;
   };
-  // With one entry a thread, its scales and bias are loaded before the main loop, so that
-  // their latency hides under it; more would cost registers, and resident blocks.
   constexpr bool kEarly = kMine == 1;
   float out_sa[kMine], out_sw[kMine], out_bias[kMine];
   const auto load_operands = [&] {
@@ -89,12 +105,11 @@ __global__ void __launch_bounds__(kThreads)
       out_bias[i] = ok && bias != nullptr ? bias[row] : 0.0f;
     }
   };
-  if constexpr (kEarly) load_operands();
 
-  const uint8_t* w_row[NB];
-  bool w_ok[NB];
+  const uint8_t* w_row[kNB];
+  bool w_ok[kNB];
 #pragma unroll
-  for (int nb = 0; nb < NB; ++nb) {
+  for (int nb = 0; nb < kNB; ++nb) {
     const int row = n0 + 8 * nb + g;
     w_ok[nb] = row < n;
     w_row[nb] = qw + int64_t(w_ok[nb] ? row : 0) * row_bytes + 16 * quarter;
@@ -111,54 +126,77 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
-  int acc[MB][NB][4] = {};
-  const uint4 zero = make_uint4(0, 0, 0, 0);
-  for (int first = warp; first < num_slices; first += kWarps * UNROLL) {
-    uint4 w[UNROLL][NB], x[UNROLL][MB][2];
+  const uint32_t slot_base = uint32_t(__cvta_generic_to_shared(ring)) + 16 * threadIdx.x;
+  const auto slot = [&](int j, int piece) { return slot_base + uint32_t(((j % kStages) * kPieces + piece) * kThreads * 16); };
+  // Slice j of this warp into its slot, as one commit group (empty past the last slice, so
+  // that group j is always the j-th).
+  const auto issue = [&](int j) {
+    if (j < slices) {
+      const int offset = (warp + j * kWarps) * kSliceBytes;
+      const bool in = offset + 16 * quarter < row_bytes;
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int slice = first + u * kWarps;
-      const int offset = slice * kSliceBytes;
-      const bool in = slice < num_slices && offset + 16 * quarter < row_bytes;
+      for (int nb = 0; nb < kNB; ++nb) copy_async16(slot(j, nb), w_row[nb] + (in ? offset : 0), in && w_ok[nb]);
+      if constexpr (kActivationsInRing) {
 #pragma unroll
-      for (int nb = 0; nb < NB; ++nb) w[u][nb] = in && w_ok[nb] ? load_streaming(w_row[nb] + offset) : zero;
+        for (int h = 0; h < 2; ++h) copy_async16_l1(slot(j, kNB + h), a_row[0][h] + (in ? offset : 0), in && a_ok[0][h]);
+      }
+    }
+    copy_async_commit();
+  };
+#pragma unroll
+  for (int j = 0; j < kStages; ++j) issue(j);
+  if constexpr (kEarly) load_operands();
+
+  int acc[MB][kNB][4] = {};
+  for (int j = 0; j < slices; ++j) {
+    const int offset = (warp + j * kWarps) * kSliceBytes;
+    const bool in = offset + 16 * quarter < row_bytes;
+    uint4 x[MB][2];
+    if constexpr (!kActivationsInRing) {
+      const uint4 zero = make_uint4(0, 0, 0, 0);
 #pragma unroll
       for (int mb = 0; mb < MB; ++mb) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          x[u][mb][h] = in && a_ok[mb][h] ? __ldg(reinterpret_cast<const uint4*>(a_row[mb][h] + offset)) : zero;
+          x[mb][h] = in && a_ok[mb][h] ? __ldg(reinterpret_cast<const uint4*>(a_row[mb][h] + offset)) : zero;
         }
       }
     }
+    copy_async_wait<kStages - 1>();  // this thread's group j has landed
+    if constexpr (kActivationsInRing) {
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
+      for (int h = 0; h < 2; ++h) x[0][h] = lds128(slot(j, kNB + h));
+    }
+    uint4 w[kNB];
 #pragma unroll
-      for (int step = 0; step < (BITS == 4 ? 4 : 2); ++step) {
+    for (int nb = 0; nb < kNB; ++nb) w[nb] = lds128(slot(j, nb));
 #pragma unroll
-        for (int nb = 0; nb < NB; ++nb) {
+    for (int step = 0; step < (BITS == 4 ? 4 : 2); ++step) {
 #pragma unroll
-          for (int mb = 0; mb < MB; ++mb) {
-            const uint4 &lo = x[u][mb][0], &hi = x[u][mb][1];
-            if constexpr (BITS == 4) {
-              mma_s8(acc[mb][nb], low_nibbles_x16(word(lo, step)), low_nibbles_x16(word(hi, step)),
-                     high_nibbles_x16(word(lo, step)), high_nibbles_x16(word(hi, step)),
-                     low_nibbles_x16(word(w[u][nb], step)), high_nibbles_x16(word(w[u][nb], step)));
-            } else {
-              mma_s8(acc[mb][nb], word(lo, 2 * step), word(hi, 2 * step), word(lo, 2 * step + 1),
-                     word(hi, 2 * step + 1), word(w[u][nb], 2 * step), word(w[u][nb], 2 * step + 1));
-            }
+      for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb) {
+          const uint4 &lo = x[mb][0], &hi = x[mb][1];
+          if constexpr (BITS == 4) {
+            mma_s8(acc[mb][nb], low_nibbles_x16(word(lo, step)), low_nibbles_x16(word(hi, step)),
+                   high_nibbles_x16(word(lo, step)), high_nibbles_x16(word(hi, step)),
+                   low_nibbles_x16(word(w[nb], step)), high_nibbles_x16(word(w[nb], step)));
+          } else {
+            mma_s8(acc[mb][nb], word(lo, 2 * step), word(hi, 2 * step), word(lo, 2 * step + 1),
+                   word(hi, 2 * step + 1), word(w[nb], 2 * step), word(w[nb], 2 * step + 1));
           }
         }
       }
     }
+    issue(j + kStages);  // into the slot just read: its words are already in registers
   }
 
 #pragma unroll
   for (int mb = 0; mb < MB; ++mb) {
 #pragma unroll
-    for (int nb = 0; nb < NB; ++nb) {
+    for (int nb = 0; nb < kNB; ++nb) {
 #pragma unroll
-      for (int r = 0; r < 4; ++r) partial[(mb * NB + nb) * 4 + r][warp][lane] = acc[mb][nb][r];
+      for (int r = 0; r < 4; ++r) partial[(mb * kNB + nb) * 4 + r][warp][lane] = acc[mb][nb][r];
     }
   }
   __syncthreads();
@@ -179,30 +217,25 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <int BITS, int MB, int NB, int UNROLL>
+template <int BITS, int MB>
 void launch(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias, void* out,
             Float out_dtype, int64_t m, int64_t n, int64_t k, cudaStream_t stream) {
-  const int row_bytes = int(k * BITS / 8);
-  const unsigned blocks = unsigned(ceil_div<int64_t>(n, 8 * NB));
-  gemm_kernel<BITS, MB, NB, UNROLL><<<blocks, kThreads, 0, stream>>>(
+  auto kernel = gemm_kernel<BITS, MB>;
+  constexpr size_t kRingBytes = size_t(kStages) * (kNB + (MB == 1 ? 2 : 0)) * kThreads * 16;
+  constexpr size_t kPartialBytes = size_t(MB) * kNB * 4 * kWarps * 32 * 4;  // the kernel's static shared memory
+  allow_dynamic_smem(kernel, kRingBytes + kPartialBytes);
+  kernel<<<unsigned(ceil_div<int64_t>(n, 8 * kNB)), kThreads, kRingBytes, stream>>>(
       static_cast<const uint8_t*>(qa), sa, static_cast<const uint8_t*>(qw), sw, bias, out, out_dtype, int(m), int(n),
-      row_bytes);
+      int(k * BITS / 8));
   check_launch("small-M gemm");
 }
 
 template <int BITS>
 void launch_bits(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias, void* out,
                  Float out_dtype, int64_t m, int64_t n, int64_t k, cudaStream_t stream) {
-  if (m <= 16) {
-    // 8-row blocks where 16-row ones would not fill every SM's resident slots: measured faster
-    // on the H200 (e.g. 1 x 12288 x 3072: 10.9 vs 11.7 us); at M = 64 they were slower.
-    if (ceil_div<int64_t>(n, 16) < kBlocksPerSm * multiprocessors()) {
-      return launch<BITS, 1, 1, 4>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);
-    }
-    return launch<BITS, 1, 2, 4>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);
-  }
-  if (m <= 32) return launch<BITS, 2, 2, 2>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);
-  launch<BITS, 4, 2, 2>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);
+  if (m <= 16) return launch<BITS, 1>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);
+  if (m <= 32) return launch<BITS, 2>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);
+  launch<BITS, 4>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);
 }
 
 }  // namespace
