@@ -9,13 +9,14 @@
 //     activations' pieces ride along through L1): only the thread that copied a
 //     piece reads it, so the ring needs no barrier, and the loads in flight hold
 //     no registers. (Loading into registers instead, as an earlier version did,
-//     left HBM idle between each warp's rounds of loads: 9.6-13.3 vs 6.8-13.5 us
-//     on the H200, docs/benchmarks.md.) With more activation rows they come from
-//     __ldg, L1/L2-resident;
+//     left HBM idle between each warp's rounds of loads: 1 x 12288 x 3072 took
+//     10.6 us against 7.3 on the H200, docs/benchmarks.md.) With more activation
+//     rows they come from __ldg, L1/L2-resident;
 //   - weights and activations go from the ring into mma.sync m16n8k32 fragments;
 //   - the warps' int32 partial sums meet in shared memory, and the fp32
-//     epilogue y = fp32(acc) * sa[m] * sw[n] + bias[n] writes the output, its
-//     scales and bias loaded at the start so that their latency hides under the loop.
+//     epilogue y = fp32(acc) * sa[m] * sw[n] + bias[n] writes the output (at M <= 16
+//     its scales and bias are loaded at the start, so that their latency hides under
+//     the loop).
 // 4-bit codes use the nibble expansion and K permutation of the Hopper GEMM
 // (gemm_sm90_persistent.cu): thread quad position t loads packed bytes
 // 16t..16t+15 of a slice row; word c feeds k-step c, low nibbles at positions
@@ -32,8 +33,8 @@ constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kSliceBytes = 64;  // bytes of a row per warp and slice: four threads x 16 bytes
 constexpr int kNB = 2;           // 8-row blocks of weights per block: 16 rows
-// Slices each thread has in flight. Measured on the H200 against 6 (and 8 with the
-// activations outside the ring): 4 was as fast or faster at every shape but one.
+// Slices each thread has in flight. Against 6 on the H200, 4 was faster at 11 of 12 shapes
+// and within 0.5% at the last (docs/benchmarks.md).
 constexpr int kStages = 4;
 
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
