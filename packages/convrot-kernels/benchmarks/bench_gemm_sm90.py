@@ -8,7 +8,10 @@ weight-streaming shapes read them from HBM, not from L2: one round of sets
 exceeds twice the L2. Rows: gemm(bits=4) and gemm(bits=8) through each kernel
 (forced with CONVROT_GEMM_KERNEL; "auto" is the dispatcher's own choice), the
 whole chain rht_quantize + gemm(bits=4), and the anchors. TOPS count 2*M*N*K
-operations; the fraction is of the H100's 1979 TOPS dense int8 peak. Printed
+operations; the fraction is of the H100's 1979 TOPS dense int8 peak. Every case
+of a shape, anchors included, is measured once in each of ROUNDS alternating
+rounds and reported as the median over them; beside each row, the SM clock and
+board power that NVML read during its measurements (gpu_state.py). Printed
 last: a markdown table of medians and ratios (anchor / ours: > 1 means faster).
 """
 
@@ -18,10 +21,12 @@ import argparse
 import json
 import math
 import os
+import statistics
 
 import torch
 import torch.nn.functional as F
-from bench_primitives import FLUX_KN, GROUP, copies_for, time_per_call
+from bench_primitives import FLUX_KN, GROUP, ROUNDS, copies_for, time_per_call
+from gpu_state import GpuMonitor, GpuState
 
 import convrot_kernels as ck
 
@@ -69,7 +74,7 @@ def set_bytes(s: dict) -> int:
     return sum(t.numel() * t.element_size() for t in s.values())
 
 
-def bench_shape(m: int, k: int, n: int, kernels: list[str], record) -> None:
+def bench_shape(m: int, k: int, n: int, kernels: list[str], record, monitor: GpuMonitor) -> None:
     with_int8 = m > 16 and m % 8 == 0
     first = make_set(m, k, n, with_int8)
     sets = [first] + [make_set(m, k, n, with_int8) for _ in range(copies_for(set_bytes(first)) - 1)]
@@ -88,25 +93,44 @@ def bench_shape(m: int, k: int, n: int, kernels: list[str], record) -> None:
         qa, sa = ck.rht_quantize(s["x"], GROUP, 4)
         return ck.gemm(qa, sa, s["qw4"], s["sw4"], s["bias"], bits=4)
 
-    tuples = [(s,) for s in sets]
-    anchors = {"bf16 linear": time_per_call(linear, tuples)}
+    anchor_fns = {"bf16 linear": linear}
     if with_int8:
-        anchors["_int_mm"] = time_per_call(int_mm, tuples)
+        anchor_fns["_int_mm"] = int_mm
+    ours = {}
     for kernel in kernels:
         for bits in (4, 8):
             if kernel == "sm90":
                 for tile in ("256", "128"):
-                    us = time_per_call(forced(kernel, gemm(bits), tile), tuples)
-                    record(f"gemm{bits} sm90 n{tile}", m, k, n, us, anchors, ops)
+                    ours[f"gemm{bits} sm90 n{tile}"] = forced(kernel, gemm(bits), tile)
             else:
-                fn = gemm(bits) if kernel == "auto" else forced(kernel, gemm(bits))
-                record(f"gemm{bits} {kernel}", m, k, n, time_per_call(fn, tuples), anchors, ops)
-    try:
-        chain_us = time_per_call(chain, tuples)
-    except RuntimeError as error:  # report and go on: the GEMM rows stand without it
-        print(f"chain4 M={m} K={k} N={n}: {error}", flush=True)
-    else:
-        record("chain4 auto", m, k, n, chain_us, {"bf16 linear": anchors["bf16 linear"]}, ops)
+                ours[f"gemm{bits} {kernel}"] = gemm(bits) if kernel == "auto" else forced(kernel, gemm(bits))
+    ours["chain4 auto"] = chain
+
+    # Every case once per round, rounds alternating: a drift of the GPU's clock during the shape
+    # then lands on all cases alike instead of on whichever was measured last.
+    tuples = [(s,) for s in sets]
+    times = {label: [] for label in (*anchor_fns, *ours)}
+    samples = {label: [] for label in times}
+    for _ in range(ROUNDS):
+        for label, fn in (*anchor_fns.items(), *ours.items()):
+            if label not in times:  # failed in an earlier round
+                continue
+            try:
+                with monitor.window() as w:
+                    us = time_per_call(fn, tuples)
+            except RuntimeError as error:  # report and go on: the other rows stand without it
+                print(f"{label} M={m} K={k} N={n}: {error}", flush=True)
+                del times[label]
+                continue
+            times[label].append(us)
+            samples[label].extend(w.samples)
+    if not all(a in times for a in anchor_fns):
+        raise RuntimeError(f"an anchor failed at M={m} K={k} N={n}")
+    anchors = {a: statistics.median(times[a]) for a in anchor_fns}
+    for label in ours:
+        if label in times:
+            shown = {"bf16 linear": anchors["bf16 linear"]} if label.startswith("chain") else anchors
+            record(label, m, k, n, statistics.median(times[label]), shown, ops, GpuState.of(samples[label]))
     del sets, tuples
 
 
@@ -121,30 +145,40 @@ def main() -> None:
         f"torch {torch.__version__}; convrot_kernels {ck.build_info()}",
         flush=True,
     )
+    monitor = GpuMonitor()
+    if not monitor.available:
+        print(f"GPU clock and power not sampled ({monitor.reason})", flush=True)
     rows: list[dict] = []
 
-    def record(kind, m, k, n, us, anchors, ops):
+    def record(kind, m, k, n, us, anchors, ops, state: GpuState):
         tops = ops / us / 1e6
-        rows.append({"kind": kind, "M": m, "K": k, "N": n, "ours_us": us, "tops": tops, "anchors_us": anchors})
+        row = {"kind": kind, "M": m, "K": k, "N": n, "ours_us": us, "tops": tops, "anchors_us": anchors}
+        rows.append(row | {"sm_mhz": state.sm_mhz, "max_watts": state.max_watts})
         ratios = "  ".join(f"{name} {t:8.1f}us x{t / us:5.2f}" for name, t in anchors.items())
-        print(f"{kind:22s} M={m:5d} K={k:5d} N={n:5d} {us:8.1f}us {tops:7.1f} TOPS  {ratios}", flush=True)
+        line = f"{kind:22s} M={m:5d} K={k:5d} N={n:5d} {us:8.1f}us {tops:7.1f} TOPS  {ratios}  {state.cell()}"
+        print(line, flush=True)
 
     for k, n in FLUX_KN:
-        bench_shape(M_LARGE, k, n, ["sm90_persistent", "sm90", "auto"], record)
+        bench_shape(M_LARGE, k, n, ["sm90_persistent", "sm90", "auto"], record, monitor)
     for m, k, n in SMALL:
-        bench_shape(m, k, n, ["small_m", "sm90_persistent", "auto"], record)
+        bench_shape(m, k, n, ["small_m", "sm90_persistent", "auto"], record, monitor)
     for m, k, n in CROSSOVER:
-        bench_shape(m, k, n, ["sm90_persistent", "sm90", "auto"], record)
+        bench_shape(m, k, n, ["sm90_persistent", "sm90", "auto"], record, monitor)
+    monitor.stop()
 
-    print("\n| path | M | K | N | ours (us) | TOPS | % of 1979 | bf16 (us) | x bf16 | _int_mm (us) | x _int_mm |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "\n| path | M | K | N | ours (us) | TOPS | % of 1979 | bf16 (us) | x bf16 | _int_mm (us) | x _int_mm "
+        "| ours: SM clock (median), power (max) |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         lin = r["anchors_us"]["bf16 linear"]
         mm = r["anchors_us"].get("_int_mm")
         mm_cells = f"{mm:.1f} | {mm / r['ours_us']:.2f}" if mm else "n/a | n/a"
         print(
             f"| {r['kind']} | {r['M']} | {r['K']} | {r['N']} | {r['ours_us']:.1f} | {r['tops']:.0f} | "
-            f"{100 * r['tops'] / INT8_PEAK_TOPS:.0f}% | {lin:.1f} | {lin / r['ours_us']:.2f} | {mm_cells} |"
+            f"{100 * r['tops'] / INT8_PEAK_TOPS:.0f}% | {lin:.1f} | {lin / r['ours_us']:.2f} | {mm_cells} "
+            f"| {GpuState(r['sm_mhz'], r['max_watts']).cell()} |"
         )
     if args.json:
         with open(args.json, "w") as f:
