@@ -17,6 +17,12 @@ quantization involved); torchao's float8 / int8 dynamic.
     python packages/convrot-diffusers/benchmarks/bench_transformer_step.py \
         --models flux --flux-blocks 4,8 --batches 1 --out-dir $OUT
 
+With --rounds R above 1, a model and batch's variants stay in memory after their first
+measurement and are timed again in turn, R rounds of --iters steps in all; each figure is then
+over every round's steps, so that the GPU's clock or power drifting during the run does not
+favour whichever variant ran first. Peak memory is each variant's own (memory held by the
+variants kept alive is left out).
+
 On a machine without CUDA, --tiny runs shrunken models on the CPU as a smoke test.
 """
 
@@ -30,7 +36,9 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -197,7 +205,18 @@ def profile_breakdown(step, device) -> tuple[dict[str, float], list[tuple[str, i
     return totals, sorted(kernels, key=lambda kernel: -kernel[2])[:TOP_KERNELS]
 
 
-def run_variant(args, name, batch, variant, device) -> dict | None:
+class Live(NamedTuple):
+    """What keeps a measured variant runnable: its model, inputs and step callable."""
+
+    model: torch.nn.Module
+    inputs: dict
+    step: Callable[[], object]
+
+
+def run_variant(args, name, batch, variant, device) -> tuple[dict, Live] | None:
+    """Builds, prepares and times one variant; the caller releases the returned Live."""
+    # Memory already held (by variants kept for later rounds) is not this variant's.
+    baseline = torch.cuda.memory_allocated() if device.type == "cuda" else 0
     blocks = args.flux_blocks if name == "flux" else args.blocks
     model = build(name, blocks, args.tiny, device)
     inputs = MODELS[name].inputs(model, batch, args.tiny, device)
@@ -215,7 +234,7 @@ def run_variant(args, name, batch, variant, device) -> dict | None:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         times = time_ms(step, device, args.warmup, args.iters)
-        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+        peak = torch.cuda.max_memory_allocated() - baseline if device.type == "cuda" else 0
         breakdown, top_kernels = None, None
         if split_variant(variant)[0] in PROFILED_SCHEMES:
             breakdown, top_kernels = profile_breakdown(functools.partial(model, **inputs), device)
@@ -223,28 +242,45 @@ def run_variant(args, name, batch, variant, device) -> dict | None:
         "model": name,
         "batch": batch,
         "variant": variant,
-        "ms_median": statistics.median(times),
-        "ms_min": min(times),
-        "ms_max": max(times),
+        "steps_ms": times,
         "peak_gib": peak / 2**30,
         "weight_gib": weight_bytes(model) / 2**30,
         "setup_s": setup_s,
         "breakdown_ms": breakdown,
         "top_kernels": top_kernels,
     }
+    summarize(result)
     print(
         f"  {variant:22s} {result['ms_median']:9.2f} ms  peak {result['peak_gib']:6.2f} GiB  "
         f"weights {result['weight_gib']:6.2f} GiB  setup {setup_s:5.1f} s",
         flush=True,
     )
-    # Compiled code and captured graphs keep their model alive: drop them, so that the
-    # next variant's peak memory is its own.
-    del model, inputs, step
+    return result, Live(model, inputs, step)
+
+
+def summarize(result: dict) -> None:
+    steps = result["steps_ms"]
+    result.update(ms_median=statistics.median(steps), ms_min=min(steps), ms_max=max(steps))
+
+
+def time_more_rounds(args, live: list[tuple[dict, Live]], device) -> None:
+    """Rounds 2.. of --rounds: every kept variant again, in turn, so that a drift of the GPU's clock
+    or power state during the run lands on all of them alike."""
+    for _ in range(args.rounds - 1):
+        for result, keep in live:
+            with torch.inference_mode():
+                result["steps_ms"] += time_ms(keep.step, device, args.warmup, args.iters)
+            summarize(result)
+
+
+def release(kept: list[tuple[dict, Live]], device) -> None:
+    """Frees the kept variants' models, compiled code and graphs (kept must hold the only references),
+    so that the next variant's memory is its own."""
+    kept.clear()
     torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return result
 
 
 def table(results: list[dict]) -> str:
@@ -311,6 +347,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="rounds of --iters steps: with more than one, a model and batch's variants stay in memory and are "
+        "timed again in turn, and each figure is over the steps of every round",
+    )
     parser.add_argument("--tiny", action="store_true", help="shrunken widths (CPU smoke test)")
     parser.add_argument("--out-dir", type=Path, default=Path("bench-out"))
     args = parser.parse_args(argv)
@@ -318,6 +361,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.tiny:
         parser.error("no CUDA device: real-width models need a GPU (use --tiny for a CPU smoke run)")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
@@ -334,12 +379,24 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
             print(f"{name}, batch {batch}:", flush=True)
+            kept: list[tuple[dict, Live]] = []
             for variant in variants:
-                result = run_variant(args, name, batch, variant, device)
-                if result:
-                    results.append(result)
-                    # Rewritten after every variant: a run cut short still leaves its numbers.
-                    write_report(args.out_dir, header, device_name, command, results)
+                measured = run_variant(args, name, batch, variant, device)
+                if measured is None:
+                    continue
+                results.append(measured[0])
+                # Rewritten after every variant: a run cut short still leaves its numbers.
+                write_report(args.out_dir, header, device_name, command, results)
+                kept.append(measured)
+                del measured
+                if args.rounds == 1:
+                    release(kept, device)
+            if kept:
+                time_more_rounds(args, kept, device)
+                medians = ", ".join(f"{r['variant']} {r['ms_median']:.2f} ms" for r, _ in kept)
+                print(f"  after {args.rounds} rounds: {medians}", flush=True)
+                write_report(args.out_dir, header, device_name, command, results)
+                release(kept, device)
     write_report(args.out_dir, header, device_name, command, results)
     bar_chart(results, args.out_dir / "transformer_step.png")
     print("\n" + (args.out_dir / "transformer_step.md").read_text())

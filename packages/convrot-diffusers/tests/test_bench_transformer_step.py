@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 import convrot_diffusers
 
 BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_transformer_step.py"
@@ -56,3 +58,20 @@ def test_normrope_variants_install_the_fused_attention_processor(tmp_path):
     model = bench.prepare(bench.build("flux", None, True, "cpu"), "bf16-normrope-eager")
     assert convrot_diffusers.fuse_qk_norm_rope(model) == 0  # prepare gave every module the fused processor
     assert convrot_diffusers.unfuse_qk_norm_rope(model) > 0
+
+
+def test_rounds_time_every_variant_again(tmp_path):
+    bench = load_bench()
+    args = ["--tiny", "--models", "pixart", "--batches", "1", "--iters", "2", "--warmup", "0", "--rounds", "3"]
+    bench.main([*args, "--variants", "bf16-eager,w4a4-eager", "--out-dir", str(tmp_path)])
+    report = json.loads((tmp_path / "transformer_step.json").read_text())
+    assert {r["variant"] for r in report["results"]} == {"bf16-eager", "w4a4-eager"}
+    for r in report["results"]:
+        assert len(r["steps_ms"]) == 6  # three rounds of two steps
+        assert r["ms_min"] <= r["ms_median"] <= r["ms_max"]
+
+
+def test_rounds_below_one_are_refused(tmp_path):
+    bench = load_bench()
+    with pytest.raises(SystemExit):
+        bench.main(["--tiny", "--rounds", "0", "--out-dir", str(tmp_path)])
