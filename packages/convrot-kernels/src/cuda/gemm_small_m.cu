@@ -36,6 +36,10 @@ constexpr int kNB = 2;           // 8-row blocks of weights per block: 16 rows
 // Slices each thread has in flight. Against 6 on the H200, 4 was faster at 11 of 12 shapes
 // and within 0.5% at the last (docs/benchmarks.md).
 constexpr int kStages = 4;
+// With one 16-row block of activations, their two 16-byte pieces a slice ride in the ring too
+// (through L1, which every block of the SM reads them from); with more, they are __ldg'd.
+constexpr bool activations_in_ring(int mb) { return mb == 1; }
+constexpr int ring_pieces(int mb) { return kNB + (activations_in_ring(mb) ? 2 : 0); }  // 16-byte pieces a slice
 
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
 __device__ __forceinline__ uint32_t low_nibbles_x16(uint32_t w) { return (w << 4) & 0xF0F0F0F0u; }
@@ -74,10 +78,8 @@ __global__ void __launch_bounds__(kThreads)
                 const float* __restrict__ sw, const float* __restrict__ bias, void* __restrict__ out, Float out_dtype,
                 int m, int n, int row_bytes) {
   __shared__ int partial[MB * kNB * 4][kWarps][32];
-  // With one 16-row block of activations its two 16-byte pieces a slice ride in the ring too
-  // (through L1, which every block of the SM reads them from); with more, they are __ldg'd.
-  constexpr bool kActivationsInRing = MB == 1;
-  constexpr int kPieces = kNB + (kActivationsInRing ? 2 : 0);
+  constexpr bool kActivationsInRing = activations_in_ring(MB);
+  constexpr int kPieces = ring_pieces(MB);
   extern __shared__ uint4 ring[];  // [kStages][kPieces][kThreads]
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   const int g = lane >> 2, quarter = lane & 3;
@@ -85,6 +87,9 @@ __global__ void __launch_bounds__(kThreads)
   const int num_slices = (row_bytes + kSliceBytes - 1) / kSliceBytes;
   const int slices = num_slices > warp ? (num_slices - warp + kWarps - 1) / kWarps : 0;  // warp, warp + 8, ...
 
+  // Entry e of lane l of the partial sums: accumulator r = e % 4 of n8 block (e / 4) % kNB and
+  // m16 block e / (4 kNB), i.e. token 16 * mb + l / 4 (+ 8 for r >= 2) and weight row
+  // 8 * nb + 2 * (l % 4) + r % 2. Thread t turns entries t, t + kThreads, ... into outputs.
   constexpr int kEntries = MB * kNB * 4 * 32, kMine = (kEntries + kThreads - 1) / kThreads;
   const auto entry = [&](int i, int& token, int& row) {  // token = m: nothing to write
     const int idx = threadIdx.x + i * kThreads, e = idx / 32, l = idx % 32;
@@ -93,6 +98,8 @@ __global__ void __launch_bounds__(kThreads)
     row = n0 + 8 * nb + 2 * (l % 4) + r % 2;
     if (idx >= kEntries || token >= m || row >= n) token = m;
   };
+  // With one entry a thread, its scales and bias are loaded before the main loop, so that
+  // their latency hides under it; more would cost registers, and resident blocks.
   constexpr bool kEarly = kMine == 1;
   float out_sa[kMine], out_sw[kMine], out_bias[kMine];
   const auto load_operands = [&] {
@@ -222,7 +229,7 @@ template <int BITS, int MB>
 void launch(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias, void* out,
             Float out_dtype, int64_t m, int64_t n, int64_t k, cudaStream_t stream) {
   auto kernel = gemm_kernel<BITS, MB>;
-  constexpr size_t kRingBytes = size_t(kStages) * (kNB + (MB == 1 ? 2 : 0)) * kThreads * 16;
+  constexpr size_t kRingBytes = size_t(kStages) * ring_pieces(MB) * kThreads * 16;
   constexpr size_t kPartialBytes = size_t(MB) * kNB * 4 * kWarps * 32 * 4;  // the kernel's static shared memory
   allow_dynamic_smem(kernel, kRingBytes + kPartialBytes);
   kernel<<<unsigned(ceil_div<int64_t>(n, 8 * kNB)), kThreads, kRingBytes, stream>>>(
