@@ -2,11 +2,11 @@
 
 A background thread reads the clock and power of the current device every few
 milliseconds; `GpuMonitor.window()` marks one measurement and afterwards holds
-the samples taken during it. On a machine without NVML (`nvidia-ml-py`) the
-monitor is unavailable and every window stays empty, so benchmarks report no
-state rather than a made-up one. The NVML device is the one with the current
-CUDA device's index, which is the same GPU unless CUDA_VISIBLE_DEVICES reorders
-them.
+the samples appended during it (list appends and slices are atomic in CPython,
+so no lock is needed). On a machine without NVML (`nvidia-ml-py`) the monitor is
+unavailable and every window stays empty, so benchmarks report no state rather
+than a made-up one. The NVML device is the one with the current CUDA device's
+index, which is the same GPU unless CUDA_VISIBLE_DEVICES reorders them.
 """
 
 from __future__ import annotations
@@ -46,8 +46,7 @@ class GpuState:
 
 class GpuMonitor:
     def __init__(self, interval_s: float = 0.005):
-        self._samples: list[tuple[float, float, float]] = []  # (perf_counter, MHz, W)
-        self._lock = threading.Lock()
+        self._samples: list[tuple[float, float]] = []  # (SM MHz, W), appended by the sampling thread
         self._stop = threading.Event()
         try:
             import pynvml
@@ -63,8 +62,7 @@ class GpuMonitor:
             while not self._stop.is_set():
                 mhz = pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)
                 watts = pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0
-                with self._lock:
-                    self._samples.append((time.perf_counter(), float(mhz), watts))
+                self._samples.append((float(mhz), watts))
                 time.sleep(interval_s)
 
         self._thread = threading.Thread(target=sample, daemon=True)
@@ -74,13 +72,11 @@ class GpuMonitor:
     def window(self):
         """Collects the samples taken while the block runs."""
         w = Window()
-        start = time.perf_counter()
+        first = len(self._samples)
         try:
             yield w
         finally:
-            end = time.perf_counter()
-            with self._lock:
-                w.samples = [(mhz, watts) for t, mhz, watts in self._samples if start <= t <= end]
+            w.samples = self._samples[first:]
 
     def stop(self) -> None:
         self._stop.set()
