@@ -192,8 +192,8 @@ void gemm(Array qa, Array sa, Array qw, Array sw, std::optional<Array> bias, Arr
 }
 
 // ---- raw-pointer entries for hot paths ----
-// The Python callers (rht_quantize_into, gemm_into, rms_norm_rope_into) check dtypes, shapes, layouts and devices
-// first: converting each tensor through DLPack costs ~6 us, most of an eager layer's host time.
+// The Python callers (rht_quantize_into, gemm_into, rms_norm_rope_into, layer_norm_modulate) check dtypes,
+// shapes, layouts and devices first: converting each tensor through DLPack costs ~6 us, most of an eager layer's host time.
 
 Float float_code(int code) {
   require(code >= 0 && code <= 2, "dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16)");
@@ -255,6 +255,30 @@ void rms_norm_rope_ptr(uintptr_t x, int64_t x_batch, int64_t x_token, int64_t x_
   } else {
     nb::gil_scoped_release release;
     cpu::rms_norm_rope(as_pointer<const void>(x), xs, as_pointer<void>(out), os, kind, p);
+  }
+}
+
+// prefix 0: every row comes from x (prefix_tokens must be 0).
+void layer_norm_modulate_ptr(uintptr_t x, uintptr_t out, int dtype, int64_t batch, int64_t tokens,
+                             int64_t prefix_tokens, int64_t k, uintptr_t prefix, uintptr_t scale, uintptr_t shift,
+                             int64_t modulation_stride, float eps, bool cuda, uintptr_t stream) {
+  const Float kind = float_code(dtype);
+  require(batch >= 0 && tokens >= 0 && k >= 0, "shape must not be negative");
+  require(0 <= prefix_tokens && prefix_tokens <= tokens && (prefix != 0 || prefix_tokens == 0),
+          "prefix_tokens must be in [0, tokens], and 0 without a prefix");
+  require(scale != 0 && shift != 0 && modulation_stride >= k, "scale and shift rows of k elements are required");
+  const NormModulate p{batch, tokens, prefix_tokens, k, as_pointer<const void>(prefix), as_pointer<const void>(scale),
+                       as_pointer<const void>(shift), modulation_stride, eps};
+  if (batch == 0 || tokens == 0 || k == 0) return;
+  if (cuda) {
+#ifdef CONVROT_WITH_CUDA
+    cuda::layer_norm_modulate(as_pointer<const void>(x), as_pointer<void>(out), kind, p, as_stream(stream));
+#else
+    throw nb::value_error("convrot_kernels was built without its CUDA backend");
+#endif
+  } else {
+    nb::gil_scoped_release release;
+    cpu::layer_norm_modulate(as_pointer<const void>(x), as_pointer<void>(out), kind, p);
   }
 }
 
@@ -331,6 +355,9 @@ NB_MODULE(_C, m) {
   m.def("rms_norm_rope_ptr", &convrot::rms_norm_rope_ptr, "x"_a, "x_batch"_a, "x_token"_a, "x_head"_a, "out"_a,
         "out_batch"_a, "out_token"_a, "out_head"_a, "dtype"_a, "batch"_a, "tokens"_a, "heads"_a, "dim"_a, "weight"_a,
         "cos"_a, "sin"_a, "eps"_a, "cuda"_a, "stream"_a);
+  m.def("layer_norm_modulate_ptr", &convrot::layer_norm_modulate_ptr, "x"_a, "out"_a, "dtype"_a, "batch"_a,
+        "tokens"_a, "prefix_tokens"_a, "k"_a, "prefix"_a, "scale"_a, "shift"_a, "modulation_stride"_a, "eps"_a,
+        "cuda"_a, "stream"_a);
   m.def("pack_int4", &convrot::pack_int4, "q"_a, "packed"_a.noconvert(), "stream"_a = 0);
   m.def("unpack_int4", &convrot::unpack_int4, "packed"_a, "q"_a.noconvert(), "stream"_a = 0);
   m.def("build_info", &convrot::build_info);

@@ -51,6 +51,28 @@ inline int rms_norm_rope_pairs_per_lane(int64_t dim) {
   return pairs;
 }
 
+// The shape and parameters of layer_norm_modulate (docs/format.md): `tokens` rows of k
+// elements per batch, the first `prefix_tokens` of them read from `prefix`
+// [batch, prefix_tokens, k] and the rest from x [batch, tokens - prefix_tokens, k] (the
+// joint sequence of a Flux single block, never concatenated in memory). Each row is
+// layer-normalised without affine (fp32, eps added to the variance) and rounded to the
+// dtype, then multiplied by (1 + scale[b]) and shifted by shift[b] (rows of k elements in the
+// dtype, `modulation_stride` elements apart), each step rounded to the dtype as torch's eager
+// ops round it. Mean and variance are summed in one fixed order on both backends: the
+// elements of chunk c = j / 8 in order, then chunk c's sum to lane c % 32 of 32, each lane
+// adding its chunk sums in order, and the lane sums meet in an XOR butterfly (16, 8, 4, 2, 1).
+struct NormModulate {
+  int64_t batch, tokens, prefix_tokens, k;
+  const void* prefix;
+  const void* scale;
+  const void* shift;
+  int64_t modulation_stride;
+  float eps;
+};
+
+// The widest row layer_norm_modulate takes (its chunk sums stay in 128 KB of shared memory).
+constexpr int64_t kLayerNormModulateMaxK = 262144;
+
 namespace cpu {
 
 // out[r, :] = rht(x[r, :], group) for each of `rows` rows of `k` elements.
@@ -73,6 +95,9 @@ void unpack_int4(const uint8_t* packed, int8_t* q, int64_t n_bytes);
 // out[b, s, h, :] = rms_norm_rope(x[b, s, h, :]) for every row; out may be x itself.
 void rms_norm_rope(const void* x, HeadStrides xs, void* out, HeadStrides os, Float dtype, const NormRope& p);
 
+// out [batch, tokens, k] (contiguous) = layer_norm_modulate of the rows of x and p.prefix.
+void layer_norm_modulate(const void* x, void* out, Float dtype, const NormModulate& p);
+
 }  // namespace cpu
 
 #ifdef CONVROT_WITH_CUDA
@@ -90,6 +115,7 @@ void pack_int4(const int8_t* q, uint8_t* packed, int64_t n_bytes, void* stream);
 void unpack_int4(const uint8_t* packed, int8_t* q, int64_t n_bytes, void* stream);
 void rms_norm_rope(const void* x, HeadStrides xs, void* out, HeadStrides os, Float dtype, const NormRope& p,
                    void* stream);
+void layer_norm_modulate(const void* x, void* out, Float dtype, const NormModulate& p, void* stream);
 
 }  // namespace cuda
 #endif

@@ -111,3 +111,17 @@ def rms_norm_rope_torch(x: torch.Tensor, weight, cos, sin, eps: float) -> torch.
     real, imag = h.reshape(*h.shape[:-1], -1, 2).unbind(-1)
     rotated = torch.stack([-imag, real], dim=-1).flatten(3)
     return (h.float() * cos[None, :, None] + rotated.float() * sin[None, :, None]).to(x.dtype)
+
+
+def layer_norm_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> np.ndarray:
+    """LayerNorm without affine over the last dimension, then x * (1 + scale[b]) + shift[b], in float64."""
+    v = x.double().numpy()
+    mean = v.mean(axis=-1, keepdims=True)
+    v = (v - mean) / np.sqrt(((v - mean) ** 2).mean(axis=-1, keepdims=True) + eps)
+    return v * (1 + scale.double().numpy()[:, None]) + shift.double().numpy()[:, None]
+
+
+def layer_norm_modulate_torch(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
+    """The same in x's precision with torch's eager ops, as diffusers' AdaLayerNormZeroSingle computes it."""
+    normed = torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps)
+    return normed * (1 + scale[:, None]) + shift[:, None]

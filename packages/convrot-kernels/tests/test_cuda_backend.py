@@ -17,6 +17,7 @@ import torch
 
 import convrot_kernels as ck
 from convrot_kernels import _C
+from convrot_kernels._validation import FLOAT_CODES
 
 import reference as ref
 
@@ -458,6 +459,71 @@ def test_rms_norm_rope_strided_rows_into_a_slice_and_in_place():
     assert torch.equal(k.cpu(), expected)
     for part in (0, 2):  # q and v, beside k in each row, are untouched
         assert torch.equal(qkv.chunk(3, dim=-1)[part], before.chunk(3, dim=-1)[part])
+
+
+# ---------------------------------------------------------------- LayerNorm + AdaLN modulation
+
+
+def cuda_layer_norm_modulate(x, scale, shift, prefix=None, eps=1e-6):
+    """On the GPU into poisoned outputs, through the pointer entry the public function uses."""
+    dx, dscale, dshift = x.cuda(), scale.cuda(), shift.cuda()
+    dprefix = None if prefix is None else prefix.cuda()
+    b, s, k = x.shape
+    s0 = 0 if prefix is None else prefix.shape[1]
+    (out,) = poisoned_runs(
+        lambda: [torch.empty((b, s0 + s, k), dtype=x.dtype, device="cuda")],
+        lambda out: _C.layer_norm_modulate_ptr(
+            dx.data_ptr(),
+            out.data_ptr(),
+            FLOAT_CODES[x.dtype],
+            b,
+            s0 + s,
+            s0,
+            k,
+            0 if dprefix is None else dprefix.data_ptr(),
+            dscale.data_ptr(),
+            dshift.data_ptr(),
+            dscale.stride(0),
+            eps,
+            True,
+            stream(),
+        ),
+    )
+    return out.cpu()
+
+
+NORM_MODULATE_SHAPES = [  # (batch, prefix tokens, tokens, K)
+    (1, 0, 1, 1),
+    (4, 512, 4096, 3072),  # a Flux single block at batch 4
+    (2, 0, 333, 3072),
+    (1, 3, 5, 1152),  # PixArt-Sigma
+    (2, 0, 7, 2432),  # SD3.5-large
+    (1, 2, 3, 100),  # K % 8 != 0: scalar accesses
+    (1, 0, 9, 4096),
+    (2, 1, 4, 4104),  # two chunks a thread
+    (1, 0, 3, 20000),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", NORM_MODULATE_SHAPES)
+def test_layer_norm_modulate_matches_cpu_backend(shape, dtype):
+    b, s0, s, k = shape
+    g = torch.Generator().manual_seed(k + s)
+    x = (torch.randn(b, s, k, generator=g) * torch.rand(b, s, 1, generator=g) * 8 + 3).to(dtype)
+    prefix = (torch.randn(b, s0, k, generator=g) * 2 - 1).to(dtype) if s0 else None
+    shift, scale, _ = (torch.randn(b, 3 * k, generator=g) * 0.5).to(dtype).chunk(3, dim=1)
+    got = cuda_layer_norm_modulate(x, scale, shift, prefix)
+    # The same operations in the same order on both backends: equal bit for bit.
+    assert torch.equal(got, ck.layer_norm_modulate(x, scale, shift, prefix=prefix))
+
+
+def test_layer_norm_modulate_op_on_cuda_reads_views_in_place():
+    x = torch.randn(2, 6, 3072, device="cuda").bfloat16()
+    prefix = torch.randn(2, 3, 3072, device="cuda").bfloat16()
+    shift, scale, _ = torch.randn(2, 3 * 3072, device="cuda").bfloat16().chunk(3, dim=1)
+    got = ck.layer_norm_modulate(x, scale, shift, prefix=prefix)
+    assert torch.equal(got.cpu(), ck.layer_norm_modulate(x.cpu(), scale.cpu(), shift.cpu(), prefix=prefix.cpu()))
 
 
 # ---------------------------------------------------------------- packing

@@ -1,6 +1,6 @@
 """ConvRot kernel primitives: regular Hadamard rotation, 4/8-bit quantization and
-int4/int8 GEMM, on CPU and CUDA tensors, and the attention heads' RMSNorm with the
-rotary embedding. The numeric contract is docs/format.md."""
+int4/int8 GEMM, on CPU and CUDA tensors, the attention heads' RMSNorm with the
+rotary embedding, and DiT blocks' LayerNorm with AdaLN modulation. The numeric contract is docs/format.md."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from . import _C
 from .gemm import gemm, gemm_into
 from .int4_packing import pack_int4, unpack_int4
+from .layer_norm_modulate import layer_norm_modulate
 from .quantize import quantize, rht_quantize, rht_quantize_into
 from .rht import rht
 from .rms_norm_rope import rms_norm_rope, rms_norm_rope_into
@@ -29,6 +30,7 @@ __all__ = [
     "build_info",
     "gemm",
     "gemm_into",
+    "layer_norm_modulate",
     "pack_int4",
     "quantize",
     "rht",

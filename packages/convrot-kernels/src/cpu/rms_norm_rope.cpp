@@ -3,6 +3,7 @@
 
 #include "cpu/float_convert.h"
 #include "cpu/parallel_for.h"
+#include "cpu/xor_butterfly.h"
 #include "primitives.h"
 
 namespace convrot::cpu {
@@ -17,12 +18,7 @@ float sum_of_squares(const float* v, int64_t dim) {
     const float square = v[d] * v[d];
     lane[d / per_lane] = lane[d / per_lane] + square;
   }
-  for (int off = 16; off > 0; off /= 2) {
-    float next[32];
-    for (int l = 0; l < 32; ++l) next[l] = lane[l] + lane[l ^ off];
-    for (int l = 0; l < 32; ++l) lane[l] = next[l];
-  }
-  return lane[0];
+  return xor_butterfly(lane);
 }
 
 }  // namespace

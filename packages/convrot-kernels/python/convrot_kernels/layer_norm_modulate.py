@@ -1,0 +1,105 @@
+"""LayerNorm without affine, then AdaLN's modulation, in one pass: the input norm of DiT blocks.
+
+diffusers' AdaLayerNormZero(Single) computes ``norm(x) * (1 + scale[:, None]) + shift[:, None]``
+with ``norm`` a ``torch.nn.LayerNorm(elementwise_affine=False)``; in Flux's single blocks
+``x`` is ``cat([text, image], 1)``. Under torch.compile that became one inductor reduction
+that reads each row twice and ran near 1 TB/s on the H200 (docs/benchmarks.md). Here each row
+is read once, from either part (the joint sequence is never concatenated), and written once.
+The contract is docs/format.md, "layer_norm_modulate".
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from . import _C
+from ._validation import FLOAT_CODES, FLOAT_DTYPES, on_device, require_dtype, require_same_device, require_tensor
+
+MAX_WIDTH = 262144  # primitives.h, kLayerNormModulateMaxK
+
+
+def _launch(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float, prefix: torch.Tensor | None
+) -> torch.Tensor:
+    """The kernel call; x and prefix are contiguous, scale and shift have a contiguous last dimension."""
+    b, s, k = x.shape
+    s0 = 0 if prefix is None else prefix.shape[1]
+    out = torch.empty((b, s0 + s, k), dtype=x.dtype, device=x.device)
+    _C.layer_norm_modulate_ptr(
+        x.data_ptr(),
+        out.data_ptr(),
+        FLOAT_CODES[x.dtype],
+        b,
+        s0 + s,
+        s0,
+        k,
+        0 if prefix is None else prefix.data_ptr(),
+        scale.data_ptr(),
+        shift.data_ptr(),
+        scale.stride(0),
+        eps,
+        *on_device(x),
+    )
+    return out
+
+
+@torch.library.custom_op("convrot_kernels::layer_norm_modulate", mutates_args=())
+def _layer_norm_modulate(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float, prefix: torch.Tensor | None
+) -> torch.Tensor:
+    # One row stride for both modulation vectors (diffusers' chunks of one embedding share it).
+    if scale.stride() != shift.stride() or scale.stride(-1) != 1 or scale.stride(0) < scale.shape[1]:
+        scale, shift = scale.contiguous(), shift.contiguous()
+    return _launch(x.contiguous(), scale, shift, eps, None if prefix is None else prefix.contiguous())
+
+
+@_layer_norm_modulate.register_fake
+def _(x, scale, shift, eps, prefix):
+    tokens = x.shape[1] + (0 if prefix is None else prefix.shape[1])
+    return x.new_empty((x.shape[0], tokens, x.shape[2]))
+
+
+def layer_norm_modulate(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+    prefix: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``layer_norm(x) * (1 + scale[:, None]) + shift[:, None]`` for x [batch, tokens, K].
+
+    The norm has no weight or bias (diffusers' AdaLN norms); mean and variance in fp32,
+    ``eps`` added to the variance, the normalised row rounded to x's dtype; then ``1 + scale``,
+    the product and the sum each rounded to x's dtype, as torch's eager ops round them.
+    scale and shift are [batch, K] in x's dtype (views such as ``emb.chunk(3, dim=1)`` are
+    read in place). With ``prefix`` [batch, tokens0, K] the rows are those of
+    ``cat([prefix, x], 1)``, which is never materialised; the result [batch, tokens0 + tokens, K]
+    is a new contiguous tensor. K is at most 262144. A torch.library op: works under torch.compile.
+    """
+    require_tensor("x", x)
+    require_dtype("x", x, FLOAT_DTYPES)
+    if x.ndim != 3:
+        raise ValueError(f"x must be 3-D [batch, tokens, K]; got shape {tuple(x.shape)}")
+    b, _, k = x.shape
+    if k > MAX_WIDTH:
+        raise ValueError(f"rows may have at most {MAX_WIDTH} elements; got {k}")
+    if prefix is not None:
+        require_tensor("prefix", prefix)
+        if prefix.ndim != 3 or prefix.shape[0] != b or prefix.shape[2] != k or prefix.dtype != x.dtype:
+            raise ValueError(
+                f"prefix must be [batch, tokens0, K] = [{b}, *, {k}] with x's dtype ({x.dtype}); "
+                f"got {prefix.dtype} {tuple(prefix.shape)}"
+            )
+    for name, t in (("scale", scale), ("shift", shift)):
+        require_tensor(name, t)
+        if t.shape != (b, k) or t.dtype != x.dtype:
+            raise ValueError(
+                f"{name} must be [batch, K] = [{b}, {k}] with x's dtype ({x.dtype}); got {t.dtype} {tuple(t.shape)}"
+            )
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number; got {eps!r}")
+    require_same_device(x=x, scale=scale, shift=shift, prefix=prefix)
+    return _layer_norm_modulate(x, scale, shift, float(eps), prefix)
