@@ -5,7 +5,8 @@ from conftest import build, generate
 
 import convrot
 import convrot_diffusers
-from convrot_diffusers import fuse_activations, unfuse_activations
+import convrot_kernels
+from convrot_diffusers import activation_fusion, fuse_activations, unfuse_activations
 from convrot_diffusers.demo import flux_transformer
 
 
@@ -37,7 +38,8 @@ def test_simulated_outputs_are_bit_identical_and_unfuse_restores_the_model(name,
 
 @pytest.mark.parametrize("name", ["flux", "pixart-sigma", "sd3"])
 def test_kernel_outputs_match_the_unfused_model(name, seed):
-    """The kernels' GELU may round a value the other way now and then (docs/format.md): close, not equal."""
+    """The kernels' GELU may round a value the other way now and then, and Flux single blocks' norm sums its
+    mean and variance in another order than torch (docs/format.md): close, not equal."""
     pipe = build(name)
     convrot_diffusers.quantize_pipeline(pipe, preset="w4a4", progress=False)
     reference = np.asarray(generate(pipe, name, seed), dtype=np.float64)
@@ -45,8 +47,9 @@ def test_kernel_outputs_match_the_unfused_model(name, seed):
     fused = np.asarray(generate(pipe, name, seed), dtype=np.float64)
     unfuse_activations(pipe)
     assert np.array_equal(np.asarray(generate(pipe, name, seed)), reference)
-    # Equal in practice (these demos); a rare GELU rounding flip may move a few pixel values a little.
-    assert np.abs(fused - reference).mean() <= 0.5, f"seed {seed}"
+    # A last-bit difference of a norm moves a 4-bit code now and then, and the denoising steps carry it on:
+    # about 0.7 of 255 on average over the Flux demo's pixels (0 for PixArt and SD3, which keep torch's norms).
+    assert np.abs(fused - reference).mean() <= 1.5, f"seed {seed}"
 
 
 def test_unquantized_and_erf_gelu_modules_are_left_alone():
@@ -57,3 +60,41 @@ def test_unquantized_and_erf_gelu_modules_are_left_alone():
     block.ff.net[0].approximate = "none"  # an erf GELU: the kernels apply the tanh approximation only
     assert fuse_activations(transformer) == expected_fusions(transformer) - 1
     assert block.ff.net[2].gelu_from is None and "forward" not in vars(block.ff.net[0])
+
+
+def single_block_inputs(g: torch.Generator, dim: int, text: int = 5, image: int = 7, batch: int = 2):
+    hidden = torch.randn(batch, image, dim, generator=g) * 3 + 1
+    encoder = torch.randn(batch, text, dim, generator=g) * 2
+    return hidden, encoder, torch.randn(batch, dim, generator=g)
+
+
+def test_single_blocks_norm_the_joint_sequence_with_the_kernel():
+    unfused, transformer = flux_transformer(), flux_transformer()  # the same seeded weights
+    for model in (unfused, transformer):
+        convrot_diffusers.quantize_transformer(model, "w4a4", progress=False)
+    fuse_activations(transformer)
+    block = transformer.single_transformer_blocks[0]
+    hidden, encoder, temb = single_block_inputs(torch.Generator().manual_seed(0), block.proj_mlp.in_features)
+    norm, gate = activation_fusion._joint_norm(block, encoder, hidden, temb)
+    stock_norm, stock_gate = block.norm(torch.cat([encoder, hidden], dim=1), emb=temb)
+    assert torch.equal(gate, stock_gate)
+    shift, scale, _ = block.norm.linear(block.norm.silu(temb)).chunk(3, dim=1)
+    assert torch.equal(norm, convrot_kernels.layer_norm_modulate(hidden, scale, shift, eps=1e-6, prefix=encoder))
+    torch.testing.assert_close(norm, stock_norm, rtol=1e-5, atol=1e-5)  # the mean and variance's summation order
+    # A last-bit difference of the norm could move a 4-bit code by one step: close, not equal.
+    reference = unfused.single_transformer_blocks[0](hidden, encoder, temb)
+    for got, expected in zip(block(hidden, encoder, temb), reference, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_single_blocks_keep_a_norm_the_kernel_does_not_compute():
+    transformer = flux_transformer()
+    convrot_diffusers.quantize_transformer(transformer, "w4a4", progress=False)
+    fuse_activations(transformer)
+    block = transformer.single_transformer_blocks[0]
+    dim = block.proj_mlp.in_features
+    block.norm.norm = torch.nn.LayerNorm(dim, elementwise_affine=True, eps=1e-6)  # an affine norm: not covered
+    hidden, encoder, temb = single_block_inputs(torch.Generator().manual_seed(1), dim)
+    norm, gate = activation_fusion._joint_norm(block, encoder, hidden, temb)
+    stock_norm, stock_gate = block.norm(torch.cat([encoder, hidden], dim=1), emb=temb)
+    assert torch.equal(norm, stock_norm) and torch.equal(gate, stock_gate)

@@ -1,4 +1,4 @@
-"""GELU, and Flux single blocks' concatenation, fused into the quantized layer that reads them.
+"""GELU, and Flux single blocks' concatenation and AdaLN norm, fused into the kernels that read them.
 
 Every feed-forward computes ``proj(gelu(h))`` and Flux's single blocks
 ``proj_out(cat([attn, gelu(mlp)]))``: the activated (and concatenated) tensor
@@ -17,7 +17,14 @@ Handled:
 - Flux's single blocks whose ``proj_out`` is a ConvLinear: their forward is
   replaced by the same computation with the concatenation and GELU moved into
   ``proj_out``, for the forward signature written here (diffusers 0.42's);
-  blocks whose forward has another signature are left as they are.
+  blocks whose forward has another signature are left as they are. Their input
+  norm (``AdaLayerNormZeroSingle`` of ``cat([text, image])``) is then
+  ``convrot_kernels.layer_norm_modulate`` of the two parts, which reads each row
+  once and never joins them: under torch.compile inductor's kernel for it read
+  each row twice and was the costliest op of the step after the GEMMs and
+  attention (docs/benchmarks.md). Its roundings are those of the eager norm
+  (docs/format.md); layers in float simulation keep the torch norm, so that a
+  simulated model's outputs stay those of the unfused one bit for bit.
 """
 
 from __future__ import annotations
@@ -28,10 +35,12 @@ import types
 import torch
 from diffusers.models.activations import GELU
 from diffusers.models.attention import FeedForward
+from diffusers.models.normalization import AdaLayerNormZeroSingle
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
 from torch import nn
 
 from convrot import ConvLinear
+from convrot_kernels import layer_norm_modulate
 
 from .detect import transformer_of
 
@@ -57,6 +66,32 @@ def _projection_only(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return self.proj(hidden_states)
 
 
+def _kernel_norm_covers(norm, proj_out: ConvLinear) -> bool:
+    """Whether layer_norm_modulate computes this AdaLN norm (a LayerNorm without affine, kernel layers)."""
+    inner = getattr(norm, "norm", None)
+    return (
+        type(norm) is AdaLayerNormZeroSingle
+        and type(inner) is nn.LayerNorm
+        and inner.weight is None
+        and inner.bias is None
+        and len(inner.normalized_shape) == 1
+        and proj_out.simulation_dtype is None
+    )
+
+
+def _joint_norm(self, encoder_hidden_states, hidden_states, temb) -> tuple[torch.Tensor, torch.Tensor]:
+    """self.norm(cat([text, image], 1), emb=temb): (normed joint sequence, gate)."""
+    shift, scale, gate = self.norm.linear(self.norm.silu(temb)).chunk(3, dim=1)
+    dtypes = {encoder_hidden_states.dtype, hidden_states.dtype, shift.dtype}
+    if _kernel_norm_covers(self.norm, self.proj_out) and len(dtypes) == 1:
+        normed = layer_norm_modulate(
+            hidden_states, scale, shift, eps=self.norm.norm.eps, prefix=encoder_hidden_states
+        )
+        return normed, gate
+    joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    return self.norm.norm(joint) * (1 + scale[:, None]) + shift[:, None], gate  # AdaLayerNormZeroSingle's own
+
+
 def _fused_single_block_forward(
     self,
     hidden_states: torch.Tensor,
@@ -65,11 +100,11 @@ def _fused_single_block_forward(
     image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     joint_attention_kwargs: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FluxSingleTransformerBlock.forward (diffusers 0.42) with proj_out given cat([attn, gelu(mlp)]) in parts."""
+    """FluxSingleTransformerBlock.forward (diffusers 0.42) with proj_out given cat([attn, gelu(mlp)]) in parts
+    and the input norm read from the text and image parts."""
     text_seq_len = encoder_hidden_states.shape[1]
-    hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-    residual = hidden_states
-    norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
+    norm_hidden_states, gate = _joint_norm(self, encoder_hidden_states, hidden_states, temb)
+    residual = torch.cat([encoder_hidden_states, hidden_states], dim=1)
     mlp_hidden_states = self.proj_mlp(norm_hidden_states)  # the GELU runs inside proj_out
     attn_output = self.attn(
         hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {})
