@@ -260,15 +260,26 @@ void rms_norm_rope_ptr(uintptr_t x, int64_t x_batch, int64_t x_token, int64_t x_
 
 // prefix 0: every row comes from x (prefix_tokens must be 0).
 void layer_norm_modulate_ptr(uintptr_t x, uintptr_t out, int dtype, int64_t batch, int64_t tokens,
-                             int64_t prefix_tokens, int64_t k, uintptr_t prefix, uintptr_t scale, uintptr_t shift,
+                             int64_t prefix_tokens, int64_t k, int64_t x_batch_stride, uintptr_t prefix,
+                             int64_t prefix_batch_stride, uintptr_t scale, uintptr_t shift,
                              int64_t modulation_stride, float eps, bool cuda, uintptr_t stream) {
   const Float kind = float_code(dtype);
   require(batch >= 0 && tokens >= 0 && k >= 0, "shape must not be negative");
   require(0 <= prefix_tokens && prefix_tokens <= tokens && (prefix != 0 || prefix_tokens == 0),
           "prefix_tokens must be in [0, tokens], and 0 without a prefix");
   require(scale != 0 && shift != 0 && modulation_stride >= k, "scale and shift rows of k elements are required");
-  const NormModulate p{batch, tokens, prefix_tokens, k, as_pointer<const void>(prefix), as_pointer<const void>(scale),
-                       as_pointer<const void>(shift), modulation_stride, eps};
+  require(x_batch_stride >= 0 && prefix_batch_stride >= 0, "batch strides must not be negative");
+  const NormModulate p{batch,
+                       tokens,
+                       prefix_tokens,
+                       k,
+                       x_batch_stride,
+                       prefix_batch_stride,
+                       as_pointer<const void>(prefix),
+                       as_pointer<const void>(scale),
+                       as_pointer<const void>(shift),
+                       modulation_stride,
+                       eps};
   if (batch == 0 || tokens == 0 || k == 0) return;
   if (cuda) {
 #ifdef CONVROT_WITH_CUDA
@@ -356,7 +367,8 @@ NB_MODULE(_C, m) {
         "out_batch"_a, "out_token"_a, "out_head"_a, "dtype"_a, "batch"_a, "tokens"_a, "heads"_a, "dim"_a, "weight"_a,
         "cos"_a, "sin"_a, "eps"_a, "cuda"_a, "stream"_a);
   m.def("layer_norm_modulate_ptr", &convrot::layer_norm_modulate_ptr, "x"_a, "out"_a, "dtype"_a, "batch"_a,
-        "tokens"_a, "prefix_tokens"_a, "k"_a, "prefix"_a, "scale"_a, "shift"_a, "modulation_stride"_a, "eps"_a,
+        "tokens"_a, "prefix_tokens"_a, "k"_a, "x_batch_stride"_a, "prefix"_a, "prefix_batch_stride"_a, "scale"_a,
+        "shift"_a, "modulation_stride"_a, "eps"_a,
         "cuda"_a, "stream"_a);
   m.def("pack_int4", &convrot::pack_int4, "q"_a, "packed"_a.noconvert(), "stream"_a = 0);
   m.def("unpack_int4", &convrot::unpack_int4, "packed"_a, "q"_a.noconvert(), "stream"_a = 0);

@@ -54,7 +54,9 @@ inline int rms_norm_rope_pairs_per_lane(int64_t dim) {
 // The shape and parameters of layer_norm_modulate (docs/format.md): `tokens` rows of k
 // elements per batch, the first `prefix_tokens` of them read from `prefix`
 // [batch, prefix_tokens, k] and the rest from x [batch, tokens - prefix_tokens, k] (the
-// joint sequence of a Flux single block, never concatenated in memory). Each row is
+// joint sequence of a Flux single block, never concatenated in memory). Within a batch the
+// rows of x and prefix are contiguous; batches are `x_batch_stride` and
+// `prefix_batch_stride` elements apart (slices of a joint sequence are read in place). Each row is
 // layer-normalised without affine (fp32, eps added to the variance) and rounded to the
 // dtype, then multiplied by (1 + scale[b]) and shifted by shift[b] (rows of k elements in the
 // dtype, `modulation_stride` elements apart), each step rounded to the dtype as torch's eager
@@ -63,6 +65,7 @@ inline int rms_norm_rope_pairs_per_lane(int64_t dim) {
 // adding its chunk sums in order, and the lane sums meet in an XOR butterfly (16, 8, 4, 2, 1).
 struct NormModulate {
   int64_t batch, tokens, prefix_tokens, k;
+  int64_t x_batch_stride, prefix_batch_stride;
   const void* prefix;
   const void* scale;
   const void* shift;

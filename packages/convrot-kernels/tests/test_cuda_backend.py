@@ -480,7 +480,9 @@ def cuda_layer_norm_modulate(x, scale, shift, prefix=None, eps=1e-6):
             s0 + s,
             s0,
             k,
+            dx.stride(0),
             0 if dprefix is None else dprefix.data_ptr(),
+            0 if dprefix is None else dprefix.stride(0),
             dscale.data_ptr(),
             dshift.data_ptr(),
             dscale.stride(0),
@@ -518,12 +520,14 @@ def test_layer_norm_modulate_matches_cpu_backend(shape, dtype):
     assert torch.equal(got, ck.layer_norm_modulate(x, scale, shift, prefix=prefix))
 
 
-def test_layer_norm_modulate_op_on_cuda_reads_views_in_place():
-    x = torch.randn(2, 6, 3072, device="cuda").bfloat16()
-    prefix = torch.randn(2, 3, 3072, device="cuda").bfloat16()
-    shift, scale, _ = torch.randn(2, 3 * 3072, device="cuda").bfloat16().chunk(3, dim=1)
+@pytest.mark.parametrize(("k", "split"), [(3072, 8), (100, 3)])  # 16-byte aligned slices, and scalar accesses
+def test_layer_norm_modulate_op_on_cuda_reads_views_in_place(k, split):
+    joint = torch.randn(2, 9, k, device="cuda").bfloat16()
+    prefix, x = joint[:, :split], joint[:, split:]  # rows contiguous, batches 9 rows apart
+    shift, scale, _ = torch.randn(2, 3 * k, device="cuda").bfloat16().chunk(3, dim=1)
     got = ck.layer_norm_modulate(x, scale, shift, prefix=prefix)
-    assert torch.equal(got.cpu(), ck.layer_norm_modulate(x.cpu(), scale.cpu(), shift.cpu(), prefix=prefix.cpu()))
+    expected = ck.layer_norm_modulate(joint.cpu(), scale.cpu(), shift.cpu())
+    assert torch.equal(got.cpu(), expected)
 
 
 # ---------------------------------------------------------------- packing

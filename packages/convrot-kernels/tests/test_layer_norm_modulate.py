@@ -15,9 +15,10 @@ def inputs(g: torch.Generator, batch: int, tokens: int, k: int, dtype, prefix_to
     """Rows with per-token offsets and spread (as DiT residual streams have), and an AdaLN embedding's chunks."""
 
     def rows(n):
-        return torch.randn(batch, n, k, generator=g) * torch.rand(batch, n, 1, generator=g) * 8 + torch.randn(
-            batch, n, 1, generator=g
-        ) * 4
+        return (
+            torch.randn(batch, n, k, generator=g) * torch.rand(batch, n, 1, generator=g) * 8
+            + torch.randn(batch, n, 1, generator=g) * 4
+        )
 
     emb = (torch.randn(batch, 3 * k, generator=g) * 0.5).to(dtype)
     shift, scale, _ = emb.chunk(3, dim=1)  # strided views, as diffusers passes them
@@ -65,6 +66,16 @@ def test_a_prefix_gives_the_rows_of_the_joint_sequence():
     joint = torch.cat([prefix, x], dim=1)
     expected = ck.layer_norm_modulate(joint, scale, shift)
     assert torch.equal(ck.layer_norm_modulate(x, scale, shift, prefix=prefix), expected)
+
+
+def test_slices_of_a_joint_sequence_and_other_layouts_give_the_same_rows():
+    joint, scale, shift, _ = inputs(torch.Generator().manual_seed(5), 3, 13, 264, torch.bfloat16)
+    expected = ck.layer_norm_modulate(joint.contiguous(), scale, shift)
+    prefix, x = joint[:, :4], joint[:, 4:]  # a Flux single block's outputs: rows contiguous, batches apart
+    assert not x.is_contiguous() and not prefix.is_contiguous()
+    assert torch.equal(ck.layer_norm_modulate(x, scale, shift, prefix=prefix), expected)
+    transposed = joint.transpose(1, 2).contiguous().transpose(1, 2)  # rows not contiguous: copied first
+    assert torch.equal(ck.layer_norm_modulate(transposed, scale, shift), expected)
 
 
 def test_strided_modulation_vectors_are_read_in_place():

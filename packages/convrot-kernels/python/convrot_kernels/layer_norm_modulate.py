@@ -23,7 +23,8 @@ MAX_WIDTH = 262144  # primitives.h, kLayerNormModulateMaxK
 def _launch(
     x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float, prefix: torch.Tensor | None
 ) -> torch.Tensor:
-    """The kernel call; x and prefix are contiguous, scale and shift have a contiguous last dimension."""
+    """The kernel call; x and prefix have contiguous rows within a batch (_batch_of_rows), scale and shift a
+    contiguous last dimension."""
     b, s, k = x.shape
     s0 = 0 if prefix is None else prefix.shape[1]
     out = torch.empty((b, s0 + s, k), dtype=x.dtype, device=x.device)
@@ -35,7 +36,9 @@ def _launch(
         s0 + s,
         s0,
         k,
+        x.stride(0),
         0 if prefix is None else prefix.data_ptr(),
+        0 if prefix is None else prefix.stride(0),
         scale.data_ptr(),
         shift.data_ptr(),
         scale.stride(0),
@@ -45,6 +48,14 @@ def _launch(
     return out
 
 
+def _batch_of_rows(t: torch.Tensor) -> torch.Tensor:
+    """t itself when each batch's rows are contiguous (any batch stride: a Flux single block's text and
+    image outputs are slices of its joint sequence), else a contiguous copy."""
+    _, tokens, k = t.shape
+    rows_contiguous = (t.stride(2) == 1 or k <= 1) and (t.stride(1) == k or tokens <= 1)
+    return t if rows_contiguous else t.contiguous()
+
+
 @torch.library.custom_op("convrot_kernels::layer_norm_modulate", mutates_args=())
 def _layer_norm_modulate(
     x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float, prefix: torch.Tensor | None
@@ -52,7 +63,7 @@ def _layer_norm_modulate(
     # One row stride for both modulation vectors (diffusers' chunks of one embedding share it).
     if scale.stride() != shift.stride() or scale.stride(-1) != 1 or scale.stride(0) < scale.shape[1]:
         scale, shift = scale.contiguous(), shift.contiguous()
-    return _launch(x.contiguous(), scale, shift, eps, None if prefix is None else prefix.contiguous())
+    return _launch(_batch_of_rows(x), scale, shift, eps, None if prefix is None else _batch_of_rows(prefix))
 
 
 @_layer_norm_modulate.register_fake
@@ -75,8 +86,9 @@ def layer_norm_modulate(
     ``eps`` added to the variance, the normalised row rounded to x's dtype; then ``1 + scale``,
     the product and the sum each rounded to x's dtype, as torch's eager ops round them.
     scale and shift are [batch, K] in x's dtype (views such as ``emb.chunk(3, dim=1)`` are
-    read in place). With ``prefix`` [batch, tokens0, K] the rows are those of
-    ``cat([prefix, x], 1)``, which is never materialised; the result [batch, tokens0 + tokens, K]
+    read in place), and so are x and prefix when each batch's rows are contiguous, whatever the
+    batch stride (slices of a joint sequence along the tokens). With ``prefix`` [batch, tokens0, K]
+    the rows are those of ``cat([prefix, x], 1)``, which is never materialised; the result [batch, tokens0 + tokens, K]
     is a new contiguous tensor. K is at most 262144. A torch.library op: works under torch.compile.
     """
     require_tensor("x", x)

@@ -24,14 +24,15 @@ float row_sum(const std::vector<float>& terms) {
 }  // namespace
 
 void layer_norm_modulate(const void* x, void* out, Float dtype, const NormModulate& p) {
-  const int64_t rows = p.batch * p.tokens, k = p.k, own = p.tokens - p.prefix_tokens;
+  const int64_t rows = p.batch * p.tokens, k = p.k;
   parallel_for(rows, k * 8, [&](int64_t begin, int64_t end) {
     std::vector<float> v(static_cast<size_t>(k)), terms(static_cast<size_t>(k));
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / p.tokens, s = r % p.tokens;
       const bool from_prefix = s < p.prefix_tokens;
       const void* src = from_prefix ? p.prefix : x;
-      const int64_t first = (from_prefix ? b * p.prefix_tokens + s : b * own + s - p.prefix_tokens) * k;
+      const int64_t first =
+          from_prefix ? b * p.prefix_batch_stride + s * k : b * p.x_batch_stride + (s - p.prefix_tokens) * k;
       for (int64_t j = 0; j < k; ++j) v[j] = load_float(src, dtype, first + j);
       const float mean = row_sum(v) / float(k);
       for (int64_t j = 0; j < k; ++j) {

@@ -51,8 +51,8 @@ __global__ void __launch_bounds__(kMaxThreads) layer_norm_modulate_kernel(const 
   extern __shared__ float sums[];  // [chunks] chunk sums, then the row's total
   const int64_t r = blockIdx.x, k = p.k;
   const int64_t b = r / p.tokens, s = r % p.tokens;
-  const T* row = s < p.prefix_tokens ? static_cast<const T*>(p.prefix) + (b * p.prefix_tokens + s) * k
-                                     : x + (b * (p.tokens - p.prefix_tokens) + s - p.prefix_tokens) * k;
+  const T* row = s < p.prefix_tokens ? static_cast<const T*>(p.prefix) + b * p.prefix_batch_stride + s * k
+                                     : x + b * p.x_batch_stride + (s - p.prefix_tokens) * k;
   const T* scale = static_cast<const T*>(p.scale) + b * p.modulation_stride;
   const T* shift = static_cast<const T*>(p.shift) + b * p.modulation_stride;
   const int chunks = int(ceil_div<int64_t>(k, 8));
@@ -141,7 +141,8 @@ void launch_as(const void* x, void* out, const NormModulate& p, bool vec, int th
 
 template <typename T>
 void launch(const void* x, void* out, const NormModulate& p, cudaStream_t stream) {
-  const bool vec = p.k % 8 == 0 && p.modulation_stride % 8 == 0 && aligned16(x) && aligned16(out) &&
+  const bool vec = p.k % 8 == 0 && p.modulation_stride % 8 == 0 && p.x_batch_stride % 8 == 0 &&
+                   p.prefix_batch_stride % 8 == 0 && aligned16(x) && aligned16(out) &&
                    (p.prefix == nullptr || aligned16(p.prefix)) && aligned16(p.scale) && aligned16(p.shift);
   const int64_t chunks = ceil_div<int64_t>(p.k, 8);
   const int threads = int(chunks < kMaxThreads ? ceil_div<int64_t>(chunks, 32) * 32 : kMaxThreads);
