@@ -8,7 +8,7 @@ from dit_activations import dit_like_activations
 from torch import nn
 
 import convrot
-from convrot import ConvLinear4bit, ConvLinear8bit
+from convrot import ConvLinear, ConvLinear4bit, ConvLinear8bit
 from convrot.fused_input import materialize
 
 LAYER_CLASSES = [ConvLinear4bit, ConvLinear8bit]
@@ -285,6 +285,43 @@ def test_concatenate_and_split_errors():
         ConvLinear4bit.concatenate([])
     with pytest.raises(ValueError, match="adding up to out_features=8"):
         a.split([4, 3])
+
+
+@pytest.mark.parametrize("cls", LAYER_CLASSES)
+@pytest.mark.parametrize("simulate", [False, True])
+def test_forward_shared_equals_each_layer_on_its_own(cls, simulate):
+    seed = random.randrange(2**31)
+    layers = [cls.from_linear(linear(512, n, bias=i != 1, seed=seed + i)) for i, n in enumerate((48, 16, 32))]
+    if simulate:
+        for layer in layers:
+            convrot.set_simulation(layer, torch.float64)
+    x = torch.randn(2, 7, 512, generator=torch.Generator().manual_seed(seed)).bfloat16()
+    outputs = ConvLinear.forward_shared(layers, x)
+    assert len(outputs) == 3
+    for y, layer in zip(outputs, layers, strict=True):
+        assert y.is_contiguous() and torch.equal(y, layer(x)), f"seed {seed}"
+
+
+def test_forward_shared_of_an_input_in_parts():
+    layers = [fused_input_layer(ConvLinear4bit, 256, seed=i) for i in range(2)]
+    x = torch.randn(3, 1024) * 3
+    for y, layer in zip(ConvLinear.forward_shared(layers, x[:, :256], x[:, 256:]), layers, strict=True):
+        assert torch.equal(y, layer(x[:, :256], x[:, 256:]))
+
+
+def test_forward_shared_errors():
+    a = ConvLinear4bit.from_linear(linear(512, 8))
+    x = torch.randn(2, 512)
+    with pytest.raises(ValueError, match="different bit widths"):
+        ConvLinear.forward_shared([a, ConvLinear8bit.from_linear(linear(512, 8))], x)
+    with pytest.raises(ValueError, match="different in_features"):
+        ConvLinear.forward_shared([a, ConvLinear4bit.from_linear(linear(256, 8))], x)
+    with pytest.raises(ValueError, match="non-empty sequence of ConvLinear"):
+        ConvLinear.forward_shared([], x)
+    with pytest.raises(ValueError, match="non-empty sequence of ConvLinear"):
+        ConvLinear.forward_shared([a, nn.Linear(512, 8)], x)
+    with pytest.raises(ValueError, match=r"expected input \[\.\.\., 512\]"):
+        ConvLinear.forward_shared([a], torch.randn(2, 256))
 
 
 def fused_input_layer(cls, gelu_from, seed=0):

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import convrot
-from convrot.ops import quantized_linear
+from convrot.ops import quantized_linear, shared_input_linear
 
 
 def tiny_model(device="cpu", dtype=torch.float32):
@@ -32,6 +32,34 @@ def test_opcheck_input_in_parts(bits):
     for x1, x2, gelu_from in ((x[..., :16], x[..., 16:], 32), (x, None, 0), (x[..., :48], x[..., 48:], -1)):
         args = (x1, layer.qweight, layer.weight_scale, layer.bias, bits, 16, "regular", x2, gelu_from)
         torch.library.opcheck(quantized_linear, args)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_opcheck_shared_input(bits):
+    cls = convrot.ConvLinear4bit if bits == 4 else convrot.ConvLinear8bit
+    layers = [cls.from_linear(nn.Linear(64, n), group_size=16) for n in (16, 32)]
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    for x1, x2, gelu_from in ((x, None, -1), (x[..., :16], x[..., 16:], 32)):
+        args = (
+            x1,
+            [layer.qweight for layer in layers],
+            [layer.weight_scale for layer in layers],
+            [layers[0].bias, None],
+            bits,
+            16,
+            "regular",
+            x2,
+            gelu_from,
+        )
+        torch.library.opcheck(shared_input_linear, args)
+
+
+def test_torch_compile_fullgraph_of_a_shared_input_matches_eager():
+    layers = [convrot.ConvLinear4bit.from_linear(nn.Linear(64, n), group_size=16) for n in (32, 16)]
+    x = torch.randn(3, 64)
+    compiled = torch.compile(lambda a: convrot.ConvLinear.forward_shared(layers, a), fullgraph=True)
+    for got, layer in zip(compiled(x), layers, strict=True):
+        assert torch.equal(got, layer(x))
 
 
 def test_torch_compile_fullgraph_of_input_in_parts_matches_eager():

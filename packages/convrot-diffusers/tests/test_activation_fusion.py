@@ -98,3 +98,36 @@ def test_single_blocks_keep_a_norm_the_kernel_does_not_compute():
     norm, gate = activation_fusion._joint_norm(block, encoder, hidden, temb)
     stock_norm, stock_gate = block.norm(torch.cat([encoder, hidden], dim=1), emb=temb)
     assert torch.equal(norm, stock_norm) and torch.equal(gate, stock_gate)
+
+
+@pytest.mark.parametrize("fuse_qkv", [False, True])
+def test_single_blocks_quantize_the_input_of_proj_mlp_and_attention_once(fuse_qkv, monkeypatch):
+    transformer = flux_transformer()
+    convrot_diffusers.quantize_transformer(transformer, "w4a4", progress=False)
+    if fuse_qkv:
+        convrot_diffusers.fuse_qkv_projections(transformer)
+    fuse_activations(transformer)
+    block = transformer.single_transformer_blocks[0]
+    calls = []
+    shared = convrot.ConvLinear.forward_shared
+    monkeypatch.setattr(convrot.ConvLinear, "forward_shared", lambda *a: calls.append(len(a[0])) or shared(*a))
+    g = torch.Generator().manual_seed(2)
+    hidden, encoder, temb = single_block_inputs(g, block.proj_mlp.in_features)
+    theta = torch.rand(12, block.attn.head_dim, generator=g) * 6
+    rope = (theta.cos(), theta.sin())
+    norm, _ = activation_fusion._joint_norm(block, encoder, hidden, temb)
+
+    unshared = activation_fusion._mlp_and_attention(block, norm, rope, None)  # diffusers' processor: no sharing
+    assert calls == []
+    convrot_diffusers.fuse_qk_norm_rope(transformer)
+    expected = (block.proj_mlp(norm), block.attn(hidden_states=norm, image_rotary_emb=rope))
+    got = activation_fusion._mlp_and_attention(block, norm, rope, None)
+    assert calls == [2 if fuse_qkv else 4]
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)  # the same codes, GEMMs and kernels as each layer on its own
+    torch.testing.assert_close(unshared[1], expected[1], rtol=1e-4, atol=1e-4)  # stock vs fused q/k norms
+
+    block.attn.norm_q = torch.nn.LayerNorm(block.attn.head_dim)  # a norm the processor does not fuse
+    calls.clear()
+    activation_fusion._mlp_and_attention(block, norm, rope, None)
+    assert calls == []

@@ -11,7 +11,7 @@ from convrot_kernels import pack_int4
 
 from .fused_input import materialize
 from .hadamard import check_rotation, resolve_group_size
-from .ops import linear_forward, quantized_linear
+from .ops import linear_forward, quantized_linear, shared_input_forward, shared_input_linear
 from .quantizer.fake_quant import simulated_linear
 from .quantizer.weight import quantize_weight
 
@@ -125,19 +125,28 @@ class ConvLinear(nn.Module):
         self._gelu_from = column
 
     @staticmethod
-    def concatenation_error(layers: Sequence[ConvLinear]) -> str | None:
-        """Why ``concatenate`` would refuse these ConvLinear layers, or None when it can join them."""
+    def shared_input_error(layers: Sequence[ConvLinear]) -> str | None:
+        """Why these layers cannot read one quantized input (``forward_shared``), or None."""
+        if not layers or not all(isinstance(layer, ConvLinear) for layer in layers):
+            return "expected a non-empty sequence of ConvLinear layers"
         first = layers[0]
         for layer in layers[1:]:
             for what in ("in_features", "group_size", "rotation", "simulation_dtype", "gelu_from"):
                 if getattr(layer, what) != getattr(first, what):
-                    return f"cannot concatenate layers with different {what}"
+                    return f"layers with different {what}"
             if type(layer) is not type(first):
-                return "cannot concatenate layers with different bit widths"
-            if (layer.bias is None) != (first.bias is None):
-                return "cannot concatenate layers with and without a bias"
+                return "layers with different bit widths"
             if layer.qweight.device != first.qweight.device:
-                return "cannot concatenate layers on different devices"
+                return "layers on different devices"
+        return None
+
+    @staticmethod
+    def concatenation_error(layers: Sequence[ConvLinear]) -> str | None:
+        """Why ``concatenate`` would refuse these ConvLinear layers, or None when it can join them."""
+        if error := ConvLinear.shared_input_error(layers):
+            return f"cannot concatenate {error}"
+        if len({layer.bias is None for layer in layers}) > 1:
+            return "cannot concatenate layers with and without a bias"
         return None
 
     @classmethod
@@ -174,8 +183,7 @@ class ConvLinear(nn.Module):
             start += size
         return layers
 
-    def forward(self, x: torch.Tensor, x2: torch.Tensor | None = None) -> torch.Tensor:
-        """The layer on x [..., in_features], or on ``cat([x, x2], -1)`` given as x and x2."""
+    def _check_input(self, x: torch.Tensor, x2: torch.Tensor | None) -> None:
         name = type(self).__name__
         if x2 is None:
             if x.shape[-1:] != (self.in_features,):
@@ -189,6 +197,12 @@ class ConvLinear(nn.Module):
             raise TypeError(f"{name}: input dtype must be float32, float16 or bfloat16, got {x.dtype}")
         if x2 is not None and (x2.dtype != x.dtype or x2.device != x.device):
             raise ValueError(f"{name}: x2 ({x2.dtype}, {x2.device}) must match x ({x.dtype}, {x.device})")
+        if self.simulation_dtype is None and x.device != self.qweight.device:
+            raise ValueError(f"{name}: input is on {x.device}, the layer on {self.qweight.device}")
+
+    def forward(self, x: torch.Tensor, x2: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer on x [..., in_features], or on ``cat([x, x2], -1)`` given as x and x2."""
+        self._check_input(x, x2)
         if self.simulation_dtype is not None:
             return simulated_linear(
                 materialize(x, x2, self.gelu_from),
@@ -200,13 +214,42 @@ class ConvLinear(nn.Module):
                 self.rotation,
                 self.simulation_dtype,
             )
-        if x.device != self.qweight.device:
-            raise ValueError(f"{name}: input is on {x.device}, the layer on {self.qweight.device}")
         # Eager calls skip the custom op's dispatch (tens of microseconds a call); traced ones need it.
         forward = quantized_linear if torch.compiler.is_compiling() else linear_forward
         gelu_from = -1 if self.gelu_from is None else self.gelu_from
         return forward(
             x, self.qweight, self.weight_scale, self.bias, self.bits, self.group_size, self.rotation, x2, gelu_from
+        )
+
+    @staticmethod
+    def forward_shared(
+        layers: Sequence[ConvLinear], x: torch.Tensor, x2: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """``[layer(x, x2) for layer in layers]``, bit for bit, with the input rotated and quantized once.
+
+        For layers that read the same tensor (a Flux single block's proj_mlp and attention
+        projections): the activation codes depend only on the input, so they are computed once
+        and each layer runs only its GEMM. The layers must agree as for ``concatenate``; unlike
+        it, their weights stay where they are and each output is its own contiguous tensor.
+        """
+        layers = list(layers)
+        if error := ConvLinear.shared_input_error(layers):
+            raise ValueError(f"forward_shared: {error}")
+        first = layers[0]
+        first._check_input(x, x2)
+        if first.simulation_dtype is not None:
+            return [layer(x, x2) for layer in layers]
+        forward = shared_input_linear if torch.compiler.is_compiling() else shared_input_forward
+        return forward(
+            x,
+            [layer.qweight for layer in layers],
+            [layer.weight_scale for layer in layers],
+            [layer.bias for layer in layers],
+            first.bits,
+            first.group_size,
+            first.rotation,
+            x2,
+            -1 if first.gelu_from is None else first.gelu_from,
         )
 
     def _apply(self, fn, recurse=True):

@@ -6,6 +6,8 @@ buffers are well formed by construction) and no nested dispatch, because host
 time per call decides eager speed. The custom op wraps the same function with a
 fake (meta) implementation, so that torch.compile traces a model of ConvLinear
 layers with fullgraph=True; neither synchronises, so CUDA-graph capture works.
+``shared_input_forward`` (op ``convrot::shared_input_linear``) is the forward of
+several layers that read one input: one activation quantization, a GEMM each.
 """
 
 from __future__ import annotations
@@ -16,6 +18,36 @@ import convrot_kernels
 
 from .fused_input import materialize
 from .hadamard import rotate_groups
+
+
+def _quantized_rows(x, x2, gelu_from, code_dtype, bits, group_size, rotation):
+    """(codes, row scales) of the rows of x [..., K], or of cat([x, x2], -1), for the GEMM."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    rows2 = None if x2 is None else x2.reshape(-1, x2.shape[-1]).contiguous()
+    gelu = None if gelu_from < 0 else gelu_from
+    m = rows.shape[0]
+    k = rows.shape[1] + (0 if rows2 is None else rows2.shape[1])
+    q = torch.empty((m, k // 2 if bits == 4 else k), dtype=code_dtype, device=x.device)
+    scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m > 0:
+        group = group_size if rotation == "regular" else 0
+        if rotation == "sylvester":
+            # Ablation only: the fused kernels implement the regular rotation alone.
+            rows = rotate_groups(materialize(rows, rows2, gelu).float(), rotation, group_size)
+            rows2 = gelu = None
+        convrot_kernels.rht_quantize_into(rows, q, scale, group, bits, x2=rows2, gelu_from=gelu)
+    return q, scale
+
+
+def _dequantized_product(x, q, scale, qweight, weight_scale, bias, bits) -> torch.Tensor:
+    """gemm of the activation codes with one layer's weights, shaped [..., N] like x."""
+    n = qweight.shape[0]
+    out = torch.empty((q.shape[0], n), dtype=x.dtype, device=x.device)
+    if q.shape[0] > 0:
+        if bias is not None and bias.dtype != torch.float32:  # layers keep an fp32 bias; one set by hand may not
+            bias = bias.float()
+        convrot_kernels.gemm_into(out, q, scale, qweight, weight_scale, bias, bits=bits)
+    return out.reshape(*x.shape[:-1], n)
 
 
 def linear_forward(
@@ -34,26 +66,31 @@ def linear_forward(
     Given in parts, the input is ``cat([x, x2], -1)`` with GELU from column ``gelu_from``
     on (-1: none), built by the quantization kernel as it loads the rows (fused_input.py).
     """
-    n = qweight.shape[0]
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
-    rows2 = None if x2 is None else x2.reshape(-1, x2.shape[-1]).contiguous()
-    gelu = None if gelu_from < 0 else gelu_from
-    m = rows.shape[0]
-    k = rows.shape[1] + (0 if rows2 is None else rows2.shape[1])
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m > 0:
-        group = group_size if rotation == "regular" else 0
-        if rotation == "sylvester":
-            # Ablation only: the fused kernels implement the regular rotation alone.
-            rows = rotate_groups(materialize(rows, rows2, gelu).float(), rotation, group_size)
-            rows2 = gelu = None
-        q = torch.empty((m, k // 2 if bits == 4 else k), dtype=qweight.dtype, device=x.device)
-        scale = torch.empty(m, dtype=torch.float32, device=x.device)
-        convrot_kernels.rht_quantize_into(rows, q, scale, group, bits, x2=rows2, gelu_from=gelu)
-        if bias is not None and bias.dtype != torch.float32:  # layers keep an fp32 bias; one set by hand may not
-            bias = bias.float()
-        convrot_kernels.gemm_into(out, q, scale, qweight, weight_scale, bias, bits=bits)
-    return out.reshape(*x.shape[:-1], n)
+    q, scale = _quantized_rows(x, x2, gelu_from, qweight.dtype, bits, group_size, rotation)
+    return _dequantized_product(x, q, scale, qweight, weight_scale, bias, bits)
+
+
+def shared_input_forward(
+    x: torch.Tensor,
+    qweights: list[torch.Tensor],
+    weight_scales: list[torch.Tensor],
+    biases: list[torch.Tensor | None],
+    bits: int,
+    group_size: int,
+    rotation: str,
+    x2: torch.Tensor | None = None,
+    gelu_from: int = -1,
+) -> list[torch.Tensor]:
+    """linear_forward of several layers' weights on one input, which is rotated and quantized once.
+
+    The activation codes depend only on the input (per-token scales), so each output equals
+    that layer's linear_forward bit for bit.
+    """
+    q, scale = _quantized_rows(x, x2, gelu_from, qweights[0].dtype, bits, group_size, rotation)
+    return [
+        _dequantized_product(x, q, scale, qweight, weight_scale, bias, bits)
+        for qweight, weight_scale, bias in zip(qweights, weight_scales, biases, strict=True)
+    ]
 
 
 # The same function as an opaque op for torch.compile (its signature gives the op's schema).
@@ -63,3 +100,11 @@ quantized_linear = torch.library.custom_op("convrot::quantized_linear", linear_f
 @quantized_linear.register_fake
 def _quantized_linear_fake(x, qweight, weight_scale, bias, bits, group_size, rotation, x2=None, gelu_from=-1):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+shared_input_linear = torch.library.custom_op("convrot::shared_input_linear", shared_input_forward, mutates_args=())
+
+
+@shared_input_linear.register_fake
+def _shared_input_linear_fake(x, qweights, weight_scales, biases, bits, group_size, rotation, x2=None, gelu_from=-1):
+    return [x.new_empty((*x.shape[:-1], qweight.shape[0])) for qweight in qweights]

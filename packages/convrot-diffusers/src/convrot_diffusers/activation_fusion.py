@@ -24,7 +24,12 @@ Handled:
   each row twice and was the costliest op of the step after the GEMMs and
   attention (docs/benchmarks.md). Its roundings are those of the eager norm
   (docs/format.md); layers in float simulation keep the torch norm, so that a
-  simulated model's outputs stay those of the unfused one bit for bit.
+  simulated model's outputs stay those of the unfused one bit for bit. Where the
+  attention has ``fuse_qk_norm_rope``'s processor and its projections and
+  ``proj_mlp`` are alike ConvLinear layers (``ConvLinear.shared_input_error``),
+  the normed input is rotated and quantized once for all of them
+  (``ConvLinear.forward_shared``, exact) and the processor attends from the
+  projections; otherwise the attention module runs as diffusers calls it.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from convrot import ConvLinear
 from convrot_kernels import layer_norm_modulate
 
 from .detect import transformer_of
+from .qk_norm_rope import FluxNormRopeAttnProcessor
 
 
 def _feed_forward_layers(module) -> tuple[GELU, ConvLinear] | None:
@@ -84,12 +90,35 @@ def _joint_norm(self, encoder_hidden_states, hidden_states, temb) -> tuple[torch
     shift, scale, gate = self.norm.linear(self.norm.silu(temb)).chunk(3, dim=1)
     dtypes = {encoder_hidden_states.dtype, hidden_states.dtype, shift.dtype}
     if _kernel_norm_covers(self.norm, self.proj_out) and len(dtypes) == 1:
-        normed = layer_norm_modulate(
-            hidden_states, scale, shift, eps=self.norm.norm.eps, prefix=encoder_hidden_states
-        )
+        normed = layer_norm_modulate(hidden_states, scale, shift, eps=self.norm.norm.eps, prefix=encoder_hidden_states)
         return normed, gate
     joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
     return self.norm.norm(joint) * (1 + scale[:, None]) + shift[:, None], gate  # AdaLayerNormZeroSingle's own
+
+
+def _attention_projections(attn) -> list[ConvLinear]:
+    """The layers that compute a single-stream attention module's q, k and v (one fused or three)."""
+    names = ("to_qkv",) if getattr(attn, "fused_projections", False) else ("to_q", "to_k", "to_v")
+    return [getattr(attn, name, None) for name in names]
+
+
+def _mlp_and_attention(self, norm_hidden_states, image_rotary_emb, joint_attention_kwargs):
+    """(proj_mlp(x), self.attn(x)), with x quantized once for both where the layers and processor allow."""
+    processor = self.attn.processor
+    layers = [self.proj_mlp, *_attention_projections(self.attn)]
+    if (
+        not joint_attention_kwargs
+        and isinstance(processor, FluxNormRopeAttnProcessor)
+        and ConvLinear.shared_input_error(layers) is None
+        and processor.covers(self.attn, norm_hidden_states, None, image_rotary_emb)
+    ):
+        mlp_hidden_states, *projections = ConvLinear.forward_shared(layers, norm_hidden_states)
+        query, key, value = projections[0].chunk(3, dim=-1) if len(projections) == 1 else projections
+        return mlp_hidden_states, processor.attend_projected(self.attn, query, key, value, image_rotary_emb)
+    attn_output = self.attn(
+        hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {})
+    )
+    return self.proj_mlp(norm_hidden_states), attn_output
 
 
 def _fused_single_block_forward(
@@ -100,14 +129,15 @@ def _fused_single_block_forward(
     image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     joint_attention_kwargs: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FluxSingleTransformerBlock.forward (diffusers 0.42) with proj_out given cat([attn, gelu(mlp)]) in parts
-    and the input norm read from the text and image parts."""
+    """FluxSingleTransformerBlock.forward (diffusers 0.42) with proj_out given cat([attn, gelu(mlp)]) in parts,
+    the input norm read from the text and image parts, and proj_mlp and the attention projections reading one
+    quantized input."""
     text_seq_len = encoder_hidden_states.shape[1]
     norm_hidden_states, gate = _joint_norm(self, encoder_hidden_states, hidden_states, temb)
     residual = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-    mlp_hidden_states = self.proj_mlp(norm_hidden_states)  # the GELU runs inside proj_out
-    attn_output = self.attn(
-        hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {})
+    # The GELU of the MLP branch runs inside proj_out.
+    mlp_hidden_states, attn_output = _mlp_and_attention(
+        self, norm_hidden_states, image_rotary_emb, joint_attention_kwargs
     )
     hidden_states = residual + gate.unsqueeze(1) * self.proj_out(attn_output, mlp_hidden_states)
     if hidden_states.dtype == torch.float16:

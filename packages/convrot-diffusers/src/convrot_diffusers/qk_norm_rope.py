@@ -84,6 +84,18 @@ class FluxNormRopeAttnProcessor:
     def __init__(self):
         self._stock = FluxAttnProcessor()
 
+    def covers(self, attn, hidden_states, encoder_hidden_states=None, image_rotary_emb=None) -> bool:
+        """Whether the fused kernels compute this call (else it runs diffusers' processor)."""
+        joint = attn.added_kv_proj_dim is not None
+        if joint != (encoder_hidden_states is not None):  # a text stream without its projections, or the reverse
+            return False
+        norms = [attn.norm_q, attn.norm_k] + ([attn.norm_added_q, attn.norm_added_k] if joint else [])
+        tokens = hidden_states.shape[1] + (encoder_hidden_states.shape[1] if joint else 0)
+        cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
+        return all(_covered(norm, hidden_states.dtype, attn.head_dim) for norm in norms) and (
+            cos is None or _angles_covered(cos, sin, tokens, attn.head_dim, hidden_states.device)
+        )
+
     def __call__(
         self,
         attn,
@@ -92,15 +104,7 @@ class FluxNormRopeAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
-        joint = attn.added_kv_proj_dim is not None
-        norms_q = [attn.norm_added_q, attn.norm_q] if joint else [attn.norm_q]
-        norms_k = [attn.norm_added_k, attn.norm_k] if joint else [attn.norm_k]
-        tokens = hidden_states.shape[1] + (encoder_hidden_states.shape[1] if joint else 0)
-        cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
-        if not (
-            all(_covered(norm, hidden_states.dtype, attn.head_dim) for norm in norms_q + norms_k)
-            and (cos is None or _angles_covered(cos, sin, tokens, attn.head_dim, hidden_states.device))
-        ):
+        if not self.covers(attn, hidden_states, encoder_hidden_states, image_rotary_emb):
             self._stock._attention_backend = self._attention_backend
             self._stock._parallel_config = self._parallel_config
             return self._stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
@@ -108,18 +112,37 @@ class FluxNormRopeAttnProcessor:
         query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
             attn, hidden_states, encoder_hidden_states
         )
-        query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
-        if joint:
-            encoder_query, encoder_key, encoder_value = (
-                t.unflatten(-1, (-1, attn.head_dim)) for t in (encoder_query, encoder_key, encoder_value)
-            )
-            query = _normed_rotated([(encoder_query, attn.norm_added_q), (query, attn.norm_q)], cos, sin)
-            key = _normed_rotated([(encoder_key, attn.norm_added_k), (key, attn.norm_k)], cos, sin)
-            value = torch.cat([encoder_value, value], dim=1)
-        else:
-            query = _normed_rotated([(query, attn.norm_q)], cos, sin)
-            key = _normed_rotated([(key, attn.norm_k)], cos, sin)
+        if attn.added_kv_proj_dim is None:
+            return self.attend_projected(attn, query, key, value, image_rotary_emb, attention_mask)
+        cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
+        query, key, value, encoder_query, encoder_key, encoder_value = (
+            t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value, encoder_query, encoder_key, encoder_value)
+        )
+        query = _normed_rotated([(encoder_query, attn.norm_added_q), (query, attn.norm_q)], cos, sin)
+        key = _normed_rotated([(encoder_key, attn.norm_added_k), (key, attn.norm_k)], cos, sin)
+        value = torch.cat([encoder_value, value], dim=1)
+        hidden_states = self._attention(query, key, value, attention_mask)
+        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+            [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
+        )
+        hidden_states = attn.to_out[0](hidden_states.contiguous())
+        hidden_states = attn.to_out[1](hidden_states)
+        encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+        return hidden_states, encoder_hidden_states
 
+    def attend_projected(self, attn, query, key, value, image_rotary_emb=None, attention_mask=None) -> torch.Tensor:
+        """A single-stream module's attention from its projections q, k, v [B, S, heads * head_dim].
+
+        For callers that computed the projections themselves (convrot_diffusers.activation_fusion
+        quantizes a Flux single block's input once for proj_mlp and them); ``covers`` must hold.
+        """
+        cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
+        query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
+        query = _normed_rotated([(query, attn.norm_q)], cos, sin)
+        key = _normed_rotated([(key, attn.norm_k)], cos, sin)
+        return self._attention(query, key, value, attention_mask)
+
+    def _attention(self, query, key, value, attention_mask) -> torch.Tensor:
         hidden_states = dispatch_attention_fn(
             query,
             key,
@@ -128,16 +151,7 @@ class FluxNormRopeAttnProcessor:
             backend=self._attention_backend,
             parallel_config=self._parallel_config,
         )
-        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is not None:
-            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
-            )
-            hidden_states = attn.to_out[0](hidden_states.contiguous())
-            hidden_states = attn.to_out[1](hidden_states)
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
-            return hidden_states, encoder_hidden_states
-        return hidden_states
+        return hidden_states.flatten(2, 3).to(query.dtype)
 
 
 def fuse_qk_norm_rope(pipe_or_transformer) -> int:
