@@ -229,8 +229,9 @@ class ConvLinear(nn.Module):
 
         For layers that read the same tensor (a Flux single block's proj_mlp and attention
         projections): the activation codes depend only on the input, so they are computed once
-        and each layer runs only its GEMM. The layers must agree as for ``concatenate``; unlike
-        it, their weights stay where they are and each output is its own contiguous tensor.
+        and each layer runs only its GEMM. The layers must agree on all but out_features and bias
+        (``shared_input_error``); unlike ``concatenate``, their weights stay where they are and
+        each output is its own contiguous tensor.
         """
         layers = list(layers)
         if error := ConvLinear.shared_input_error(layers):
