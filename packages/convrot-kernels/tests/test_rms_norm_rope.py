@@ -115,3 +115,37 @@ def test_rms_norm_rope_rejects_bad_arguments():
 def test_rms_norm_rope_is_a_torch_library_op():
     x, weight, cos, sin = inputs(torch.Generator().manual_seed(5), (1, 3, 2, 64), torch.bfloat16)
     torch.library.opcheck(torch.ops.convrot_kernels.rms_norm_rope.default, (x, weight, cos, sin, 1e-6))
+
+
+@pytest.mark.parametrize("rotated", [True, False])
+def test_a_prefix_gives_the_joint_sequence_of_both_streams(rotated):
+    g = torch.Generator().manual_seed(6)
+    text, image = 3, 5
+    x, weight, cos, sin = inputs(g, (2, text + image, 4, 64), torch.bfloat16, rotated=rotated)
+    prefix, own = x[:, :text], x[:, text:]
+    prefix_weight = (torch.randn(64, generator=g) * 0.5 + 1).bfloat16()
+    got = ck.rms_norm_rope(own, weight, cos, sin, eps=1e-5, prefix=prefix, prefix_weight=prefix_weight, prefix_eps=1e-6)
+
+    def part(t, w, lo, hi, eps):
+        return ck.rms_norm_rope(t, w, *((None, None) if cos is None else (cos[lo:hi], sin[lo:hi])), eps=eps)
+
+    expected = torch.cat([part(prefix, prefix_weight, 0, text, 1e-6), part(own, weight, text, text + image, 1e-5)], 1)
+    assert got.is_contiguous() and torch.equal(got, expected)
+    torch.library.opcheck(
+        torch.ops.convrot_kernels.rms_norm_rope.default, (own, weight, cos, sin, 1e-5, prefix, prefix_weight, 1e-6)
+    )
+
+
+def test_a_prefix_is_checked():
+    x = torch.zeros(1, 4, 2, 8, dtype=torch.bfloat16)
+    c = torch.ones(6, 8)
+    with pytest.raises(ValueError, match="prefix must be"):
+        ck.rms_norm_rope(x, None, c, c, prefix=torch.zeros(1, 2, 3, 8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"cos must be float32 \[tokens, head_dim\] = \[6, 8\]"):
+        ck.rms_norm_rope(x, None, c[:4], c[:4], prefix=x[:, :2])
+    with pytest.raises(ValueError, match="prefix_weight must be"):
+        ck.rms_norm_rope(x, None, c, c, prefix=x[:, :2], prefix_weight=torch.ones(8))
+    with pytest.raises(ValueError, match="prefix_eps must be"):
+        ck.rms_norm_rope(x, None, c, c, prefix=x[:, :2], prefix_eps=-1.0)
+    with pytest.raises(ValueError, match="prefix_weight needs a prefix"):
+        ck.rms_norm_rope(x, None, c[:4], c[:4], prefix_weight=torch.ones(8, dtype=torch.bfloat16))

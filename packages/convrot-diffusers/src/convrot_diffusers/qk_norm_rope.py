@@ -9,8 +9,8 @@ same computation with ``convrot_kernels.rms_norm_rope``, one read and one write
 per tensor, each stream written straight into its part of the joint q and k.
 The roundings are torch's and diffusers' own (docs/format.md, "rms_norm_rope"):
 outputs equal the stock processor's except for rare last-bit differences of the
-mean square's summation order. Under torch.compile the processor calls the torch.library op
-and lets inductor concatenate.
+mean square's summation order. Under torch.compile the processor calls the torch.library op,
+which writes the text and image parts of the joint q (and k) itself.
 
 Nothing here depends on quantization: it works on bf16 transformers too. Modules
 with another processor (IP-Adapter, a user's own) are left alone, and a call the
@@ -46,7 +46,8 @@ def _eps(norm) -> float:
 
 
 def _normed_rotated(parts, cos, sin) -> torch.Tensor:
-    """RMSNorm + rotary embedding of each (x [B, S_i, H, D], norm), joined along the tokens in order."""
+    """RMSNorm + rotary embedding of each (x [B, S_i, H, D], norm), joined along the tokens in order
+    (one part, or the text and the image stream's)."""
     starts = [0]
     for x, _ in parts:
         starts.append(starts[-1] + x.shape[1])
@@ -54,9 +55,21 @@ def _normed_rotated(parts, cos, sin) -> torch.Tensor:
     def angles(i):
         return (None, None) if cos is None else (cos[starts[i] : starts[i + 1]], sin[starts[i] : starts[i + 1]])
 
-    if torch.compiler.is_compiling():
-        outs = [rms_norm_rope(x, norm.weight, *angles(i), eps=_eps(norm)) for i, (x, norm) in enumerate(parts)]
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    if torch.compiler.is_compiling():  # one op writes both streams' parts: no concatenation after it
+        if len(parts) == 1:
+            ((x, norm),) = parts
+            return rms_norm_rope(x, norm.weight, cos, sin, eps=_eps(norm))
+        (text, text_norm), (x, norm) = parts
+        return rms_norm_rope(
+            x,
+            norm.weight,
+            cos,
+            sin,
+            eps=_eps(norm),
+            prefix=text,
+            prefix_weight=text_norm.weight,
+            prefix_eps=_eps(text_norm),
+        )
     first = parts[0][0]
     joint = first.new_empty(first.shape[0], starts[-1], *first.shape[2:])
     for i, (x, norm) in enumerate(parts):

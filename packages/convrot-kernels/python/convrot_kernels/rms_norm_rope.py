@@ -28,28 +28,39 @@ def _check_x(x: torch.Tensor) -> None:
         raise ValueError(f"the head dimension must be even, 2 to {MAX_HEAD_DIM}; got {d}")
 
 
-def _check_parameters(x: torch.Tensor, weight, cos, sin, eps) -> float:
+def _check_weight(name: str, weight, x: torch.Tensor) -> None:
     d = x.shape[-1]
     if weight is not None:
-        require_tensor("weight", weight)
+        require_tensor(name, weight)
         if weight.shape != (d,) or weight.dtype != x.dtype:
             raise ValueError(
-                f"weight must be [{d}] (the head dimension) with x's dtype ({x.dtype}); "
+                f"{name} must be [{d}] (the head dimension) with x's dtype ({x.dtype}); "
                 f"got {weight.dtype} {tuple(weight.shape)}"
             )
+
+
+def _check_eps(name: str, eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
+        raise ValueError(f"{name} must be a non-negative number; got {eps!r}")
+    return float(eps)
+
+
+def _check_parameters(x: torch.Tensor, weight, cos, sin, eps, tokens: int | None = None) -> float:
+    """Checks weight, cos, sin and eps for x; the angles cover `tokens` rows (default: x's)."""
+    d = x.shape[-1]
+    tokens = x.shape[1] if tokens is None else tokens
+    _check_weight("weight", weight, x)
     if (cos is None) != (sin is None):
         raise ValueError("cos and sin must be given together (or neither, for RMSNorm alone)")
     if cos is not None:
         for name, t in (("cos", cos), ("sin", sin)):
             require_tensor(name, t)
-            if t.dtype != torch.float32 or t.shape != (x.shape[1], d):
+            if t.dtype != torch.float32 or t.shape != (tokens, d):
                 raise ValueError(
-                    f"{name} must be float32 [tokens, head_dim] = [{x.shape[1]}, {d}]; got {t.dtype} {tuple(t.shape)}"
+                    f"{name} must be float32 [tokens, head_dim] = [{tokens}, {d}]; got {t.dtype} {tuple(t.shape)}"
                 )
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative number; got {eps!r}")
     require_same_device(x=x, weight=weight, cos=cos, sin=sin)
-    return float(eps)
+    return _check_eps("eps", eps)
 
 
 def _launch(x, weight, cos, sin, eps: float, out: torch.Tensor) -> torch.Tensor:
@@ -84,15 +95,33 @@ def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
 
 @torch.library.custom_op("convrot_kernels::rms_norm_rope", mutates_args=())
 def _rms_norm_rope(
-    x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None, eps: float
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    eps: float,
+    prefix: torch.Tensor | None = None,
+    prefix_weight: torch.Tensor | None = None,
+    prefix_eps: float = 1e-6,
 ) -> torch.Tensor:
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    return _launch(_rows_contiguous(x), _contiguous(weight), _contiguous(cos), _contiguous(sin), eps, out)
+    s0 = 0 if prefix is None else prefix.shape[1]
+    b, s, h, d = x.shape
+    out = torch.empty((b, s0 + s, h, d), dtype=x.dtype, device=x.device)
+    cos, sin = _contiguous(cos), _contiguous(sin)
+
+    def angles(lo, hi):
+        return (None, None) if cos is None else (cos[lo:hi], sin[lo:hi])  # row ranges: still contiguous
+
+    if prefix is not None:
+        _launch(_rows_contiguous(prefix), _contiguous(prefix_weight), *angles(0, s0), prefix_eps, out[:, :s0])
+    _launch(_rows_contiguous(x), _contiguous(weight), *angles(s0, s0 + s), eps, out[:, s0:])
+    return out
 
 
 @_rms_norm_rope.register_fake
-def _(x, weight, cos, sin, eps):
-    return x.new_empty(x.shape)
+def _(x, weight, cos, sin, eps, prefix=None, prefix_weight=None, prefix_eps=1e-6):
+    tokens = x.shape[1] + (0 if prefix is None else prefix.shape[1])
+    return x.new_empty((x.shape[0], tokens, *x.shape[2:]))
 
 
 def rms_norm_rope(
@@ -102,6 +131,9 @@ def rms_norm_rope(
     sin: torch.Tensor | None = None,
     *,
     eps: float = 1e-6,
+    prefix: torch.Tensor | None = None,
+    prefix_weight: torch.Tensor | None = None,
+    prefix_eps: float = 1e-6,
 ) -> torch.Tensor:
     """RMSNorm over the last dimension of x [batch, tokens, heads, head_dim], then the rotary embedding.
 
@@ -111,11 +143,34 @@ def rms_norm_rope(
     ``sin[s]`` (float32 [tokens, head_dim]) in fp32 and rounded, as diffusers'
     ``apply_rotary_emb`` with ``use_real_unbind_dim=-1``. Without ``weight`` no scaling; without ``cos``/``sin``
     no rotation. x may be a strided view (e.g. q out of a fused qkv projection); the result
-    is a new contiguous tensor. A torch.library op: works under torch.compile.
+    is a new contiguous tensor. With ``prefix`` [batch, tokens0, heads, head_dim] (its own
+    ``prefix_weight`` and ``prefix_eps``) the result is the joint
+    ``cat([rms_norm_rope(prefix), rms_norm_rope(x)], 1)`` of a two-stream attention, each part
+    written in place (no concatenation), and cos and sin cover the tokens0 + tokens joint rows.
+    A torch.library op: works under torch.compile.
     """
     _check_x(x)
-    eps = _check_parameters(x, weight, cos, sin, eps)
-    return _rms_norm_rope(x, weight, cos, sin, eps)
+    tokens = x.shape[1]
+    if prefix is not None:
+        require_tensor("prefix", prefix)
+        if (
+            prefix.ndim != 4
+            or prefix.shape[0] != x.shape[0]
+            or prefix.shape[2:] != x.shape[2:]
+            or prefix.dtype != x.dtype
+        ):
+            raise ValueError(
+                f"prefix must be [batch, tokens0, heads, head_dim] = [{x.shape[0]}, *, {x.shape[2]}, {x.shape[3]}] "
+                f"with x's dtype ({x.dtype}); got {prefix.dtype} {tuple(prefix.shape)}"
+            )
+        tokens += prefix.shape[1]
+        _check_weight("prefix_weight", prefix_weight, x)
+        prefix_eps = _check_eps("prefix_eps", prefix_eps)
+        require_same_device(x=x, prefix=prefix, prefix_weight=prefix_weight)
+    elif prefix_weight is not None:
+        raise ValueError("prefix_weight needs a prefix")
+    eps = _check_parameters(x, weight, cos, sin, eps, tokens)
+    return _rms_norm_rope(x, weight, cos, sin, eps, prefix, prefix_weight, float(prefix_eps))
 
 
 def rms_norm_rope_into(
