@@ -83,6 +83,12 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
+// v rounded to T's precision (and back): an eager torch op's rounding of its fp32 result.
+template <typename T>
+__device__ __forceinline__ float round_to(float v) {
+  return to_float(from_float<T>(v));
+}
+
 // The two 16-bit values of a 32-bit word as fp32 (element 0 in the low half). bf16 widens by
 // bit operations, one instruction each (the generic conversion spends two on the high half).
 template <typename T>

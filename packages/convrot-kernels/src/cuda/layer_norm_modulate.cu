@@ -15,11 +15,6 @@ namespace {
 
 constexpr int kMaxThreads = 1024;
 
-template <typename T>
-__device__ __forceinline__ float round_to(float v) {
-  return to_float(from_float<T>(v));
-}
-
 // Elements [j, j + 8) of a row of k, zeros past k.
 template <typename T>
 __device__ __forceinline__ void load8(const T* row, int64_t j, int64_t k, bool vec, float (&v)[8]) {

@@ -13,11 +13,6 @@ namespace {
 
 constexpr int kWarpsPerBlock = 8;
 
-template <typename T>
-__device__ __forceinline__ float round_to(float v) {
-  return to_float(from_float<T>(v));
-}
-
 // W contiguous elements of a row (W a power of two): all of them through load_chunk, or
 // the first `held` one by one.
 template <typename T, int W>
