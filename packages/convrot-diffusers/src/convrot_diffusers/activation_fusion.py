@@ -96,8 +96,8 @@ def _joint_norm(self, encoder_hidden_states, hidden_states, temb) -> tuple[torch
     return self.norm.norm(joint) * (1 + scale[:, None]) + shift[:, None], gate  # AdaLayerNormZeroSingle's own
 
 
-def _attention_projections(attn) -> list[ConvLinear]:
-    """The layers that compute a single-stream attention module's q, k and v (one fused or three)."""
+def _attention_projections(attn) -> list[ConvLinear | None]:
+    """The layers that compute a single-stream attention module's q, k and v (one fused or three; None where absent)."""
     names = ("to_qkv",) if getattr(attn, "fused_projections", False) else ("to_q", "to_k", "to_v")
     return [getattr(attn, name, None) for name in names]
 
