@@ -48,6 +48,14 @@ def _eps(norm) -> float:
 def _normed_rotated(parts, cos, sin) -> torch.Tensor:
     """RMSNorm + rotary embedding of each (x [B, S_i, H, D], norm), joined along the tokens in order
     (one part, or the text and the image stream's)."""
+    if torch.compiler.is_compiling():  # one op call writes every part: no concatenation after it
+        *text, (x, norm) = parts
+        prefix = {}
+        if text:
+            ((text_x, text_norm),) = text
+            prefix = {"prefix": text_x, "prefix_weight": text_norm.weight, "prefix_eps": _eps(text_norm)}
+        return rms_norm_rope(x, norm.weight, cos, sin, eps=_eps(norm), **prefix)
+    # Eagerly, destination-passing calls into one buffer (no custom-op dispatch on the host).
     starts = [0]
     for x, _ in parts:
         starts.append(starts[-1] + x.shape[1])
@@ -55,21 +63,6 @@ def _normed_rotated(parts, cos, sin) -> torch.Tensor:
     def angles(i):
         return (None, None) if cos is None else (cos[starts[i] : starts[i + 1]], sin[starts[i] : starts[i + 1]])
 
-    if torch.compiler.is_compiling():  # one op writes both streams' parts: no concatenation after it
-        if len(parts) == 1:
-            ((x, norm),) = parts
-            return rms_norm_rope(x, norm.weight, cos, sin, eps=_eps(norm))
-        (text, text_norm), (x, norm) = parts
-        return rms_norm_rope(
-            x,
-            norm.weight,
-            cos,
-            sin,
-            eps=_eps(norm),
-            prefix=text,
-            prefix_weight=text_norm.weight,
-            prefix_eps=_eps(text_norm),
-        )
     first = parts[0][0]
     joint = first.new_empty(first.shape[0], starts[-1], *first.shape[2:])
     for i, (x, norm) in enumerate(parts):
