@@ -258,28 +258,36 @@ void rms_norm_rope_ptr(uintptr_t x, int64_t x_batch, int64_t x_token, int64_t x_
   }
 }
 
-// prefix 0: every row comes from x (prefix_tokens must be 0).
-void layer_norm_modulate_ptr(uintptr_t x, uintptr_t out, int dtype, int64_t batch, int64_t tokens,
-                             int64_t prefix_tokens, int64_t k, int64_t x_batch_stride, uintptr_t prefix,
-                             int64_t prefix_batch_stride, uintptr_t scale, uintptr_t shift,
-                             int64_t modulation_stride, float eps, bool cuda, uintptr_t stream) {
-  const Float kind = float_code(dtype);
+// The NormModulate of the raw-pointer entries, checked; prefix 0: every row comes from x
+// (prefix_tokens must be 0).
+NormModulate norm_modulate(int64_t batch, int64_t tokens, int64_t prefix_tokens, int64_t k, int64_t x_batch_stride,
+                           uintptr_t prefix, int64_t prefix_batch_stride, uintptr_t scale, uintptr_t shift,
+                           int64_t modulation_stride, float eps) {
   require(batch >= 0 && tokens >= 0 && k >= 0, "shape must not be negative");
   require(0 <= prefix_tokens && prefix_tokens <= tokens && (prefix != 0 || prefix_tokens == 0),
           "prefix_tokens must be in [0, tokens], and 0 without a prefix");
   require(scale != 0 && shift != 0 && modulation_stride >= k, "scale and shift rows of k elements are required");
   require(x_batch_stride >= 0 && prefix_batch_stride >= 0, "batch strides must not be negative");
-  const NormModulate p{batch,
-                       tokens,
-                       prefix_tokens,
-                       k,
-                       x_batch_stride,
-                       prefix_batch_stride,
-                       as_pointer<const void>(prefix),
-                       as_pointer<const void>(scale),
-                       as_pointer<const void>(shift),
-                       modulation_stride,
-                       eps};
+  return NormModulate{batch,
+                      tokens,
+                      prefix_tokens,
+                      k,
+                      x_batch_stride,
+                      prefix_batch_stride,
+                      as_pointer<const void>(prefix),
+                      as_pointer<const void>(scale),
+                      as_pointer<const void>(shift),
+                      modulation_stride,
+                      eps};
+}
+
+void layer_norm_modulate_ptr(uintptr_t x, uintptr_t out, int dtype, int64_t batch, int64_t tokens,
+                             int64_t prefix_tokens, int64_t k, int64_t x_batch_stride, uintptr_t prefix,
+                             int64_t prefix_batch_stride, uintptr_t scale, uintptr_t shift,
+                             int64_t modulation_stride, float eps, bool cuda, uintptr_t stream) {
+  const Float kind = float_code(dtype);
+  const NormModulate p = norm_modulate(batch, tokens, prefix_tokens, k, x_batch_stride, prefix, prefix_batch_stride,
+                                       scale, shift, modulation_stride, eps);
   if (batch == 0 || tokens == 0 || k == 0) return;
   if (cuda) {
 #ifdef CONVROT_WITH_CUDA
@@ -291,6 +299,50 @@ void layer_norm_modulate_ptr(uintptr_t x, uintptr_t out, int dtype, int64_t batc
     nb::gil_scoped_release release;
     cpu::layer_norm_modulate(as_pointer<const void>(x), as_pointer<void>(out), kind, p);
   }
+}
+
+// rht_quantize of layer_norm_modulate's output rows (batch * tokens of them), which never go
+// to memory; q and q_scale as rht_quantize_ptr's.
+void layer_norm_modulate_rht_quantize_ptr(uintptr_t x, int dtype, int64_t batch, int64_t tokens,
+                                          int64_t prefix_tokens, int64_t k, int64_t x_batch_stride, uintptr_t prefix,
+                                          int64_t prefix_batch_stride, uintptr_t scale, uintptr_t shift,
+                                          int64_t modulation_stride, float eps, int group, int bits, uintptr_t q,
+                                          uintptr_t q_scale, bool cuda, uintptr_t stream) {
+  const Float kind = float_code(dtype);
+  require_bits(bits);
+  if (group != 0) require_group(group, k);
+  require(bits == 8 || k % 2 == 0, "K must be even to pack 4-bit codes two per byte");
+  const NormModulate p = norm_modulate(batch, tokens, prefix_tokens, k, x_batch_stride, prefix, prefix_batch_stride,
+                                       scale, shift, modulation_stride, eps);
+  if (batch == 0 || tokens == 0 || k == 0) return;
+  RowSource src{as_pointer<const void>(x), nullptr, k, k};
+  src.norm = &p;
+  run_rht_quantize(src, kind, batch * tokens, k, group, bits, as_pointer<void>(q), as_pointer<float>(q_scale), cuda,
+                   stream);
+}
+
+// The same for the norm of x + gate * branch (GatedResidual; no prefix), whose rows are also written to sum.
+void residual_layer_norm_modulate_rht_quantize_ptr(uintptr_t x, int dtype, int64_t batch, int64_t tokens, int64_t k,
+                                                   int64_t x_batch_stride, uintptr_t branch, uintptr_t gate,
+                                                   int64_t gate_stride, uintptr_t sum, uintptr_t scale,
+                                                   uintptr_t shift, int64_t modulation_stride, float eps, int group,
+                                                   int bits, uintptr_t q, uintptr_t q_scale, bool cuda,
+                                                   uintptr_t stream) {
+  const Float kind = float_code(dtype);
+  require_bits(bits);
+  if (group != 0) require_group(group, k);
+  require(bits == 8 || k % 2 == 0, "K must be even to pack 4-bit codes two per byte");
+  require(branch != 0 && gate != 0 && sum != 0 && gate_stride >= k, "branch, gate rows of k elements and sum are required");
+  const NormModulate p =
+      norm_modulate(batch, tokens, 0, k, x_batch_stride, 0, 0, scale, shift, modulation_stride, eps);
+  const GatedResidual g{as_pointer<const void>(branch), as_pointer<const void>(gate), gate_stride,
+                        as_pointer<void>(sum)};
+  if (batch == 0 || tokens == 0 || k == 0) return;
+  RowSource src{as_pointer<const void>(x), nullptr, k, k};
+  src.norm = &p;
+  src.residual = &g;
+  run_rht_quantize(src, kind, batch * tokens, k, group, bits, as_pointer<void>(q), as_pointer<float>(q_scale), cuda,
+                   stream);
 }
 
 void pack_int4(Array q, Array packed, uintptr_t stream) {
@@ -369,6 +421,14 @@ NB_MODULE(_C, m) {
   m.def("layer_norm_modulate_ptr", &convrot::layer_norm_modulate_ptr, "x"_a, "out"_a, "dtype"_a, "batch"_a,
         "tokens"_a, "prefix_tokens"_a, "k"_a, "x_batch_stride"_a, "prefix"_a, "prefix_batch_stride"_a, "scale"_a,
         "shift"_a, "modulation_stride"_a, "eps"_a,
+        "cuda"_a, "stream"_a);
+  m.def("layer_norm_modulate_rht_quantize_ptr", &convrot::layer_norm_modulate_rht_quantize_ptr, "x"_a, "dtype"_a,
+        "batch"_a, "tokens"_a, "prefix_tokens"_a, "k"_a, "x_batch_stride"_a, "prefix"_a, "prefix_batch_stride"_a,
+        "scale"_a, "shift"_a, "modulation_stride"_a, "eps"_a, "group_size"_a, "bits"_a, "q"_a, "q_scale"_a, "cuda"_a,
+        "stream"_a);
+  m.def("residual_layer_norm_modulate_rht_quantize_ptr", &convrot::residual_layer_norm_modulate_rht_quantize_ptr,
+        "x"_a, "dtype"_a, "batch"_a, "tokens"_a, "k"_a, "x_batch_stride"_a, "branch"_a, "gate"_a, "gate_stride"_a,
+        "sum"_a, "scale"_a, "shift"_a, "modulation_stride"_a, "eps"_a, "group_size"_a, "bits"_a, "q"_a, "q_scale"_a,
         "cuda"_a, "stream"_a);
   m.def("pack_int4", &convrot::pack_int4, "q"_a, "packed"_a.noconvert(), "stream"_a = 0);
   m.def("unpack_int4", &convrot::unpack_int4, "packed"_a, "q"_a.noconvert(), "stream"_a = 0);

@@ -10,18 +10,6 @@ namespace convrot {
 // Element type of a floating-point input or output buffer.
 enum class Float { f32, f16, bf16 };
 
-// The rows rht_quantize reads, `k` elements each: row r is the concatenation of
-// x[r, 0:k1] and x2[r, 0:k-k1] (x2 null when k1 == k), and its elements from
-// column gelu_from on (k: none) first pass through GELU, tanh approximation,
-// computed in fp32 and rounded to the input dtype. k1 and gelu_from are
-// multiples of 16 (the CUDA rows are loaded in chunks of 16).
-struct RowSource {
-  const void* x;
-  const void* x2;
-  int64_t k1;
-  int64_t gelu_from;
-};
-
 // Where row (b, s, h) of a [B, S, H, D] tensor starts: b * batch + s * token + h * head
 // elements from its base; the D elements of a row are contiguous.
 struct HeadStrides {
@@ -75,6 +63,36 @@ struct NormModulate {
 
 // The widest row layer_norm_modulate takes (its chunk sums stay in 128 KB of shared memory).
 constexpr int64_t kLayerNormModulateMaxK = 262144;
+
+// A gated residual in front of a norm (a DiT block's `x + gate * branch` before its second
+// norm): row r of x (as NormModulate lays it out) becomes x + gate[b] * branch[r] (branch
+// [rows, k] contiguous, gate rows of k elements `gate_stride` apart, all in the dtype; the
+// product and the sum each rounded to the dtype, as torch's eager ops round them), which is
+// written to `sum` [rows, k] (contiguous) and is what the norm then reads.
+struct GatedResidual {
+  const void* branch;
+  const void* gate;
+  int64_t gate_stride;
+  void* sum;
+};
+
+// The rows rht_quantize reads, `k` elements each: row r is the concatenation of
+// x[r, 0:k1] and x2[r, 0:k-k1] (x2 null when k1 == k), and its elements from
+// column gelu_from on (k: none) first pass through GELU, tanh approximation,
+// computed in fp32 and rounded to the input dtype. k1 and gelu_from are
+// multiples of 16 (the CUDA rows are loaded in chunks of 16). With `norm`, the rows are
+// instead those layer_norm_modulate(x, *norm) writes (x its x; x2 null, k1 == gelu_from == k),
+// each value rounded to the dtype as it would be stored: the norm's output is rotated and
+// quantized without going to memory. With `norm` and `residual` (no prefix), the norm reads
+// the gated residual sum of x instead of x, and that sum is written out.
+struct RowSource {
+  const void* x;
+  const void* x2;
+  int64_t k1;
+  int64_t gelu_from;
+  const NormModulate* norm = nullptr;
+  const GatedResidual* residual = nullptr;
+};
 
 namespace cpu {
 

@@ -530,6 +530,124 @@ def test_layer_norm_modulate_op_on_cuda_reads_views_in_place(k, split):
     assert torch.equal(got.cpu(), expected)
 
 
+# ---------------------------------------------------------------- the norm fused into rht_quantize
+
+
+def cuda_layer_norm_modulate_rht_quantize(x, scale, shift, prefix, group, bits, eps=1e-6):
+    """On the GPU into poisoned outputs, through the pointer entry the public function uses."""
+    dx, dscale, dshift = x.cuda(), scale.cuda(), shift.cuda()
+    dprefix = None if prefix is None else prefix.cuda()
+    b, s, k = x.shape
+    s0 = 0 if prefix is None else prefix.shape[1]
+    rows = b * (s0 + s)
+    q, q_scale = poisoned_runs(
+        lambda: [
+            torch.empty(
+                (rows, k // 2 if bits == 4 else k), dtype=torch.uint8 if bits == 4 else torch.int8, device="cuda"
+            ),
+            torch.empty(rows, dtype=torch.float32, device="cuda"),
+        ],
+        lambda q, q_scale: _C.layer_norm_modulate_rht_quantize_ptr(
+            dx.data_ptr(),
+            FLOAT_CODES[x.dtype],
+            b,
+            s0 + s,
+            s0,
+            k,
+            dx.stride(0),
+            0 if dprefix is None else dprefix.data_ptr(),
+            0 if dprefix is None else dprefix.stride(0),
+            dscale.data_ptr(),
+            dshift.data_ptr(),
+            dscale.stride(0),
+            eps,
+            group,
+            bits,
+            q.data_ptr(),
+            q_scale.data_ptr(),
+            True,
+            stream(),
+        ),
+    )
+    return q.cpu(), q_scale.cpu()
+
+
+NORMED_QUANTIZE_CASES = [  # (batch, prefix tokens, tokens, K, group, bits)
+    (4, 512, 4096, 3072, 256, 4),  # a Flux single block at batch 4
+    (2, 0, 333, 3072, 256, 8),
+    (1, 3, 5, 1152, 64, 4),  # PixArt-Sigma: one chunk a thread
+    (2, 0, 7, 2432, 64, 4),  # SD3.5-large
+    (1, 2, 9, 4096, 16, 4),
+    (2, 1, 4, 15360, 256, 4),  # three chunks a thread
+    (1, 0, 6, 3072, 0, 4),  # quantization without rotation
+    (1, 2, 3, 100, 4, 8),  # K % 16 != 0: through memory
+    (1, 0, 3, 20000, 16, 4),  # wider than the fast path: through memory
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", NORMED_QUANTIZE_CASES)
+def test_layer_norm_modulate_rht_quantize_matches_cpu_backend(case, dtype):
+    b, s0, s, k, group, bits = case
+    g = torch.Generator().manual_seed(k + s + bits)
+    x = (torch.randn(b, s, k, generator=g) * torch.rand(b, s, 1, generator=g) * 8 + 3).to(dtype)
+    prefix = (torch.randn(b, s0, k, generator=g) * 2 - 1).to(dtype) if s0 else None
+    shift, scale, _ = (torch.randn(b, 3 * k, generator=g) * 0.5).to(dtype).chunk(3, dim=1)
+    q, q_scale = cuda_layer_norm_modulate_rht_quantize(x, scale, shift, prefix, group, bits)
+    # The norm's and the row engine's operations in their orders: equal to the composition bit for bit.
+    normed = ck.layer_norm_modulate(x, scale, shift, prefix=prefix).flatten(0, 1)
+    expected = ck.rht_quantize(normed, group, bits) if group else ck.quantize(normed, bits)
+    assert torch.equal(q_scale, expected[1])
+    assert torch.equal(q, expected[0])
+
+
+RESIDUAL_NORMED_CASES = [  # (batch, tokens, K, group, bits)
+    (4, 4096, 3072, 256, 4),  # a Flux double block's image stream at batch 4
+    (4, 512, 3072, 256, 4),  # its text stream
+    (2, 9, 2432, 64, 8),
+    (1, 5, 15360, 256, 4),
+    (1, 3, 100, 4, 4),  # K % 16 != 0: through memory
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", RESIDUAL_NORMED_CASES)
+def test_residual_layer_norm_modulate_rht_quantize_matches_cpu_backend(case, dtype):
+    b, s, k, group, bits = case
+    g = torch.Generator().manual_seed(k + s + bits + 1)
+    x = (torch.randn(b, s, k, generator=g) * 4 + 1).to(dtype)
+    branch = (torch.randn(b, s, k, generator=g) * 2).to(dtype)
+    chunks = (torch.randn(b, 6 * k, generator=g) * 0.5).to(dtype).chunk(6, dim=1)
+    shift, scale, gate = chunks[3], chunks[4], chunks[2]  # views of one embedding, as diffusers passes them
+    expected = ck.residual_layer_norm_modulate_rht_quantize(x, branch, gate, scale, shift, group_size=group, bits=bits)
+    got = ck.residual_layer_norm_modulate_rht_quantize(
+        x.cuda(), branch.cuda(), gate.cuda(), scale.cuda(), shift.cuda(), group_size=group, bits=bits
+    )
+    for a, e in zip(got, expected, strict=True):  # the sum, the codes and the scales, bit for bit
+        assert torch.equal(a.cpu(), e)
+
+
+@pytest.mark.parametrize("split", [8, 3])  # text parts of two lengths
+def test_layer_norm_modulate_rht_quantize_op_on_cuda_reads_views_in_place(split):
+    k = 3072
+    joint = torch.randn(2, 9, k, device="cuda").bfloat16()
+    prefix, x = joint[:, :split], joint[:, split:]  # rows contiguous, batches 9 rows apart
+    shift, scale, _ = torch.randn(2, 3 * k, device="cuda").bfloat16().chunk(3, dim=1)
+    q, q_scale = ck.layer_norm_modulate_rht_quantize(x, scale, shift, prefix=prefix)
+    expected = ck.rht_quantize(ck.layer_norm_modulate(joint.cpu(), scale.cpu(), shift.cpu()).flatten(0, 1))
+    assert torch.equal(q.cpu(), expected[0]) and torch.equal(q_scale.cpu(), expected[1])
+
+
+def test_layer_norm_modulate_rht_quantize_misaligned_rows_go_through_memory():
+    k = 272  # a width the fast path takes, but rows one element (2 bytes) off 16-byte alignment
+    flat = torch.randn(2 * 5 * k + 1, device="cuda").bfloat16()
+    x = flat[1:].view(2, 5, k)
+    shift, scale, _ = torch.randn(2, 3 * k, device="cuda").bfloat16().chunk(3, dim=1)
+    q, q_scale = ck.layer_norm_modulate_rht_quantize(x, scale, shift, group_size=16)
+    expected = ck.rht_quantize(ck.layer_norm_modulate(x.cpu(), scale.cpu(), shift.cpu()).flatten(0, 1), 16)
+    assert torch.equal(q.cpu(), expected[0]) and torch.equal(q_scale.cpu(), expected[1])
+
+
 # ---------------------------------------------------------------- packing
 
 

@@ -1,6 +1,7 @@
 """ConvRot kernel primitives: regular Hadamard rotation, 4/8-bit quantization and
 int4/int8 GEMM, on CPU and CUDA tensors, the attention heads' RMSNorm with the
-rotary embedding, and DiT blocks' LayerNorm with AdaLN modulation. The numeric contract is docs/format.md."""
+rotary embedding, and DiT blocks' LayerNorm with AdaLN modulation (alone or fused into the
+quantization). The numeric contract is docs/format.md."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from . import _C
 from .gemm import gemm, gemm_into
 from .int4_packing import pack_int4, unpack_int4
 from .layer_norm_modulate import layer_norm_modulate
+from .layer_norm_modulate_rht_quantize import (
+    layer_norm_modulate_rht_quantize,
+    residual_layer_norm_modulate_rht_quantize,
+)
 from .quantize import quantize, rht_quantize, rht_quantize_into
 from .rht import rht
 from .rms_norm_rope import rms_norm_rope, rms_norm_rope_into
@@ -31,8 +36,10 @@ __all__ = [
     "gemm",
     "gemm_into",
     "layer_norm_modulate",
+    "layer_norm_modulate_rht_quantize",
     "pack_int4",
     "quantize",
+    "residual_layer_norm_modulate_rht_quantize",
     "rht",
     "rht_quantize",
     "rht_quantize_into",

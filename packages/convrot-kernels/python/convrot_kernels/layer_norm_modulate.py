@@ -20,18 +20,18 @@ from ._validation import FLOAT_CODES, FLOAT_DTYPES, on_device, require_dtype, re
 MAX_WIDTH = 262144  # primitives.h, kLayerNormModulateMaxK
 
 
-def _launch(
-    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float, prefix: torch.Tensor | None
-) -> torch.Tensor:
-    """The kernel call; x and prefix have contiguous rows within a batch (_batch_of_rows), scale and shift a
-    contiguous last dimension."""
+def norm_arguments(x, scale, shift, eps, prefix) -> tuple[tuple, tuple]:
+    """(tensors, arguments): the NormModulate arguments of the compiled module's entries (batch .. eps),
+    and the tensors they point into, which the caller keeps alive until the kernel has run. x and prefix
+    are read in place when each batch's rows are contiguous (_batch_of_rows), scale and shift when they
+    share one row stride (diffusers' chunks of one embedding share it); otherwise copies are."""
+    if scale.stride() != shift.stride() or scale.stride(-1) != 1 or scale.stride(0) < scale.shape[1]:
+        scale, shift = scale.contiguous(), shift.contiguous()
+    x = _batch_of_rows(x)
+    prefix = None if prefix is None else _batch_of_rows(prefix)
     b, s, k = x.shape
     s0 = 0 if prefix is None else prefix.shape[1]
-    out = torch.empty((b, s0 + s, k), dtype=x.dtype, device=x.device)
-    _C.layer_norm_modulate_ptr(
-        x.data_ptr(),
-        out.data_ptr(),
-        FLOAT_CODES[x.dtype],
+    return (x, prefix, scale, shift), (
         b,
         s0 + s,
         s0,
@@ -43,9 +43,7 @@ def _launch(
         shift.data_ptr(),
         scale.stride(0),
         eps,
-        *on_device(x),
     )
-    return out
 
 
 def _batch_of_rows(t: torch.Tensor) -> torch.Tensor:
@@ -56,14 +54,42 @@ def _batch_of_rows(t: torch.Tensor) -> torch.Tensor:
     return t if rows_contiguous else t.contiguous()
 
 
+def check_norm_inputs(x, scale, shift, eps, prefix) -> None:
+    """layer_norm_modulate's argument checks, each failure naming the argument."""
+    require_tensor("x", x)
+    require_dtype("x", x, FLOAT_DTYPES)
+    if x.ndim != 3:
+        raise ValueError(f"x must be 3-D [batch, tokens, K]; got shape {tuple(x.shape)}")
+    b, _, k = x.shape
+    if k > MAX_WIDTH:
+        raise ValueError(f"rows may have at most {MAX_WIDTH} elements; got {k}")
+    if prefix is not None:
+        require_tensor("prefix", prefix)
+        if prefix.ndim != 3 or prefix.shape[0] != b or prefix.shape[2] != k or prefix.dtype != x.dtype:
+            raise ValueError(
+                f"prefix must be [batch, tokens0, K] = [{b}, *, {k}] with x's dtype ({x.dtype}); "
+                f"got {prefix.dtype} {tuple(prefix.shape)}"
+            )
+    for name, t in (("scale", scale), ("shift", shift)):
+        require_tensor(name, t)
+        if t.shape != (b, k) or t.dtype != x.dtype:
+            raise ValueError(
+                f"{name} must be [batch, K] = [{b}, {k}] with x's dtype ({x.dtype}); got {t.dtype} {tuple(t.shape)}"
+            )
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number; got {eps!r}")
+    require_same_device(x=x, scale=scale, shift=shift, prefix=prefix)
+
+
 @torch.library.custom_op("convrot_kernels::layer_norm_modulate", mutates_args=())
 def _layer_norm_modulate(
     x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float, prefix: torch.Tensor | None
 ) -> torch.Tensor:
-    # One row stride for both modulation vectors (diffusers' chunks of one embedding share it).
-    if scale.stride() != shift.stride() or scale.stride(-1) != 1 or scale.stride(0) < scale.shape[1]:
-        scale, shift = scale.contiguous(), shift.contiguous()
-    return _launch(_batch_of_rows(x), scale, shift, eps, None if prefix is None else _batch_of_rows(prefix))
+    held, args = norm_arguments(x, scale, shift, eps, prefix)
+    b, tokens, _, k = args[:4]
+    out = torch.empty((b, tokens, k), dtype=x.dtype, device=x.device)
+    _C.layer_norm_modulate_ptr(held[0].data_ptr(), out.data_ptr(), FLOAT_CODES[x.dtype], *args, *on_device(x))
+    return out
 
 
 @_layer_norm_modulate.register_fake
@@ -91,27 +117,5 @@ def layer_norm_modulate(
     the rows are those of ``cat([prefix, x], 1)``, which is never materialised; the result [batch, tokens0 + tokens, K]
     is a new contiguous tensor. K is at most 262144. A torch.library op: works under torch.compile.
     """
-    require_tensor("x", x)
-    require_dtype("x", x, FLOAT_DTYPES)
-    if x.ndim != 3:
-        raise ValueError(f"x must be 3-D [batch, tokens, K]; got shape {tuple(x.shape)}")
-    b, _, k = x.shape
-    if k > MAX_WIDTH:
-        raise ValueError(f"rows may have at most {MAX_WIDTH} elements; got {k}")
-    if prefix is not None:
-        require_tensor("prefix", prefix)
-        if prefix.ndim != 3 or prefix.shape[0] != b or prefix.shape[2] != k or prefix.dtype != x.dtype:
-            raise ValueError(
-                f"prefix must be [batch, tokens0, K] = [{b}, *, {k}] with x's dtype ({x.dtype}); "
-                f"got {prefix.dtype} {tuple(prefix.shape)}"
-            )
-    for name, t in (("scale", scale), ("shift", shift)):
-        require_tensor(name, t)
-        if t.shape != (b, k) or t.dtype != x.dtype:
-            raise ValueError(
-                f"{name} must be [batch, K] = [{b}, {k}] with x's dtype ({x.dtype}); got {t.dtype} {tuple(t.shape)}"
-            )
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative number; got {eps!r}")
-    require_same_device(x=x, scale=scale, shift=shift, prefix=prefix)
+    check_norm_inputs(x, scale, shift, eps, prefix)
     return _layer_norm_modulate(x, scale, shift, float(eps), prefix)

@@ -6,6 +6,7 @@
 #include "cpu/float_convert.h"
 #include "cpu/gelu.h"
 #include "cpu/hadamard_butterfly.h"
+#include "cpu/layer_norm_modulate.h"
 #include "cpu/parallel_for.h"
 #include "primitives.h"
 
@@ -41,11 +42,25 @@ void rht_quantize(const RowSource& src, Float dtype, int64_t rows, int64_t k, in
                   float* scale) {
   const int64_t k2 = k - src.k1;
   parallel_for(rows, k * 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(static_cast<size_t>(k));
+    std::vector<float> row(static_cast<size_t>(k)), terms(src.norm != nullptr ? static_cast<size_t>(k) : 0);
     std::vector<int8_t> codes(static_cast<size_t>(k));
     for (int64_t r = begin; r < end; ++r) {
-      for (int64_t j = 0; j < src.k1; ++j) row[j] = load_float(src.x, dtype, r * src.k1 + j);
-      for (int64_t j = 0; j < k2; ++j) row[src.k1 + j] = load_float(src.x2, dtype, r * k2 + j);
+      if (src.norm != nullptr) {
+        load_norm_input_row(src.x, dtype, *src.norm, r, row.data());
+        const int64_t b = r / src.norm->tokens;
+        if (const GatedResidual* res = src.residual) {
+          for (int64_t j = 0; j < k; ++j) {
+            const float gated = round_to(dtype, load_float(res->gate, dtype, b * res->gate_stride + j) *
+                                                    load_float(res->branch, dtype, r * k + j));
+            row[j] = round_to(dtype, row[j] + gated);
+            store_float(res->sum, dtype, r * k + j, row[j]);
+          }
+        }
+        normalize_modulate_row(dtype, *src.norm, b, row.data(), terms.data());
+      } else {
+        for (int64_t j = 0; j < src.k1; ++j) row[j] = load_float(src.x, dtype, r * src.k1 + j);
+        for (int64_t j = 0; j < k2; ++j) row[src.k1 + j] = load_float(src.x2, dtype, r * k2 + j);
+      }
       for (int64_t j = src.gelu_from; j < k; ++j) row[j] = round_to(dtype, gelu_tanh(row[j]));
       if (group > 0) {
         for (int64_t g0 = 0; g0 < k; g0 += group) rotate_group(row.data() + g0, group);

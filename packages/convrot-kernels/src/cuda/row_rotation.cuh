@@ -14,7 +14,9 @@
 // row are written. Rows longer than kMaxStaged are rotated segment by segment,
 // twice (once for the amax, once for the codes): correct for any K, slower.
 // A row may be the concatenation of two inputs, part of it passed through GELU
-// on load (RowSource in primitives.h): the fused form of cat([a, gelu(b)]).
+// on load (RowSource in primitives.h): the fused form of cat([a, gelu(b)]). On the
+// fast path a row may also be layer_norm_modulate's output row, normalised and
+// modulated in registers after loading: the fused form of an AdaLN norm.
 #pragma once
 
 #include <cfloat>
@@ -27,22 +29,60 @@
 
 namespace convrot::cuda::row_rotation {
 
-// A RowSource typed: where element `col` of row `row` lives, and where GELU starts.
+// A RowSource typed: where element `col` of row `row` lives, and where GELU starts; for
+// normed rows (RowSource::norm) the layer_norm_modulate parameters, rows of x and prefix by
+// token (fewer than 2^31 rows, so 32-bit index arithmetic).
 template <typename T>
 struct Rows {
   const T* x;
   const T* x2;
   int64_t k1, k2;
   int64_t gelu_from;
+  const T* prefix;
+  const T* scale;
+  const T* shift;
+  int tokens, prefix_tokens;
+  int64_t x_batch_stride, prefix_batch_stride, modulation_stride;
+  float eps;
+  const T* branch;  // RowSource::residual
+  const T* gate;
+  int64_t gate_stride;
+  T* sum;
 
   __device__ __forceinline__ const T* at(int64_t row, int64_t col) const {
     return col < k1 ? x + row * k1 + col : x2 + row * k2 + (col - k1);
+  }
+
+  // A normed row's first element, read from the text prefix or x by its token; b: its batch.
+  __device__ __forceinline__ const T* normed_row(int row, int& b) const {
+    b = row / tokens;
+    const int s = row - b * tokens;
+    return s < prefix_tokens ? prefix + b * prefix_batch_stride + int64_t(s) * k1
+                             : x + b * x_batch_stride + int64_t(s - prefix_tokens) * k1;
   }
 };
 
 template <typename T>
 Rows<T> typed(const RowSource& src, int64_t k) {
-  return Rows<T>{static_cast<const T*>(src.x), static_cast<const T*>(src.x2), src.k1, k - src.k1, src.gelu_from};
+  Rows<T> rows{static_cast<const T*>(src.x), static_cast<const T*>(src.x2), src.k1, k - src.k1, src.gelu_from};
+  if (const NormModulate* n = src.norm) {
+    rows.prefix = static_cast<const T*>(n->prefix);
+    rows.scale = static_cast<const T*>(n->scale);
+    rows.shift = static_cast<const T*>(n->shift);
+    rows.tokens = int(n->tokens);
+    rows.prefix_tokens = int(n->prefix_tokens);
+    rows.x_batch_stride = n->x_batch_stride;
+    rows.prefix_batch_stride = n->prefix_batch_stride;
+    rows.modulation_stride = n->modulation_stride;
+    rows.eps = n->eps;
+  }
+  if (const GatedResidual* g = src.residual) {
+    rows.branch = static_cast<const T*>(g->branch);
+    rows.gate = static_cast<const T*>(g->gate);
+    rows.gate_stride = g->gate_stride;
+    rows.sum = static_cast<T*>(g->sum);
+  }
+  return rows;
 }
 
 // GELU of a loaded chunk, rounded to the input dtype as the unfused model's GELU output would be.
@@ -484,6 +524,107 @@ __device__ __forceinline__ float block_max_nan(float v, float (*partials)[kMaxTh
   return r;
 }
 
+// Where the fast path's rows come from: plain rows of x; parts (x and x2, GELU from a
+// column; the per-chunk choice cost plain rows ~5% on the H100, so each has its own
+// instance); layer_norm_modulate's output rows (RowSource::norm); or those of a gated
+// residual sum, which is also written out (RowSource::residual).
+enum Source { kPlainRows, kPartRows, kNormedRows, kResidualNormedRows };
+constexpr bool normed(Source s) { return s == kNormedRows || s == kResidualNormedRows; }
+
+// The total of sums[0, n) in layer_norm_modulate's order (its row_total): lane l adds sums
+// l, l + 32, ... in order, then the lanes meet in an XOR butterfly. Every warp computes it
+// alike, so one barrier before it is all a block needs.
+__device__ __forceinline__ float warp_total(const float* sums, int n) {
+  float acc = 0.0f;
+  for (int c = threadIdx.x & 31; c < n; c += 32) acc = __fadd_rn(acc, sums[c]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) acc = __fadd_rn(acc, __shfl_xor_sync(0xffffffffu, acc, off));
+  return acc;
+}
+
+// a and b rounded to T and back (16-bit T: one packing conversion for both).
+template <typename T>
+__device__ __forceinline__ void round_both(float& a, float& b) {
+  if constexpr (std::is_same_v<T, float>) return;
+  else round_pair<T>(a, b, a, b);
+}
+
+// x + gate * branch for a chunk of 16 (GatedResidual: product and sum each rounded to T).
+template <typename T>
+__device__ __forceinline__ void add_gated(float (&x)[16], const float (&branch)[16], const T* gate) {
+  float g[16];
+  load_chunk<T, 16>(gate, true, g);
+#pragma unroll
+  for (int q = 0; q < 16; q += 2) {
+    float p0 = __fmul_rn(g[q], branch[q]), p1 = __fmul_rn(g[q + 1], branch[q + 1]);
+    round_both<T>(p0, p1);
+    x[q] = __fadd_rn(x[q], p0);
+    x[q + 1] = __fadd_rn(x[q + 1], p1);
+    round_both<T>(x[q], x[q + 1]);
+  }
+}
+
+// The block's row through layer_norm_modulate (primitives.h, NormModulate), in place in
+// registers, with that kernel's summation order, operations and roundings: so the codes equal
+// rht_quantize of its output bit for bit. Chunk c of 16 holds the norm's 8-element chunks
+// 2c and 2c + 1, whose sums go to shared memory (`sums`, 2 x K/8 floats: one half per
+// statistic, so that no barrier more is needed between rows).
+template <typename T, int CPT, typename Has>
+__device__ __forceinline__ void normalize_modulate(float (&v)[CPT][16], const Rows<T>& src, int b, int k, float* sums,
+                                                   Has has) {
+  const int n8 = k / 8;
+  float* mean_sums = sums;
+  float* var_sums = sums + n8;
+#pragma unroll
+  for (int j = 0; j < CPT; ++j) {
+    if (has(j)) {
+      float s[2] = {0.0f, 0.0f};
+#pragma unroll
+      for (int q = 0; q < 16; ++q) s[q / 8] = __fadd_rn(s[q / 8], v[j][q]);
+      *reinterpret_cast<float2*>(mean_sums + 2 * (j * blockDim.x + threadIdx.x)) = make_float2(s[0], s[1]);
+    }
+  }
+  __syncthreads();
+  const float mean = __fdiv_rn(warp_total(mean_sums, n8), float(k));
+#pragma unroll
+  for (int j = 0; j < CPT; ++j) {
+    if (has(j)) {
+      float s[2] = {0.0f, 0.0f};
+#pragma unroll
+      for (int q = 0; q < 16; ++q) {
+        const float d = __fsub_rn(v[j][q], mean);
+        s[q / 8] = __fadd_rn(s[q / 8], __fmul_rn(d, d));
+      }
+      *reinterpret_cast<float2*>(var_sums + 2 * (j * blockDim.x + threadIdx.x)) = make_float2(s[0], s[1]);
+    }
+  }
+  __syncthreads();
+  const float rstd = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(warp_total(var_sums, n8), float(k)), src.eps)));
+  const T* scale = src.scale + b * src.modulation_stride;
+  const T* shift = src.shift + b * src.modulation_stride;
+#pragma unroll
+  for (int j = 0; j < CPT; ++j) {
+    if (has(j)) {
+      const int col = (j * blockDim.x + threadIdx.x) * 16;
+      float factor[16], offset[16];
+      load_chunk<T, 16>(scale + col, true, factor);
+      load_chunk<T, 16>(shift + col, true, offset);
+#pragma unroll
+      for (int q = 0; q < 16; q += 2) {
+        float n0 = __fmul_rn(__fsub_rn(v[j][q], mean), rstd), n1 = __fmul_rn(__fsub_rn(v[j][q + 1], mean), rstd);
+        float f0 = __fadd_rn(1.0f, factor[q]), f1 = __fadd_rn(1.0f, factor[q + 1]);
+        round_both<T>(n0, n1);
+        round_both<T>(f0, f1);
+        float m0 = __fmul_rn(n0, f0), m1 = __fmul_rn(n1, f1);
+        round_both<T>(m0, m1);
+        v[j][q] = __fadd_rn(m0, offset[q]);
+        v[j][q + 1] = __fadd_rn(m1, offset[q + 1]);
+        round_both<T>(v[j][q], v[j][q + 1]);
+      }
+    }
+  }
+}
+
 // The fast path, for 16-byte-aligned rows of K % 16 == 0 and K <= 16384: a
 // persistent grid whose blocks walk rows (row = blockIdx.x + i * gridDim.x).
 // Each thread keeps its CPT chunks in registers; while one row is rotated and
@@ -500,15 +641,15 @@ constexpr int kFastMaxChunksPerThread = 4;
 // warps of one block per SM to hide latency with.
 constexpr int two_block_threads(int cpt) { return cpt <= 2 ? 384 : cpt == 3 ? 320 : 256; }
 
-// FUSED: rows from two inputs or with a GELU (a separate instance, so that plain rows keep
-// the plain addressing: the per-chunk source choice cost plain rows ~5% on the H100).
-template <typename T, int MODE, int CPT, int MIN_BLOCKS, bool FUSED>
+template <typename T, int MODE, int CPT, int MIN_BLOCKS, Source SOURCE>
 __global__ void __launch_bounds__(MIN_BLOCKS == 2 ? two_block_threads(CPT) : kMaxThreads, MIN_BLOCKS) rows_fast_kernel(const Rows<T> src, int64_t rows, int k,
                                                                 int group, int work_words, void* __restrict__ out,
                                                                 float* __restrict__ scale_out) {
   extern __shared__ float4 smem4[];
   float* buf = reinterpret_cast<float*>(smem4);                // fp32 working area (group >= 64)
   uint4* staged = reinterpret_cast<uint4*>(buf + work_words);  // the next row, as loaded
+  constexpr int kStagedRows = SOURCE == kResidualNormedRows ? 2 : 1;  // x's row, then the branch's
+  float* norm_sums = reinterpret_cast<float*>(staged) + kStagedRows * k * sizeof(T) / sizeof(float);
   constexpr int kVec = 16 * int(sizeof(T)) / 16;               // 16-byte vectors per chunk
   const int nchunks = k / 16;
   // Whether this thread has chunk j. Chunks j < CPT - 1 always exist (launch_fast_as sizes
@@ -519,17 +660,26 @@ __global__ void __launch_bounds__(MIN_BLOCKS == 2 ? two_block_threads(CPT) : kMa
 
   // Each thread stages and later reads back only its own chunks: no barrier needed.
   auto fetch = [&](int64_t row) {
+    int b;
+    const T* first = normed(SOURCE) ? src.normed_row(int(row), b) : src.x + row * k;
 #pragma unroll
     for (int j = 0; j < CPT; ++j) {
       const int c = j * blockDim.x + threadIdx.x;
       if (has(j)) {
-        const uint4* chunk = reinterpret_cast<const uint4*>(FUSED ? src.at(row, c * 16) : src.x + row * k + c * 16);
+        const uint4* chunk = reinterpret_cast<const uint4*>(SOURCE == kPartRows ? src.at(row, c * 16) : first + c * 16);
 #pragma unroll
         for (int p = 0; p < kVec; ++p) {
           asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(
                            static_cast<uint32_t>(__cvta_generic_to_shared(staged + c * kVec + p))),
                        "l"(chunk + p)
                        : "memory");
+          if constexpr (SOURCE == kResidualNormedRows) {
+            const uint4* branch = reinterpret_cast<const uint4*>(src.branch + row * k + c * 16);
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(static_cast<uint32_t>(
+                             __cvta_generic_to_shared(staged + (nchunks + c) * kVec + p))),
+                         "l"(branch + p)
+                         : "memory");
+          }
         }
       }
     }
@@ -551,12 +701,22 @@ __global__ void __launch_bounds__(MIN_BLOCKS == 2 ? two_block_threads(CPT) : kMa
       if (has(j)) {
 #pragma unroll
         for (int p = 0; p < kVec; ++p) vector_to_float<T>(staged[c * kVec + p], v[j] + p * (16 / sizeof(T)));
-        if constexpr (FUSED) {
+        if constexpr (SOURCE == kPartRows) {
           if (c * 16 >= src.gelu_from) gelu_chunk<T, 16>(v[j]);
+        }
+        if constexpr (SOURCE == kResidualNormedRows) {
+          float branch[16];
+#pragma unroll
+          for (int p = 0; p < kVec; ++p) {
+            vector_to_float<T>(staged[(nchunks + c) * kVec + p], branch + p * (16 / sizeof(T)));
+          }
+          add_gated(v[j], branch, src.gate + (int(row) / src.tokens) * src.gate_stride + c * 16);
+          store_chunk<T, 16>(src.sum + row * k + c * 16, true, v[j]);
         }
       }
     }
     if (row + gridDim.x < rows) fetch(row + gridDim.x);  // in flight during this row's work
+    if constexpr (normed(SOURCE)) normalize_modulate<T, CPT>(v, src, int(row) / src.tokens, k, norm_sums, has);
 
     if (group == 256) {
       // Chunk c = j * blockDim + tid: a warp's 32 chunks are two whole 256-groups
@@ -641,7 +801,7 @@ __global__ void __launch_bounds__(MIN_BLOCKS == 2 ? two_block_threads(CPT) : kMa
   }
 }
 
-template <typename T, int MODE, int CPT, int MIN_BLOCKS, bool FUSED>
+template <typename T, int MODE, int CPT, int MIN_BLOCKS, Source SOURCE>
 void launch_fast_as(const RowSource& src, int64_t rows, int64_t k, int group, void* out, float* scale,
                     cudaStream_t stream) {
   const int nchunks = int(k / 16);
@@ -650,8 +810,10 @@ void launch_fast_as(const RowSource& src, int64_t rows, int64_t k, int group, vo
   const size_t words = group == 256 ? size_t(k / 256) * kBlockWords256
                       : group >= 64  ? size_t(ceil_div(int(k), 32)) * 32
                                      : 0;
-  const size_t smem = words * sizeof(float) + size_t(k) * sizeof(T);
-  auto kernel = rows_fast_kernel<T, MODE, CPT, MIN_BLOCKS, FUSED>;
+  const size_t norm_words = normed(SOURCE) ? size_t(k / 8) * 2 : 0;
+  const size_t staged_rows = SOURCE == kResidualNormedRows ? 2 : 1;
+  const size_t smem = (words + norm_words) * sizeof(float) + staged_rows * size_t(k) * sizeof(T);
+  auto kernel = rows_fast_kernel<T, MODE, CPT, MIN_BLOCKS, SOURCE>;
   allow_dynamic_smem(kernel, smem);
   int per_sm = 0;
   check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem), "cudaOccupancy");
@@ -665,15 +827,31 @@ template <typename T, int MODE, int CPT, int MIN_BLOCKS>
 void launch_fast(const RowSource& src, int64_t rows, int64_t k, int group, void* out, float* scale,
                  cudaStream_t stream) {
   if constexpr (MODE != kRotate) {  // `rht` rows are always plain
+    if (src.residual != nullptr) {
+      return launch_fast_as<T, MODE, CPT, MIN_BLOCKS, kResidualNormedRows>(src, rows, k, group, out, scale, stream);
+    }
+    if (src.norm != nullptr) {
+      return launch_fast_as<T, MODE, CPT, MIN_BLOCKS, kNormedRows>(src, rows, k, group, out, scale, stream);
+    }
     if (src.x2 != nullptr || src.gelu_from < k) {
-      return launch_fast_as<T, MODE, CPT, MIN_BLOCKS, true>(src, rows, k, group, out, scale, stream);
+      return launch_fast_as<T, MODE, CPT, MIN_BLOCKS, kPartRows>(src, rows, k, group, out, scale, stream);
     }
   }
-  launch_fast_as<T, MODE, CPT, MIN_BLOCKS, false>(src, rows, k, group, out, scale, stream);
+  launch_fast_as<T, MODE, CPT, MIN_BLOCKS, kPlainRows>(src, rows, k, group, out, scale, stream);
 }
 
-// Whether 16-byte vector accesses reach every chunk of these rows (given k % W == 0).
+// Whether 16-byte vector accesses reach every chunk of these rows (given k % W == 0 and, for
+// normed rows, 16-bit elements: strides of 8 elements keep every row 16-byte aligned).
 inline bool vectorizable(const RowSource& src, const void* out) {
+  if (const NormModulate* n = src.norm) {
+    if ((n->x_batch_stride | n->prefix_batch_stride | n->modulation_stride) % 8 != 0 ||
+        (n->prefix != nullptr && !aligned16(n->prefix)) || !aligned16(n->scale) || !aligned16(n->shift)) {
+      return false;
+    }
+  }
+  if (const GatedResidual* g = src.residual) {
+    if (g->gate_stride % 8 != 0 || !aligned16(g->branch) || !aligned16(g->gate) || !aligned16(g->sum)) return false;
+  }
   return aligned16(src.x) && (src.x2 == nullptr || aligned16(src.x2)) && aligned16(out);
 }
 
