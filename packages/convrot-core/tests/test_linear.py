@@ -10,6 +10,7 @@ from torch import nn
 import convrot
 from convrot import ConvLinear, ConvLinear4bit, ConvLinear8bit
 from convrot.fused_input import materialize
+from convrot_kernels import layer_norm_modulate
 
 LAYER_CLASSES = [ConvLinear4bit, ConvLinear8bit]
 
@@ -322,6 +323,65 @@ def test_forward_shared_errors():
         ConvLinear.forward_shared([a, nn.Linear(512, 8)], x)
     with pytest.raises(ValueError, match=r"expected input \[\.\.\., 512\]"):
         ConvLinear.forward_shared([a], torch.randn(2, 256))
+
+
+def adaln_inputs(seed, batch=2, text=3, image=5, k=512, dtype=torch.bfloat16):
+    """A Flux single block's text and image streams and its AdaLN embedding's shift and scale chunks."""
+    g = torch.Generator().manual_seed(seed)
+    text_x = (torch.randn(batch, text, k, generator=g) * 4 + 1).to(dtype)
+    image_x = (torch.randn(batch, image, k, generator=g) * torch.rand(batch, image, 1, generator=g) * 8).to(dtype)
+    shift, scale, _ = (torch.randn(batch, 3 * k, generator=g) * 0.5).to(dtype).chunk(3, dim=1)
+    return image_x, scale, shift, text_x
+
+
+@pytest.mark.parametrize("cls", LAYER_CLASSES)
+@pytest.mark.parametrize("rotation", convrot.ROTATIONS)
+@pytest.mark.parametrize("simulate", [False, True])
+def test_forward_shared_normed_equals_forward_shared_of_the_norm(cls, rotation, simulate):
+    seed = random.randrange(2**31)
+    layers = [
+        cls.from_linear(linear(512, n, bias=i != 1, seed=seed + i), rotation=rotation) for i, n in enumerate((48, 16))
+    ]
+    if simulate:
+        for layer in layers:
+            convrot.set_simulation(layer, torch.float64)
+    x, scale, shift, prefix = adaln_inputs(seed)
+    normed = layer_norm_modulate(x, scale, shift, eps=1e-6, prefix=prefix)
+    outputs = ConvLinear.forward_shared_normed(layers, x, scale, shift, eps=1e-6, prefix=prefix)
+    for y, expected in zip(outputs, ConvLinear.forward_shared(layers, normed), strict=True):
+        assert y.shape == (2, 8, expected.shape[-1]) and torch.equal(y, expected), f"seed {seed}"
+
+
+@pytest.mark.parametrize("cls", LAYER_CLASSES)
+@pytest.mark.parametrize("rotation", convrot.ROTATIONS)
+@pytest.mark.parametrize("simulate", [False, True])
+def test_forward_shared_residual_normed_equals_the_sum_then_forward_shared_normed(cls, rotation, simulate):
+    seed = random.randrange(2**31)
+    layers = [cls.from_linear(linear(512, n, seed=seed + i), rotation=rotation) for i, n in enumerate((48, 16))]
+    if simulate:
+        for layer in layers:
+            convrot.set_simulation(layer, torch.float64)
+    x, scale, shift, _ = adaln_inputs(seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    branch = (torch.randn(x.shape, generator=g) * 2).bfloat16()
+    gate = torch.randn(2, 512, generator=g).bfloat16()
+    total, outputs = ConvLinear.forward_shared_residual_normed(layers, x, branch, gate, scale, shift, eps=1e-6)
+    expected_total = x + gate[:, None] * branch
+    assert torch.equal(total, expected_total), f"seed {seed}"
+    expected = ConvLinear.forward_shared_normed(layers, expected_total, scale, shift, eps=1e-6)
+    for y, e in zip(outputs, expected, strict=True):
+        assert torch.equal(y, e), f"seed {seed}"
+
+
+def test_forward_shared_normed_errors():
+    a = ConvLinear4bit.from_linear(linear(512, 8))
+    x, scale, shift, _ = adaln_inputs(0)
+    with pytest.raises(ValueError, match="different in_features"):
+        ConvLinear.forward_shared_normed([a, ConvLinear4bit.from_linear(linear(256, 8))], x, scale, shift)
+    with pytest.raises(ValueError, match=r"expected input \[\.\.\., 512\]"):
+        ConvLinear.forward_shared_normed([a], x[..., :256], scale, shift)
+    with pytest.raises(ValueError, match=r"scale must be \[batch, K\]"):
+        ConvLinear.forward_shared_normed([a], x, scale[:1], shift)
 
 
 def fused_input_layer(cls, gelu_from, seed=0):

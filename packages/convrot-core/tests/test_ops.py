@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import convrot
-from convrot.ops import quantized_linear, shared_input_linear
+from convrot.ops import normed_input_linear, quantized_linear, residual_normed_input_linear, shared_input_linear
 
 
 def tiny_model(device="cpu", dtype=torch.float32):
@@ -52,6 +52,41 @@ def test_opcheck_shared_input(bits):
             gelu_from,
         )
         torch.library.opcheck(shared_input_linear, args)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_opcheck_normed_input(bits):
+    cls = convrot.ConvLinear4bit if bits == 4 else convrot.ConvLinear8bit
+    layers = [cls.from_linear(nn.Linear(64, n), group_size=16) for n in (16, 32)]
+    x, prefix = torch.randn(2, 5, 64, dtype=torch.bfloat16), torch.randn(2, 3, 64, dtype=torch.bfloat16)
+    shift, scale, _ = torch.randn(2, 3 * 64, dtype=torch.bfloat16).chunk(3, dim=1)
+    weights = ([layer.qweight for layer in layers], [layer.weight_scale for layer in layers], [layers[0].bias, None])
+    for text in (prefix, None):
+        torch.library.opcheck(normed_input_linear, (x, scale, shift, 1e-6, text, *weights, bits, 16, "regular"))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_opcheck_residual_normed_input(bits):
+    cls = convrot.ConvLinear4bit if bits == 4 else convrot.ConvLinear8bit
+    layers = [cls.from_linear(nn.Linear(64, n), group_size=16) for n in (16, 32)]
+    x, branch = torch.randn(2, 5, 64, dtype=torch.bfloat16), torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    shift, scale, gate = torch.randn(2, 3 * 64, dtype=torch.bfloat16).chunk(3, dim=1)
+    weights = ([layer.qweight for layer in layers], [layer.weight_scale for layer in layers], [layers[0].bias, None])
+    args = (x, branch, gate, scale, shift, 1e-6, *weights, bits, 16, "regular")
+    torch.library.opcheck(residual_normed_input_linear, args)
+
+
+def test_torch_compile_fullgraph_of_a_normed_input_matches_eager():
+    layers = [convrot.ConvLinear4bit.from_linear(nn.Linear(64, n), group_size=16) for n in (32, 16)]
+    x, prefix = torch.randn(2, 5, 64), torch.randn(2, 3, 64)
+    shift, scale, _ = torch.randn(2, 3 * 64).chunk(3, dim=1)
+
+    def normed(a, t, sc, sh):
+        return convrot.ConvLinear.forward_shared_normed(layers, a, sc, sh, prefix=t)
+
+    compiled = torch.compile(normed, fullgraph=True)
+    for got, expected in zip(compiled(x, prefix, scale, shift), normed(x, prefix, scale, shift), strict=True):
+        assert torch.equal(got, expected)
 
 
 def test_torch_compile_fullgraph_of_a_shared_input_matches_eager():

@@ -7,11 +7,20 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from convrot_kernels import pack_int4
+from convrot_kernels import layer_norm_modulate, pack_int4
 
 from .fused_input import materialize
 from .hadamard import check_rotation, resolve_group_size
-from .ops import linear_forward, quantized_linear, shared_input_forward, shared_input_linear
+from .ops import (
+    linear_forward,
+    normed_input_forward,
+    normed_input_linear,
+    quantized_linear,
+    residual_normed_input_forward,
+    residual_normed_input_linear,
+    shared_input_forward,
+    shared_input_linear,
+)
 from .quantizer.fake_quant import simulated_linear
 from .quantizer.weight import quantize_weight
 
@@ -252,6 +261,92 @@ class ConvLinear(nn.Module):
             x2,
             -1 if first.gelu_from is None else first.gelu_from,
         )
+
+    @staticmethod
+    def forward_shared_normed(
+        layers: Sequence[ConvLinear],
+        x: torch.Tensor,
+        scale: torch.Tensor,
+        shift: torch.Tensor,
+        *,
+        eps: float = 1e-6,
+        prefix: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """``forward_shared(layers, layer_norm_modulate(x, scale, shift, eps=eps, prefix=prefix))``, bit for bit,
+        with the AdaLN norm computed inside the activation quantization.
+
+        For an AdaLN norm whose output only these layers read (a Flux single block's input norm):
+        the normed tensor is never written to memory (``convrot_kernels.layer_norm_modulate_rht_quantize``).
+        Arguments as ``convrot_kernels.layer_norm_modulate``; outputs [batch, tokens0 + tokens, out_features].
+        Layers in float simulation, or with a GELU on their input, run through the normed tensor.
+        """
+        layers = list(layers)
+        if error := ConvLinear.shared_input_error(layers):
+            raise ValueError(f"forward_shared_normed: {error}")
+        first = layers[0]
+        first._check_input(x, None)
+        if first.simulation_dtype is not None or first.gelu_from is not None:
+            normed = layer_norm_modulate(x, scale, shift, eps=eps, prefix=prefix)
+            return ConvLinear.forward_shared(layers, normed)
+        forward = normed_input_linear if torch.compiler.is_compiling() else normed_input_forward
+        return forward(
+            x,
+            scale,
+            shift,
+            float(eps),
+            prefix,
+            [layer.qweight for layer in layers],
+            [layer.weight_scale for layer in layers],
+            [layer.bias for layer in layers],
+            first.bits,
+            first.group_size,
+            first.rotation,
+        )
+
+    @staticmethod
+    def forward_shared_residual_normed(
+        layers: Sequence[ConvLinear],
+        x: torch.Tensor,
+        branch: torch.Tensor,
+        gate: torch.Tensor,
+        scale: torch.Tensor,
+        shift: torch.Tensor,
+        *,
+        eps: float = 1e-6,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(h, forward_shared_normed(layers, h, scale, shift, eps=eps))`` for ``h = x + gate[:, None] * branch``,
+        bit for bit (the product and the sum each rounded to x's dtype, as diffusers' eager ops round them).
+
+        A DiT block's residual update before its second norm: the sum, the norm, the rotation and the
+        quantization run in one kernel that reads x and branch once and writes h and the codes
+        (``convrot_kernels.residual_layer_norm_modulate_rht_quantize``). x and branch [B, S, K], gate,
+        scale and shift [B, K]. Layers in float simulation, or with a GELU on their input, run through
+        the normed tensor.
+        """
+        layers = list(layers)
+        if error := ConvLinear.shared_input_error(layers):
+            raise ValueError(f"forward_shared_residual_normed: {error}")
+        first = layers[0]
+        first._check_input(x, None)
+        if first.simulation_dtype is not None or first.gelu_from is not None:
+            total = x + gate[:, None] * branch
+            return total, ConvLinear.forward_shared_normed(layers, total, scale, shift, eps=eps)
+        forward = residual_normed_input_linear if torch.compiler.is_compiling() else residual_normed_input_forward
+        total, *outputs = forward(
+            x,
+            branch,
+            gate,
+            scale,
+            shift,
+            float(eps),
+            [layer.qweight for layer in layers],
+            [layer.weight_scale for layer in layers],
+            [layer.bias for layer in layers],
+            first.bits,
+            first.group_size,
+            first.rotation,
+        )
+        return total, outputs
 
     def _apply(self, fn, recurse=True):
         # model.to(dtype) / .half() convert floating buffers; the weight scales and

@@ -7,7 +7,11 @@ time per call decides eager speed. The custom op wraps the same function with a
 fake (meta) implementation, so that torch.compile traces a model of ConvLinear
 layers with fullgraph=True; neither synchronises, so CUDA-graph capture works.
 ``shared_input_forward`` (op ``convrot::shared_input_linear``) is the forward of
-several layers that read one input: one activation quantization, a GEMM each.
+several layers that read one input: one activation quantization, a GEMM each;
+``normed_input_forward`` (op ``convrot::normed_input_linear``) the same for an input
+that is an AdaLN norm's output, computed inside the activation quantization, and
+``residual_normed_input_forward`` (op ``convrot::residual_normed_input_linear``) for
+the norm of a gated residual sum, which it also returns.
 """
 
 from __future__ import annotations
@@ -39,15 +43,16 @@ def _quantized_rows(x, x2, gelu_from, code_dtype, bits, group_size, rotation):
     return q, scale
 
 
-def _dequantized_product(x, q, scale, qweight, weight_scale, bias, bits) -> torch.Tensor:
-    """gemm of the activation codes with one layer's weights, shaped [..., N] like x."""
+def _dequantized_product(x, q, scale, qweight, weight_scale, bias, bits, lead=None) -> torch.Tensor:
+    """gemm of the activation codes with one layer's weights, in x's dtype, shaped [*lead, N] (lead: x's
+    leading dims by default)."""
     n = qweight.shape[0]
     out = torch.empty((q.shape[0], n), dtype=x.dtype, device=x.device)
     if q.shape[0] > 0:
         if bias is not None and bias.dtype != torch.float32:  # layers keep an fp32 bias; one set by hand may not
             bias = bias.float()
         convrot_kernels.gemm_into(out, q, scale, qweight, weight_scale, bias, bits=bits)
-    return out.reshape(*x.shape[:-1], n)
+    return out.reshape(*(x.shape[:-1] if lead is None else lead), n)
 
 
 def linear_forward(
@@ -93,6 +98,74 @@ def shared_input_forward(
     ]
 
 
+def normed_input_forward(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    eps: float,
+    prefix: torch.Tensor | None,
+    qweights: list[torch.Tensor],
+    weight_scales: list[torch.Tensor],
+    biases: list[torch.Tensor | None],
+    bits: int,
+    group_size: int,
+    rotation: str,
+) -> list[torch.Tensor]:
+    """shared_input_forward of ``layer_norm_modulate(x, scale, shift, eps=eps, prefix=prefix)``, bit for bit.
+
+    The norm is computed by the quantization kernel as it loads each row
+    (``convrot_kernels.layer_norm_modulate_rht_quantize``), so the normed tensor never goes to
+    memory. Outputs are [batch, tokens0 + tokens, N].
+    """
+    lead = (x.shape[0], x.shape[1] + (0 if prefix is None else prefix.shape[1]))
+    if rotation == "sylvester":  # ablation only: through the normed tensor
+        normed = convrot_kernels.layer_norm_modulate(x, scale, shift, eps=eps, prefix=prefix)
+        return shared_input_forward(normed, qweights, weight_scales, biases, bits, group_size, rotation)
+    group = group_size if rotation == "regular" else 0
+    q, row_scale = convrot_kernels.layer_norm_modulate_rht_quantize(
+        x, scale, shift, eps=eps, prefix=prefix, group_size=group, bits=bits
+    )
+    return [
+        _dequantized_product(x, q, row_scale, qweight, weight_scale, bias, bits, lead)
+        for qweight, weight_scale, bias in zip(qweights, weight_scales, biases, strict=True)
+    ]
+
+
+def residual_normed_input_forward(
+    x: torch.Tensor,
+    branch: torch.Tensor,
+    gate: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    eps: float,
+    qweights: list[torch.Tensor],
+    weight_scales: list[torch.Tensor],
+    biases: list[torch.Tensor | None],
+    bits: int,
+    group_size: int,
+    rotation: str,
+) -> list[torch.Tensor]:
+    """``[h, *normed_input_forward(h, scale, shift, eps, None, ...)]`` for ``h = x + gate[:, None] * branch``
+    (each step rounded to x's dtype), bit for bit: the sum, its norm, rotation and quantization in one kernel
+    (``convrot_kernels.residual_layer_norm_modulate_rht_quantize``), the normed tensor never in memory."""
+    if rotation == "sylvester":  # ablation only: through the normed tensor
+        total = x + gate[:, None] * branch
+        return [
+            total,
+            *normed_input_forward(
+                total, scale, shift, eps, None, qweights, weight_scales, biases, bits, group_size, rotation
+            ),
+        ]
+    group = group_size if rotation == "regular" else 0
+    total, q, row_scale = convrot_kernels.residual_layer_norm_modulate_rht_quantize(
+        x, branch, gate, scale, shift, eps=eps, group_size=group, bits=bits
+    )
+    return [total] + [
+        _dequantized_product(x, q, row_scale, qweight, weight_scale, bias, bits)
+        for qweight, weight_scale, bias in zip(qweights, weight_scales, biases, strict=True)
+    ]
+
+
 # The same function as an opaque op for torch.compile (its signature gives the op's schema).
 quantized_linear = torch.library.custom_op("convrot::quantized_linear", linear_forward, mutates_args=())
 
@@ -108,3 +181,27 @@ shared_input_linear = torch.library.custom_op("convrot::shared_input_linear", sh
 @shared_input_linear.register_fake
 def _shared_input_linear_fake(x, qweights, weight_scales, biases, bits, group_size, rotation, x2=None, gelu_from=-1):
     return [x.new_empty((*x.shape[:-1], qweight.shape[0])) for qweight in qweights]
+
+
+normed_input_linear = torch.library.custom_op("convrot::normed_input_linear", normed_input_forward, mutates_args=())
+
+
+@normed_input_linear.register_fake
+def _normed_input_linear_fake(
+    x, scale, shift, eps, prefix, qweights, weight_scales, biases, bits, group_size, rotation
+):
+    tokens = x.shape[1] + (0 if prefix is None else prefix.shape[1])
+    return [x.new_empty((x.shape[0], tokens, qweight.shape[0])) for qweight in qweights]
+
+
+residual_normed_input_linear = torch.library.custom_op(
+    "convrot::residual_normed_input_linear", residual_normed_input_forward, mutates_args=()
+)
+
+
+@residual_normed_input_linear.register_fake
+def _residual_normed_input_linear_fake(
+    x, branch, gate, scale, shift, eps, qweights, weight_scales, biases, bits, group_size, rotation
+):
+    total = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return [total] + [x.new_empty((*x.shape[:-1], qweight.shape[0])) for qweight in qweights]
