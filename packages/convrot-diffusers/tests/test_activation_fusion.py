@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import build, generate
+from diffusers.models.transformers.transformer_flux import FluxTransformerBlock
 
 import convrot
 import convrot_diffusers
@@ -12,7 +13,10 @@ from convrot_diffusers.demo import flux_transformer
 
 def expected_fusions(transformer) -> int:
     feed_forwards = [m for m in transformer.modules() if type(m).__name__ == "FeedForward"]
-    return len(feed_forwards) + len(getattr(transformer, "single_transformer_blocks", []))
+    flux_blocks = len(getattr(transformer, "single_transformer_blocks", []))
+    if type(transformer).__name__ == "FluxTransformer2DModel":
+        flux_blocks += len(transformer.transformer_blocks)
+    return len(feed_forwards) + flux_blocks
 
 
 @pytest.mark.parametrize("name", ["flux", "pixart-sigma", "sd3"])
@@ -68,6 +72,10 @@ def single_block_inputs(g: torch.Generator, dim: int, text: int = 5, image: int 
     return hidden, encoder, torch.randn(batch, dim, generator=g)
 
 
+def modulation(block, temb):
+    return block.norm.linear(block.norm.silu(temb)).chunk(3, dim=1)  # shift, scale, gate
+
+
 def test_single_blocks_norm_the_joint_sequence_with_the_kernel():
     unfused, transformer = flux_transformer(), flux_transformer()  # the same seeded weights
     for model in (unfused, transformer):
@@ -75,10 +83,10 @@ def test_single_blocks_norm_the_joint_sequence_with_the_kernel():
     fuse_activations(transformer)
     block = transformer.single_transformer_blocks[0]
     hidden, encoder, temb = single_block_inputs(torch.Generator().manual_seed(0), block.proj_mlp.in_features)
-    norm, gate = activation_fusion._joint_norm(block, encoder, hidden, temb)
-    stock_norm, stock_gate = block.norm(torch.cat([encoder, hidden], dim=1), emb=temb)
-    assert torch.equal(gate, stock_gate)
-    shift, scale, _ = block.norm.linear(block.norm.silu(temb)).chunk(3, dim=1)
+    shift, scale, _ = modulation(block, temb)
+    assert activation_fusion._kernel_norm(block, encoder, hidden, shift)
+    norm = activation_fusion._joint_norm(block, encoder, hidden, shift, scale, True)
+    stock_norm, _ = block.norm(torch.cat([encoder, hidden], dim=1), emb=temb)
     assert torch.equal(norm, convrot_kernels.layer_norm_modulate(hidden, scale, shift, eps=1e-6, prefix=encoder))
     torch.testing.assert_close(norm, stock_norm, rtol=1e-5, atol=1e-5)  # the mean and variance's summation order
     # A last-bit difference of the norm could move a 4-bit code by one step: close, not equal.
@@ -95,39 +103,109 @@ def test_single_blocks_keep_a_norm_the_kernel_does_not_compute():
     dim = block.proj_mlp.in_features
     block.norm.norm = torch.nn.LayerNorm(dim, elementwise_affine=True, eps=1e-6)  # an affine norm: not covered
     hidden, encoder, temb = single_block_inputs(torch.Generator().manual_seed(1), dim)
-    norm, gate = activation_fusion._joint_norm(block, encoder, hidden, temb)
-    stock_norm, stock_gate = block.norm(torch.cat([encoder, hidden], dim=1), emb=temb)
-    assert torch.equal(norm, stock_norm) and torch.equal(gate, stock_gate)
+    shift, scale, _ = modulation(block, temb)
+    assert not activation_fusion._kernel_norm(block, encoder, hidden, shift)
+    norm = activation_fusion._joint_norm(block, encoder, hidden, shift, scale, False)
+    stock_norm, _ = block.norm(torch.cat([encoder, hidden], dim=1), emb=temb)
+    assert torch.equal(norm, stock_norm)
+
+
+def count_calls(monkeypatch, name: str) -> list[int]:
+    """Patches ConvLinear.<name> to record how many layers each call is given."""
+    calls, method = [], getattr(convrot.ConvLinear, name)
+
+    def counted(layers, *args, **kwargs):
+        calls.append(len(layers))
+        return method(layers, *args, **kwargs)
+
+    monkeypatch.setattr(convrot.ConvLinear, name, counted)
+    return calls
 
 
 @pytest.mark.parametrize("fuse_qkv", [False, True])
-def test_single_blocks_quantize_the_input_of_proj_mlp_and_attention_once(fuse_qkv, monkeypatch):
+def test_single_blocks_norm_and_quantize_the_input_of_proj_mlp_and_attention_once(fuse_qkv, monkeypatch):
     transformer = flux_transformer()
     convrot_diffusers.quantize_transformer(transformer, "w4a4", progress=False)
     if fuse_qkv:
         convrot_diffusers.fuse_qkv_projections(transformer)
     fuse_activations(transformer)
     block = transformer.single_transformer_blocks[0]
-    calls = []
-    shared = convrot.ConvLinear.forward_shared
-    monkeypatch.setattr(convrot.ConvLinear, "forward_shared", lambda *a: calls.append(len(a[0])) or shared(*a))
+    normed_calls = count_calls(monkeypatch, "forward_shared_normed")
+    shared_calls = count_calls(monkeypatch, "forward_shared")
     g = torch.Generator().manual_seed(2)
     hidden, encoder, temb = single_block_inputs(g, block.proj_mlp.in_features)
+    joint = torch.cat([encoder, hidden], dim=1)
     theta = torch.rand(12, block.attn.head_dim, generator=g) * 6
     rope = (theta.cos(), theta.sin())
-    norm, _ = activation_fusion._joint_norm(block, encoder, hidden, temb)
+    shift, scale, _ = modulation(block, temb)
+    norm = activation_fusion._joint_norm(block, encoder, hidden, shift, scale, True)
 
-    unshared = activation_fusion._mlp_and_attention(block, norm, rope, None)  # diffusers' processor: no sharing
-    assert calls == []
+    def mlp_and_attention():
+        return activation_fusion._mlp_and_attention(block, encoder, hidden, joint, shift, scale, rope, None)
+
+    unshared = mlp_and_attention()  # diffusers' processor: no sharing
+    assert normed_calls == shared_calls == []
     convrot_diffusers.fuse_qk_norm_rope(transformer)
     expected = (block.proj_mlp(norm), block.attn(hidden_states=norm, image_rotary_emb=rope))
-    got = activation_fusion._mlp_and_attention(block, norm, rope, None)
-    assert calls == [2 if fuse_qkv else 4]
+    got = mlp_and_attention()
+    assert normed_calls == [2 if fuse_qkv else 4] and shared_calls == []
     for a, b in zip(got, expected, strict=True):
         assert torch.equal(a, b)  # the same codes, GEMMs and kernels as each layer on its own
     torch.testing.assert_close(unshared[1], expected[1], rtol=1e-4, atol=1e-4)  # stock vs fused q/k norms
 
+    block.norm.norm = torch.nn.LayerNorm(block.proj_mlp.in_features, eps=1e-6)  # affine: the torch norm, shared
+    normed_calls.clear()
+    mlp_and_attention()
+    assert normed_calls == [] and shared_calls == [2 if fuse_qkv else 4]
+
     block.attn.norm_q = torch.nn.LayerNorm(block.attn.head_dim)  # a norm the processor does not fuse
-    calls.clear()
-    activation_fusion._mlp_and_attention(block, norm, rope, None)
-    assert calls == []
+    shared_calls.clear()
+    mlp_and_attention()
+    assert normed_calls == shared_calls == []
+
+
+class KernelLayerNorm(torch.nn.Module):
+    """layer_norm_modulate's LayerNorm alone (scale and shift 0 leave the normed rows as they are)."""
+
+    def forward(self, x):
+        zeros = x.new_zeros(x.shape[0], x.shape[-1])
+        return convrot_kernels.layer_norm_modulate(x, zeros, zeros, eps=1e-6)
+
+
+@pytest.mark.parametrize("fuse_qkv", [False, True])
+def test_double_blocks_norm_each_stream_inside_the_quantization_of_its_layers(fuse_qkv, monkeypatch):
+    transformer = flux_transformer()
+    convrot_diffusers.quantize_transformer(transformer, "w4a4", progress=False)
+    if fuse_qkv:
+        convrot_diffusers.fuse_qkv_projections(transformer)
+    fuse_activations(transformer)
+    convrot_diffusers.fuse_qk_norm_rope(transformer)
+    block = transformer.transformer_blocks[0]
+    assert "forward" in vars(block)
+    normed_calls = count_calls(monkeypatch, "forward_shared_normed")
+    residual_calls = count_calls(monkeypatch, "forward_shared_residual_normed")
+    g = torch.Generator().manual_seed(3)
+    hidden, encoder, temb = single_block_inputs(g, block.attn.inner_dim)
+    theta = torch.rand(12, block.attn.head_dim, generator=g) * 6
+    rope = (theta.cos(), theta.sin())
+    got = block(hidden, encoder, temb, image_rotary_emb=rope)
+    assert normed_calls == ([1, 1] if fuse_qkv else [3, 3])  # the image stream's projections, then the text's
+    assert residual_calls == [1, 1]  # each stream's feed-forward input
+    # diffusers' forward with the kernel's LayerNorm as its four norms computes the same numbers op for op.
+    stock = [block.norm1.norm, block.norm1_context.norm, block.norm2, block.norm2_context]
+    block.norm1.norm = block.norm1_context.norm = block.norm2 = block.norm2_context = KernelLayerNorm()
+    expected = FluxTransformerBlock.forward(block, hidden, encoder, temb, image_rotary_emb=rope)
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)
+
+    # Norms the kernel does not compute: AdaLayerNormZero's own formula, diffusers' attention call and ops.
+    block.norm1.norm, block.norm1_context.norm, block.norm2, block.norm2_context = stock
+    block.norm1.norm = torch.nn.LayerNorm(block.attn.inner_dim, eps=1e-6)  # affine
+    block.norm2 = block.norm2_context = torch.nn.LayerNorm(block.attn.inner_dim, eps=1e-6)
+    normed_calls.clear()
+    residual_calls.clear()
+    got = block(hidden, encoder, temb, image_rotary_emb=rope)
+    assert normed_calls == residual_calls == []
+    expected = FluxTransformerBlock.forward(block, hidden, encoder, temb, image_rotary_emb=rope)
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)

@@ -29,7 +29,18 @@ Handled:
   ``proj_mlp`` are alike ConvLinear layers (``ConvLinear.shared_input_error``),
   the normed input is rotated and quantized once for all of them
   (``ConvLinear.forward_shared``, exact) and the processor attends from the
-  projections; otherwise the attention module runs as diffusers calls it.
+  projections; otherwise the attention module runs as diffusers calls it. When
+  both apply, the norm itself runs inside that quantization
+  (``ConvLinear.forward_shared_normed``, exact): the normed tensor never goes to
+  memory.
+- Flux's double blocks whose attention projections are ConvLinear layers: their
+  forward is replaced by diffusers 0.42's with each stream's input norm
+  (``AdaLayerNormZero``, a LayerNorm without affine) computed inside the
+  quantization of that stream's q, k and v projections, where the processor is
+  ``fuse_qk_norm_rope``'s, ``joint_attention_kwargs`` is empty and each
+  stream's projections are alike kernel layers; otherwise the block computes
+  AdaLayerNormZero's own formula and calls the attention as diffusers does
+  (simulated layers always do, so simulated outputs stay bit for bit).
 """
 
 from __future__ import annotations
@@ -40,8 +51,8 @@ import types
 import torch
 from diffusers.models.activations import GELU
 from diffusers.models.attention import FeedForward
-from diffusers.models.normalization import AdaLayerNormZeroSingle
-from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
+from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSingle
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 from torch import nn
 
 from convrot import ConvLinear
@@ -72,28 +83,32 @@ def _projection_only(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return self.proj(hidden_states)
 
 
+def _plain_layer_norm(norm) -> bool:
+    """Whether norm is the LayerNorm layer_norm_modulate computes (no weight or bias, over the last dim)."""
+    return type(norm) is nn.LayerNorm and norm.weight is None and norm.bias is None and len(norm.normalized_shape) == 1
+
+
 def _kernel_norm_covers(norm, proj_out: ConvLinear) -> bool:
     """Whether layer_norm_modulate computes this AdaLN norm (a LayerNorm without affine, kernel layers)."""
-    inner = getattr(norm, "norm", None)
     return (
         type(norm) is AdaLayerNormZeroSingle
-        and type(inner) is nn.LayerNorm
-        and inner.weight is None
-        and inner.bias is None
-        and len(inner.normalized_shape) == 1
+        and _plain_layer_norm(getattr(norm, "norm", None))
         and proj_out.simulation_dtype is None
     )
 
 
-def _joint_norm(self, encoder_hidden_states, hidden_states, temb) -> tuple[torch.Tensor, torch.Tensor]:
-    """self.norm(cat([text, image], 1), emb=temb): (normed joint sequence, gate)."""
-    shift, scale, gate = self.norm.linear(self.norm.silu(temb)).chunk(3, dim=1)
+def _kernel_norm(self, encoder_hidden_states, hidden_states, shift) -> bool:
+    """Whether layer_norm_modulate computes this single block's input norm for these inputs."""
     dtypes = {encoder_hidden_states.dtype, hidden_states.dtype, shift.dtype}
-    if _kernel_norm_covers(self.norm, self.proj_out) and len(dtypes) == 1:
-        normed = layer_norm_modulate(hidden_states, scale, shift, eps=self.norm.norm.eps, prefix=encoder_hidden_states)
-        return normed, gate
+    return _kernel_norm_covers(self.norm, self.proj_out) and len(dtypes) == 1
+
+
+def _joint_norm(self, encoder_hidden_states, hidden_states, shift, scale, kernel_norm: bool) -> torch.Tensor:
+    """self.norm(cat([text, image], 1), emb=temb)'s normed joint sequence, from its shift and scale chunks."""
+    if kernel_norm:
+        return layer_norm_modulate(hidden_states, scale, shift, eps=self.norm.norm.eps, prefix=encoder_hidden_states)
     joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-    return self.norm.norm(joint) * (1 + scale[:, None]) + shift[:, None], gate  # AdaLayerNormZeroSingle's own
+    return self.norm.norm(joint) * (1 + scale[:, None]) + shift[:, None]  # AdaLayerNormZeroSingle's own
 
 
 def _attention_projections(attn) -> list[ConvLinear | None]:
@@ -102,19 +117,49 @@ def _attention_projections(attn) -> list[ConvLinear | None]:
     return [getattr(attn, name, None) for name in names]
 
 
-def _mlp_and_attention(self, norm_hidden_states, image_rotary_emb, joint_attention_kwargs):
-    """(proj_mlp(x), self.attn(x)), with x quantized once for both where the layers and processor allow."""
+def _shared_layers(self, normed_like, image_rotary_emb, joint_attention_kwargs) -> list[ConvLinear] | None:
+    """[proj_mlp, *attention projections] when they can read one quantized input (of normed_like's shape,
+    dtype and device) and the processor can attend from their outputs, else None."""
     processor = self.attn.processor
     layers = [self.proj_mlp, *_attention_projections(self.attn)]
-    if (
+    shareable = (
         not joint_attention_kwargs
         and isinstance(processor, FluxNormRopeAttnProcessor)
         and ConvLinear.shared_input_error(layers) is None
-        and processor.covers(self.attn, norm_hidden_states, None, image_rotary_emb)
-    ):
+        and processor.covers(self.attn, normed_like, None, image_rotary_emb)
+    )
+    return layers if shareable else None
+
+
+def _attend_projected(self, projections, image_rotary_emb) -> torch.Tensor:
+    query, key, value = projections[0].chunk(3, dim=-1) if len(projections) == 1 else projections
+    return self.attn.processor.attend_projected(self.attn, query, key, value, image_rotary_emb)
+
+
+def _mlp_and_attention(
+    self, encoder_hidden_states, hidden_states, joint, shift, scale, image_rotary_emb, joint_attention_kwargs
+):
+    """(proj_mlp(x), self.attn(x)) for x the block's normed joint input: x quantized once for both where the
+    layers and processor allow, and normed inside that quantization where layer_norm_modulate covers the norm.
+    joint is cat([text, image], 1)."""
+    kernel_norm = _kernel_norm(self, encoder_hidden_states, hidden_states, shift)
+    # With the kernel's norm, the normed tensor has the joint sequence's shape, dtype and device.
+    norm_hidden_states = (
+        None if kernel_norm else _joint_norm(self, encoder_hidden_states, hidden_states, shift, scale, False)
+    )
+    layers = _shared_layers(
+        self, joint if kernel_norm else norm_hidden_states, image_rotary_emb, joint_attention_kwargs
+    )
+    if layers and kernel_norm:
+        mlp_hidden_states, *projections = ConvLinear.forward_shared_normed(
+            layers, hidden_states, scale, shift, eps=self.norm.norm.eps, prefix=encoder_hidden_states
+        )
+        return mlp_hidden_states, _attend_projected(self, projections, image_rotary_emb)
+    if kernel_norm:
+        norm_hidden_states = _joint_norm(self, encoder_hidden_states, hidden_states, shift, scale, True)
+    if layers:
         mlp_hidden_states, *projections = ConvLinear.forward_shared(layers, norm_hidden_states)
-        query, key, value = projections[0].chunk(3, dim=-1) if len(projections) == 1 else projections
-        return mlp_hidden_states, processor.attend_projected(self.attn, query, key, value, image_rotary_emb)
+        return mlp_hidden_states, _attend_projected(self, projections, image_rotary_emb)
     attn_output = self.attn(
         hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {})
     )
@@ -130,14 +175,14 @@ def _fused_single_block_forward(
     joint_attention_kwargs: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FluxSingleTransformerBlock.forward (diffusers 0.42) with proj_out given cat([attn, gelu(mlp)]) in parts,
-    the input norm read from the text and image parts, and proj_mlp and the attention projections reading one
-    quantized input."""
+    the input norm read from the text and image parts (and computed inside the quantization of the layers
+    that read it), and proj_mlp and the attention projections reading one quantized input."""
     text_seq_len = encoder_hidden_states.shape[1]
-    norm_hidden_states, gate = _joint_norm(self, encoder_hidden_states, hidden_states, temb)
+    shift, scale, gate = self.norm.linear(self.norm.silu(temb)).chunk(3, dim=1)
     residual = torch.cat([encoder_hidden_states, hidden_states], dim=1)
     # The GELU of the MLP branch runs inside proj_out.
     mlp_hidden_states, attn_output = _mlp_and_attention(
-        self, norm_hidden_states, image_rotary_emb, joint_attention_kwargs
+        self, encoder_hidden_states, hidden_states, residual, shift, scale, image_rotary_emb, joint_attention_kwargs
     )
     hidden_states = residual + gate.unsqueeze(1) * self.proj_out(attn_output, mlp_hidden_states)
     if hidden_states.dtype == torch.float16:
@@ -145,7 +190,149 @@ def _fused_single_block_forward(
     return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
 
 
+def _stream_projections(attn, text: bool) -> list[ConvLinear | None]:
+    """The layers that compute a two-stream attention module's image (or text) q, k and v, as
+    diffusers' _get_qkv_projections picks them (one fused or three; None where absent)."""
+    if getattr(attn, "fused_projections", False):
+        return [getattr(attn, "to_added_qkv" if text else "to_qkv", None)]
+    names = ("add_q_proj", "add_k_proj", "add_v_proj") if text else ("to_q", "to_k", "to_v")
+    return [getattr(attn, name, None) for name in names]
+
+
+def _normed_joint_attention(
+    self, hidden_states, encoder_hidden_states, image_mod, text_mod, image_rotary_emb, joint_attention_kwargs
+):
+    """self.attn of the two streams' norm1 outputs, each norm computed inside the quantization of its stream's
+    projections (image_mod, text_mod: the (shift, scale) chunks); None where the norms, layers or processor
+    do not allow it."""
+    attn = self.attn
+    processor = attn.processor
+    streams = (_stream_projections(attn, False), _stream_projections(attn, True))
+    dtypes = {hidden_states.dtype, encoder_hidden_states.dtype, image_mod[0].dtype, text_mod[0].dtype}
+    if (
+        joint_attention_kwargs
+        or not isinstance(processor, FluxNormRopeAttnProcessor)
+        or len(dtypes) != 1
+        or not all(_plain_layer_norm(norm.norm) for norm in (self.norm1, self.norm1_context))
+        or any(ConvLinear.shared_input_error(layers) is not None for layers in streams)
+        or any(layers[0].simulation_dtype is not None for layers in streams)  # simulations keep torch's norm
+        or not processor.covers(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+    ):
+        return None
+    projections = []
+    for layers, x, (shift, scale), norm in zip(
+        streams,
+        (hidden_states, encoder_hidden_states),
+        (image_mod, text_mod),
+        (self.norm1, self.norm1_context),
+        strict=True,
+    ):
+        outputs = ConvLinear.forward_shared_normed(layers, x, scale, shift, eps=norm.norm.eps)
+        projections += outputs[0].chunk(3, dim=-1) if len(outputs) == 1 else outputs
+    return processor.attend_joint_projected(attn, *projections, image_rotary_emb)
+
+
+def _projection_of_fused_feed_forward(ff) -> ConvLinear | None:
+    """The first layer of a feed-forward whose GELU fuse_activations moved into its output layer (its GELU
+    module then returns this layer's output), else None."""
+    if not isinstance(ff, FeedForward) or len(ff.net) < 3 or "forward" not in vars(ff.net[0]):
+        return None
+    proj = getattr(ff.net[0], "proj", None)
+    return proj if isinstance(proj, ConvLinear) else None
+
+
+def _gated_residual_feed_forward(ff, norm, x, branch, gate, scale, shift) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, ff(norm(h) * (1 + scale[:, None]) + shift[:, None])) for h = x + gate[:, None] * branch: a double block's
+    stream after its attention. Where the norm is a kernel LayerNorm and the feed-forward's GELU has moved into
+    its output layer, the sum, the norm and the first layer's activation quantization run in one kernel
+    (``ConvLinear.forward_shared_residual_normed``, exact); otherwise diffusers' ops."""
+    first = _projection_of_fused_feed_forward(ff)
+    if (
+        _plain_layer_norm(norm)
+        and first is not None
+        and first.simulation_dtype is None
+        and len({x.dtype, branch.dtype, gate.dtype, scale.dtype}) == 1
+    ):
+        total, (projected,) = ConvLinear.forward_shared_residual_normed(
+            [first], x, branch, gate, scale, shift, eps=norm.eps
+        )
+        for module in ff.net[1:]:
+            projected = module(projected)
+        return total, projected
+    total = x + gate.unsqueeze(1) * branch
+    return total, ff(norm(total) * (1 + scale[:, None]) + shift[:, None])
+
+
+def _fused_double_block_forward(
+    self,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    temb: torch.Tensor,
+    image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    joint_attention_kwargs: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FluxTransformerBlock.forward (diffusers 0.42) with each stream's input norm (norm1, norm1_context)
+    computed inside the quantization of its attention projections, where those and the processor allow, and
+    each stream's residual update and second norm inside the quantization of its feed-forward's input."""
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1.linear(self.norm1.silu(temb)).chunk(
+        6, dim=1
+    )
+    c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context.linear(
+        self.norm1_context.silu(temb)
+    ).chunk(6, dim=1)
+    joint_attention_kwargs = joint_attention_kwargs or {}
+    attention_outputs = _normed_joint_attention(
+        self,
+        hidden_states,
+        encoder_hidden_states,
+        (shift_msa, scale_msa),
+        (c_shift_msa, c_scale_msa),
+        image_rotary_emb,
+        joint_attention_kwargs,
+    )
+    if attention_outputs is None:  # AdaLayerNormZero's own formula, then diffusers' call
+        norm_hidden_states = self.norm1.norm(hidden_states) * (1 + scale_msa[:, None]) + shift_msa[:, None]
+        norm_encoder_hidden_states = (
+            self.norm1_context.norm(encoder_hidden_states) * (1 + c_scale_msa[:, None]) + c_shift_msa[:, None]
+        )
+        attention_outputs = self.attn(
+            hidden_states=norm_hidden_states,
+            encoder_hidden_states=norm_encoder_hidden_states,
+            image_rotary_emb=image_rotary_emb,
+            **joint_attention_kwargs,
+        )
+    # From here on diffusers' forward, each stream's residual update and second norm through
+    # _gated_residual_feed_forward.
+    if len(attention_outputs) == 2:
+        attn_output, context_attn_output = attention_outputs
+    elif len(attention_outputs) == 3:
+        attn_output, context_attn_output, ip_attn_output = attention_outputs
+
+    hidden_states, ff_output = _gated_residual_feed_forward(
+        self.ff, self.norm2, hidden_states, attn_output, gate_msa, scale_mlp, shift_mlp
+    )
+    ff_output = gate_mlp.unsqueeze(1) * ff_output
+    hidden_states = hidden_states + ff_output
+    if len(attention_outputs) == 3:
+        hidden_states = hidden_states + ip_attn_output
+
+    encoder_hidden_states, context_ff_output = _gated_residual_feed_forward(
+        self.ff_context,
+        self.norm2_context,
+        encoder_hidden_states,
+        context_attn_output,
+        c_gate_msa,
+        c_scale_mlp,
+        c_shift_mlp,
+    )
+    encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_ff_output
+    if encoder_hidden_states.dtype == torch.float16:
+        encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
+    return encoder_hidden_states, hidden_states
+
+
 _SINGLE_BLOCK_PARAMETERS = list(inspect.signature(_fused_single_block_forward).parameters)
+_DOUBLE_BLOCK_PARAMETERS = list(inspect.signature(_fused_double_block_forward).parameters)
 
 
 def _single_block_fusable(block) -> bool:
@@ -162,12 +349,22 @@ def _single_block_fusable(block) -> bool:
     )
 
 
-def fuse_activations(pipe_or_transformer) -> int:
-    """Fuses GELUs (and Flux single blocks' concatenation) into the quantized layers after them.
+def _double_block_fusable(block) -> bool:
+    if not isinstance(block, FluxTransformerBlock) or "forward" in vars(block):
+        return False
+    return (
+        list(inspect.signature(type(block).forward).parameters) == _DOUBLE_BLOCK_PARAMETERS
+        and all(type(norm) is AdaLayerNormZero and norm.emb is None for norm in (block.norm1, block.norm1_context))
+        and isinstance(_stream_projections(block.attn, False)[0], ConvLinear)
+    )
 
-    Returns how many modules (feed-forwards and single blocks) were changed. Call it after
+
+def fuse_activations(pipe_or_transformer) -> int:
+    """Fuses GELUs (and Flux blocks' concatenation and input norms) into the quantized layers after them.
+
+    Returns how many modules (feed-forwards, single and double blocks) were changed. Call it after
     quantizing or loading, before torch.compile or CUDA-graph capture; it saves a read and a
-    write of the activated tensor per feed-forward (and of the concatenated one per single block).
+    write of the activated tensor per feed-forward (and of the concatenated or normed one per block).
     """
     fused = 0
     for module in transformer_of(pipe_or_transformer).modules():
@@ -179,6 +376,9 @@ def fuse_activations(pipe_or_transformer) -> int:
         elif _single_block_fusable(module):
             module.proj_out.gelu_from = module.proj_out.in_features - module.proj_mlp.out_features
             module.forward = types.MethodType(_fused_single_block_forward, module)
+            fused += 1
+        elif _double_block_fusable(module):
+            module.forward = types.MethodType(_fused_double_block_forward, module)
             fused += 1
     return fused
 
@@ -194,5 +394,8 @@ def unfuse_activations(pipe_or_transformer) -> int:
         elif isinstance(module, FluxSingleTransformerBlock) and "forward" in vars(module):
             del module.forward
             module.proj_out.gelu_from = None
+            restored += 1
+        elif isinstance(module, FluxTransformerBlock) and "forward" in vars(module):
+            del module.forward
             restored += 1
     return restored

@@ -115,12 +115,31 @@ class FluxNormRopeAttnProcessor:
             self._stock._parallel_config = self._parallel_config
             return self._stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states
-        )
+        projections = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         if attn.added_kv_proj_dim is None:
-            return self.attend_projected(attn, query, key, value, image_rotary_emb, attention_mask)
+            return self.attend_projected(attn, *projections[:3], image_rotary_emb, attention_mask)
+        return self.attend_joint_projected(attn, *projections, image_rotary_emb, attention_mask)
+
+    def attend_joint_projected(
+        self,
+        attn,
+        query,
+        key,
+        value,
+        encoder_query,
+        encoder_key,
+        encoder_value,
+        image_rotary_emb=None,
+        attention_mask=None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A two-stream module's attention and output projections from its image and text projections
+        [B, S, heads * head_dim] and [B, S0, heads * head_dim]: (image output, text output).
+
+        For callers that computed the projections themselves (convrot_diffusers.activation_fusion
+        computes a Flux double block's input norms inside their quantization); ``covers`` must hold.
+        """
         cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
+        text_tokens = encoder_query.shape[1]
         query, key, value, encoder_query, encoder_key, encoder_value = (
             t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value, encoder_query, encoder_key, encoder_value)
         )
@@ -129,7 +148,7 @@ class FluxNormRopeAttnProcessor:
         value = torch.cat([encoder_value, value], dim=1)
         hidden_states = self._attention(query, key, value, attention_mask)
         encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-            [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
+            [text_tokens, hidden_states.shape[1] - text_tokens], dim=1
         )
         hidden_states = attn.to_out[0](hidden_states.contiguous())
         hidden_states = attn.to_out[1](hidden_states)
