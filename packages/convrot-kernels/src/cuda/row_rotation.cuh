@@ -16,7 +16,9 @@
 // A row may be the concatenation of two inputs, part of it passed through GELU
 // on load (RowSource in primitives.h): the fused form of cat([a, gelu(b)]). On the
 // fast path a row may also be layer_norm_modulate's output row, normalised and
-// modulated in registers after loading: the fused form of an AdaLN norm.
+// modulated in registers after loading (and before that, optionally, a gated
+// residual sum x + gate * branch, which is also written out): the fused forms of a
+// DiT block's AdaLN norms.
 #pragma once
 
 #include <cfloat>
