@@ -231,6 +231,28 @@ class ConvLinear(nn.Module):
         )
 
     @staticmethod
+    def _checked_group(layers, x: torch.Tensor, x2: torch.Tensor | None, caller: str) -> list[ConvLinear]:
+        """layers as a list, once they can share an input and the first accepts x (and x2)."""
+        layers = list(layers)
+        if error := ConvLinear.shared_input_error(layers):
+            raise ValueError(f"{caller}: {error}")
+        layers[0]._check_input(x, x2)
+        return layers
+
+    @staticmethod
+    def _group_operands(layers: list[ConvLinear]) -> tuple:
+        """The shared-input ops' layer arguments: qweights, weight scales, biases, bits, group size, rotation."""
+        first = layers[0]
+        return (
+            [layer.qweight for layer in layers],
+            [layer.weight_scale for layer in layers],
+            [layer.bias for layer in layers],
+            first.bits,
+            first.group_size,
+            first.rotation,
+        )
+
+    @staticmethod
     def forward_shared(
         layers: Sequence[ConvLinear], x: torch.Tensor, x2: torch.Tensor | None = None
     ) -> list[torch.Tensor]:
@@ -242,22 +264,14 @@ class ConvLinear(nn.Module):
         (``shared_input_error``); unlike ``concatenate``, their weights stay where they are and
         each output is its own contiguous tensor.
         """
-        layers = list(layers)
-        if error := ConvLinear.shared_input_error(layers):
-            raise ValueError(f"forward_shared: {error}")
+        layers = ConvLinear._checked_group(layers, x, x2, "forward_shared")
         first = layers[0]
-        first._check_input(x, x2)
         if first.simulation_dtype is not None:
             return [layer(x, x2) for layer in layers]
         forward = shared_input_linear if torch.compiler.is_compiling() else shared_input_forward
         return forward(
             x,
-            [layer.qweight for layer in layers],
-            [layer.weight_scale for layer in layers],
-            [layer.bias for layer in layers],
-            first.bits,
-            first.group_size,
-            first.rotation,
+            *ConvLinear._group_operands(layers),
             x2,
             -1 if first.gelu_from is None else first.gelu_from,
         )
@@ -280,11 +294,8 @@ class ConvLinear(nn.Module):
         Arguments as ``convrot_kernels.layer_norm_modulate``; outputs [batch, tokens0 + tokens, out_features].
         Layers in float simulation, or with a GELU on their input, run through the normed tensor.
         """
-        layers = list(layers)
-        if error := ConvLinear.shared_input_error(layers):
-            raise ValueError(f"forward_shared_normed: {error}")
+        layers = ConvLinear._checked_group(layers, x, None, "forward_shared_normed")
         first = layers[0]
-        first._check_input(x, None)
         if first.simulation_dtype is not None or first.gelu_from is not None:
             normed = layer_norm_modulate(x, scale, shift, eps=eps, prefix=prefix)
             return ConvLinear.forward_shared(layers, normed)
@@ -295,12 +306,7 @@ class ConvLinear(nn.Module):
             shift,
             float(eps),
             prefix,
-            [layer.qweight for layer in layers],
-            [layer.weight_scale for layer in layers],
-            [layer.bias for layer in layers],
-            first.bits,
-            first.group_size,
-            first.rotation,
+            *ConvLinear._group_operands(layers),
         )
 
     @staticmethod
@@ -323,11 +329,8 @@ class ConvLinear(nn.Module):
         scale and shift [B, K]. Layers in float simulation, or with a GELU on their input, run through
         the normed tensor.
         """
-        layers = list(layers)
-        if error := ConvLinear.shared_input_error(layers):
-            raise ValueError(f"forward_shared_residual_normed: {error}")
+        layers = ConvLinear._checked_group(layers, x, None, "forward_shared_residual_normed")
         first = layers[0]
-        first._check_input(x, None)
         if first.simulation_dtype is not None or first.gelu_from is not None:
             total = x + gate[:, None] * branch
             return total, ConvLinear.forward_shared_normed(layers, total, scale, shift, eps=eps)
@@ -339,12 +342,7 @@ class ConvLinear(nn.Module):
             scale,
             shift,
             float(eps),
-            [layer.qweight for layer in layers],
-            [layer.weight_scale for layer in layers],
-            [layer.bias for layer in layers],
-            first.bits,
-            first.group_size,
-            first.rotation,
+            *ConvLinear._group_operands(layers),
         )
         return total, outputs
 

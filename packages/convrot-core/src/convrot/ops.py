@@ -55,6 +55,14 @@ def _dequantized_product(x, q, scale, qweight, weight_scale, bias, bits, lead=No
     return out.reshape(*(x.shape[:-1] if lead is None else lead), n)
 
 
+def _dequantized_products(x, q, scale, qweights, weight_scales, biases, bits, lead=None) -> list[torch.Tensor]:
+    """_dequantized_product of the same activation codes with each of several layers' weights."""
+    return [
+        _dequantized_product(x, q, scale, qweight, weight_scale, bias, bits, lead)
+        for qweight, weight_scale, bias in zip(qweights, weight_scales, biases, strict=True)
+    ]
+
+
 def linear_forward(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -92,10 +100,7 @@ def shared_input_forward(
     that layer's linear_forward bit for bit.
     """
     q, scale = _quantized_rows(x, x2, gelu_from, qweights[0].dtype, bits, group_size, rotation)
-    return [
-        _dequantized_product(x, q, scale, qweight, weight_scale, bias, bits)
-        for qweight, weight_scale, bias in zip(qweights, weight_scales, biases, strict=True)
-    ]
+    return _dequantized_products(x, q, scale, qweights, weight_scales, biases, bits)
 
 
 def normed_input_forward(
@@ -125,10 +130,7 @@ def normed_input_forward(
     q, row_scale = convrot_kernels.layer_norm_modulate_rht_quantize(
         x, scale, shift, eps=eps, prefix=prefix, group_size=group, bits=bits
     )
-    return [
-        _dequantized_product(x, q, row_scale, qweight, weight_scale, bias, bits, lead)
-        for qweight, weight_scale, bias in zip(qweights, weight_scales, biases, strict=True)
-    ]
+    return _dequantized_products(x, q, row_scale, qweights, weight_scales, biases, bits, lead)
 
 
 def residual_normed_input_forward(
@@ -160,10 +162,7 @@ def residual_normed_input_forward(
     total, q, row_scale = convrot_kernels.residual_layer_norm_modulate_rht_quantize(
         x, branch, gate, scale, shift, eps=eps, group_size=group, bits=bits
     )
-    return [total] + [
-        _dequantized_product(x, q, row_scale, qweight, weight_scale, bias, bits)
-        for qweight, weight_scale, bias in zip(qweights, weight_scales, biases, strict=True)
-    ]
+    return [total, *_dequantized_products(x, q, row_scale, qweights, weight_scales, biases, bits)]
 
 
 # The same function as an opaque op for torch.compile (its signature gives the op's schema).

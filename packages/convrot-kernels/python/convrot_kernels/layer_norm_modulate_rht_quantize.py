@@ -26,6 +26,14 @@ def _codes(rows: int, k: int, bits: int, device) -> tuple[torch.Tensor, torch.Te
     return codes, torch.empty(rows, dtype=torch.float32, device=device)
 
 
+def _code_arguments(group_size, bits, k: int) -> tuple[int, int]:
+    """Checked (group_size, bits) for rows of k elements; group_size 0 means no rotation."""
+    bits = require_bits(bits)
+    if bits == 4 and k % 2:
+        raise ValueError(f"K ({k}) must be even to pack 4-bit codes two per byte")
+    return (0 if group_size == 0 else require_group_size(group_size, k)), bits
+
+
 # group_size 0 means no rotation.
 @torch.library.custom_op("convrot_kernels::layer_norm_modulate_rht_quantize", mutates_args=())
 def _layer_norm_modulate_rht_quantize(
@@ -85,12 +93,7 @@ def layer_norm_modulate_rht_quantize(
     through a temporary buffer. A torch.library op: works under torch.compile.
     """
     check_norm_inputs(x, scale, shift, eps, prefix)
-    bits = require_bits(bits)
-    k = x.shape[2]
-    if bits == 4 and k % 2:
-        raise ValueError(f"K ({k}) must be even to pack 4-bit codes two per byte")
-    if group_size != 0:
-        group_size = require_group_size(group_size, k)
+    group_size, bits = _code_arguments(group_size, bits, x.shape[2])
     return _layer_norm_modulate_rht_quantize(x, scale, shift, float(eps), prefix, group_size, bits)
 
 
@@ -169,10 +172,5 @@ def residual_layer_norm_modulate_rht_quantize(
                 f"{name} must be {list(shape)} with x's dtype ({x.dtype}) and device; got {t.dtype} {tuple(t.shape)}"
                 f" on {t.device}"
             )
-    bits = require_bits(bits)
-    k = x.shape[2]
-    if bits == 4 and k % 2:
-        raise ValueError(f"K ({k}) must be even to pack 4-bit codes two per byte")
-    if group_size != 0:
-        group_size = require_group_size(group_size, k)
+    group_size, bits = _code_arguments(group_size, bits, x.shape[2])
     return _residual_layer_norm_modulate_rht_quantize(x, branch, gate, scale, shift, float(eps), group_size, bits)
