@@ -111,17 +111,25 @@ def _joint_norm(self, encoder_hidden_states, hidden_states, shift, scale, kernel
     return self.norm.norm(joint) * (1 + scale[:, None]) + shift[:, None]  # AdaLayerNormZeroSingle's own
 
 
-def _attention_projections(attn) -> list[ConvLinear | None]:
-    """The layers that compute a single-stream attention module's q, k and v (one fused or three; None where absent)."""
-    names = ("to_qkv",) if getattr(attn, "fused_projections", False) else ("to_q", "to_k", "to_v")
+def _stream_projections(attn, text: bool = False) -> list[ConvLinear | None]:
+    """The layers that compute an attention module's q, k and v (of the image stream, or with text=True the
+    text stream's), as diffusers' _get_qkv_projections picks them (one fused or three; None where absent)."""
+    if getattr(attn, "fused_projections", False):
+        return [getattr(attn, "to_added_qkv" if text else "to_qkv", None)]
+    names = ("add_q_proj", "add_k_proj", "add_v_proj") if text else ("to_q", "to_k", "to_v")
     return [getattr(attn, name, None) for name in names]
+
+
+def _split_qkv(projections: list[torch.Tensor]) -> list[torch.Tensor]:
+    """q, k and v from the outputs of _stream_projections' layers (one fused output or three)."""
+    return list(projections[0].chunk(3, dim=-1)) if len(projections) == 1 else projections
 
 
 def _shared_layers(self, normed_like, image_rotary_emb, joint_attention_kwargs) -> list[ConvLinear] | None:
     """[proj_mlp, *attention projections] when they can read one quantized input (of normed_like's shape,
     dtype and device) and the processor can attend from their outputs, else None."""
     processor = self.attn.processor
-    layers = [self.proj_mlp, *_attention_projections(self.attn)]
+    layers = [self.proj_mlp, *_stream_projections(self.attn)]
     shareable = (
         not joint_attention_kwargs
         and isinstance(processor, FluxNormRopeAttnProcessor)
@@ -132,7 +140,7 @@ def _shared_layers(self, normed_like, image_rotary_emb, joint_attention_kwargs) 
 
 
 def _attend_projected(self, projections, image_rotary_emb) -> torch.Tensor:
-    query, key, value = projections[0].chunk(3, dim=-1) if len(projections) == 1 else projections
+    query, key, value = _split_qkv(projections)
     return self.attn.processor.attend_projected(self.attn, query, key, value, image_rotary_emb)
 
 
@@ -190,15 +198,6 @@ def _fused_single_block_forward(
     return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
 
 
-def _stream_projections(attn, text: bool) -> list[ConvLinear | None]:
-    """The layers that compute a two-stream attention module's image (or text) q, k and v, as
-    diffusers' _get_qkv_projections picks them (one fused or three; None where absent)."""
-    if getattr(attn, "fused_projections", False):
-        return [getattr(attn, "to_added_qkv" if text else "to_qkv", None)]
-    names = ("add_q_proj", "add_k_proj", "add_v_proj") if text else ("to_q", "to_k", "to_v")
-    return [getattr(attn, name, None) for name in names]
-
-
 def _normed_joint_attention(
     self, hidden_states, encoder_hidden_states, image_mod, text_mod, image_rotary_emb, joint_attention_kwargs
 ):
@@ -207,7 +206,7 @@ def _normed_joint_attention(
     do not allow it."""
     attn = self.attn
     processor = attn.processor
-    streams = (_stream_projections(attn, False), _stream_projections(attn, True))
+    streams = (_stream_projections(attn), _stream_projections(attn, text=True))
     dtypes = {hidden_states.dtype, encoder_hidden_states.dtype, image_mod[0].dtype, text_mod[0].dtype}
     if (
         joint_attention_kwargs
@@ -228,7 +227,7 @@ def _normed_joint_attention(
         strict=True,
     ):
         outputs = ConvLinear.forward_shared_normed(layers, x, scale, shift, eps=norm.norm.eps)
-        projections += outputs[0].chunk(3, dim=-1) if len(outputs) == 1 else outputs
+        projections += _split_qkv(outputs)
     return processor.attend_joint_projected(attn, *projections, image_rotary_emb)
 
 
@@ -355,7 +354,7 @@ def _double_block_fusable(block) -> bool:
     return (
         list(inspect.signature(type(block).forward).parameters) == _DOUBLE_BLOCK_PARAMETERS
         and all(type(norm) is AdaLayerNormZero and norm.emb is None for norm in (block.norm1, block.norm1_context))
-        and isinstance(_stream_projections(block.attn, False)[0], ConvLinear)
+        and isinstance(_stream_projections(block.attn)[0], ConvLinear)
     )
 
 

@@ -17,13 +17,7 @@ import torch
 from . import _C
 from ._validation import FLOAT_CODES, on_device, require_bits, require_group_size, require_tensor
 from .layer_norm_modulate import check_norm_inputs, norm_arguments
-
-
-def _codes(rows: int, k: int, bits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    codes = torch.empty(
-        (rows, k // 2) if bits == 4 else (rows, k), dtype=torch.uint8 if bits == 4 else torch.int8, device=device
-    )
-    return codes, torch.empty(rows, dtype=torch.float32, device=device)
+from .quantize import empty_codes
 
 
 def _code_arguments(group_size, bits, k: int) -> tuple[int, int]:
@@ -47,7 +41,7 @@ def _layer_norm_modulate_rht_quantize(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     held, args = norm_arguments(x, scale, shift, eps, prefix)
     batch, tokens, k = args[0], args[1], args[3]
-    q, q_scale = _codes(batch * tokens, k, bits, x.device)
+    q, q_scale = empty_codes(batch * tokens, k, bits, x.device)
     _C.layer_norm_modulate_rht_quantize_ptr(
         held[0].data_ptr(),
         FLOAT_CODES[x.dtype],
@@ -64,11 +58,7 @@ def _layer_norm_modulate_rht_quantize(
 @_layer_norm_modulate_rht_quantize.register_fake
 def _(x, scale, shift, eps, prefix, group_size, bits):
     tokens = x.shape[1] + (0 if prefix is None else prefix.shape[1])
-    q = x.new_empty(
-        (x.shape[0] * tokens, x.shape[2] // 2 if bits == 4 else x.shape[2]),
-        dtype=torch.uint8 if bits == 4 else torch.int8,
-    )
-    return q, x.new_empty(x.shape[0] * tokens, dtype=torch.float32)
+    return empty_codes(x.shape[0] * tokens, x.shape[2], bits, x.device)
 
 
 def layer_norm_modulate_rht_quantize(
@@ -113,7 +103,7 @@ def _residual_layer_norm_modulate_rht_quantize(
     branch = branch.contiguous()
     gate = gate if gate.stride(-1) == 1 else gate.contiguous()
     total = torch.empty((batch, tokens, k), dtype=x.dtype, device=x.device)
-    q, q_scale = _codes(batch * tokens, k, bits, x.device)
+    q, q_scale = empty_codes(batch * tokens, k, bits, x.device)
     _C.residual_layer_norm_modulate_rht_quantize_ptr(
         held[0].data_ptr(),
         FLOAT_CODES[x.dtype],
@@ -140,9 +130,8 @@ def _residual_layer_norm_modulate_rht_quantize(
 
 @_residual_layer_norm_modulate_rht_quantize.register_fake
 def _(x, branch, gate, scale, shift, eps, group_size, bits):
-    rows, k = x.shape[0] * x.shape[1], x.shape[2]
-    q = x.new_empty((rows, k // 2 if bits == 4 else k), dtype=torch.uint8 if bits == 4 else torch.int8)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), q, x.new_empty(rows, dtype=torch.float32)
+    total = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return total, *empty_codes(x.shape[0] * x.shape[1], x.shape[2], bits, x.device)
 
 
 def residual_layer_norm_modulate_rht_quantize(

@@ -20,11 +20,14 @@ from ._validation import (
 )
 
 
-def _codes_like(x: torch.Tensor, bits: int, x2: torch.Tensor | None = None) -> torch.Tensor:
-    m, k = x.shape[0], x.shape[1] + (0 if x2 is None else x2.shape[1])
-    if bits == 4:
-        return torch.empty((m, k // 2), dtype=torch.uint8, device=x.device)
-    return torch.empty((m, k), dtype=torch.int8, device=x.device)
+def empty_codes(rows: int, k: int, bits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised (codes, row scales) for rows of k elements: uint8 [rows, k/2] or int8 [rows, k], fp32 [rows]."""
+    shape, dtype = ((rows, k // 2), torch.uint8) if bits == 4 else ((rows, k), torch.int8)
+    return torch.empty(shape, dtype=dtype, device=device), torch.empty(rows, dtype=torch.float32, device=device)
+
+
+def _codes_like(x: torch.Tensor, bits: int, x2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return empty_codes(x.shape[0], x.shape[1] + (0 if x2 is None else x2.shape[1]), bits, x.device)
 
 
 # group_size 0 means no rotation; gelu_from -1 means no GELU.
@@ -32,15 +35,14 @@ def _codes_like(x: torch.Tensor, bits: int, x2: torch.Tensor | None = None) -> t
 def _rht_quantize(
     x: torch.Tensor, group_size: int, bits: int, x2: torch.Tensor | None = None, gelu_from: int = -1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    q = _codes_like(x, bits, x2)
-    scale = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    q, scale = _codes_like(x, bits, x2)
     _C.rht_quantize(x, q, scale, group_size, bits, stream_of(x), x2, gelu_from)
     return q, scale
 
 
 @_rht_quantize.register_fake
 def _(x, group_size, bits, x2=None, gelu_from=-1):
-    return _codes_like(x, bits, x2), x.new_empty(x.shape[0], dtype=torch.float32)
+    return _codes_like(x, bits, x2)
 
 
 def _row_width(x: torch.Tensor, x2: torch.Tensor | None, gelu_from: int | None) -> tuple[int, int]:
