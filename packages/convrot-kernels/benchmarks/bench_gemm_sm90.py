@@ -8,7 +8,10 @@ weight-streaming shapes read them from HBM, not from L2: one round of sets
 exceeds twice the L2. Rows: gemm(bits=4) and gemm(bits=8) through each kernel
 (forced with CONVROT_GEMM_KERNEL; "auto" is the dispatcher's own choice), the
 whole chain rht_quantize + gemm(bits=4), and the anchors. TOPS count 2*M*N*K
-operations; the fraction is of the H100's 1979 TOPS dense int8 peak. Every case
+operations; the fraction is of the H100's 1979 TOPS dense int8 peak. With --cutlass, the
+M = 4608 shapes also time CUTLASS's Hopper int8 GEMM (cutlass_anchor/, built by its build.sh)
+in each of its configurations: the same multiply-accumulates and output bytes on the int8
+tensor cores, so the fastest of them bounds what gemm(bits=4) can reach. Every case
 of a shape, anchors included, is measured once in each of ROUNDS alternating
 rounds and reported as the median over them; beside each row, the SM clock and
 board power that NVML read during its measurements (gpu_state.py). Printed
@@ -26,6 +29,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 from bench_primitives import FLUX_KN, GROUP, ROUNDS, copies_for, time_per_call
+from cutlass_anchor import DEFAULT_LIBRARY, CutlassInt8
 from gpu_state import GpuMonitor, GpuState
 
 import convrot_kernels as ck
@@ -74,7 +78,7 @@ def set_bytes(s: dict) -> int:
     return sum(t.numel() * t.element_size() for t in s.values())
 
 
-def bench_shape(m: int, k: int, n: int, kernels: list[str], record, monitor: GpuMonitor) -> None:
+def bench_shape(m: int, k: int, n: int, kernels: list[str], record, monitor: GpuMonitor, cutlass=None) -> None:
     with_int8 = m > 16 and m % 8 == 0
     first = make_set(m, k, n, with_int8)
     sets = [first] + [make_set(m, k, n, with_int8) for _ in range(copies_for(set_bytes(first)) - 1)]
@@ -96,6 +100,8 @@ def bench_shape(m: int, k: int, n: int, kernels: list[str], record, monitor: Gpu
     anchor_fns = {"bf16 linear": linear}
     if with_int8:
         anchor_fns["_int_mm"] = int_mm
+    if cutlass is not None:
+        anchor_fns |= cutlass.functions(m, n, k, first)
     ours = {}
     for kernel in kernels:
         for bits in (4, 8):
@@ -129,7 +135,9 @@ def bench_shape(m: int, k: int, n: int, kernels: list[str], record, monitor: Gpu
     anchors = {a: statistics.median(times[a]) for a in anchor_fns}
     for label in ours:
         if label in times:
-            shown = {"bf16 linear": anchors["bf16 linear"]} if label.startswith("chain") else anchors
+            shown = anchors
+            if label.startswith("chain"):
+                shown = {"bf16 linear": anchors["bf16 linear"]}
             record(label, m, k, n, statistics.median(times[label]), shown, ops, GpuState.of(samples[label]))
     del sets, tuples
 
@@ -137,7 +145,12 @@ def bench_shape(m: int, k: int, n: int, kernels: list[str], record, monitor: Gpu
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="also write every row to this JSON file")
+    parser.add_argument(
+        "--cutlass", nargs="?", const=str(DEFAULT_LIBRARY), metavar="LIBRARY",
+        help="also time CUTLASS's int8 GEMM at M = 4608 (default library: %(const)s)",
+    )  # fmt: skip
     args = parser.parse_args()
+    cutlass = CutlassInt8(args.cutlass) if args.cutlass else None
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     print(
@@ -159,7 +172,7 @@ def main() -> None:
         print(line, flush=True)
 
     for k, n in FLUX_KN:
-        bench_shape(M_LARGE, k, n, ["sm90_persistent", "sm90", "auto"], record, monitor)
+        bench_shape(M_LARGE, k, n, ["sm90_persistent", "sm90", "auto"], record, monitor, cutlass)
     for m, k, n in SMALL:
         bench_shape(m, k, n, ["small_m", "sm90_persistent", "auto"], record, monitor)
     for m, k, n in CROSSOVER:
@@ -168,17 +181,19 @@ def main() -> None:
 
     print(
         "\n| path | M | K | N | ours (us) | TOPS | % of 1979 | bf16 (us) | x bf16 | _int_mm (us) | x _int_mm "
-        "| ours: SM clock (median), power (max) |"
+        "| CUTLASS int8, fastest (us) | x CUTLASS | ours: SM clock (median), power (max) |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         lin = r["anchors_us"]["bf16 linear"]
         mm = r["anchors_us"].get("_int_mm")
         mm_cells = f"{mm:.1f} | {mm / r['ours_us']:.2f}" if mm else "n/a | n/a"
+        cut = min((t for name, t in r["anchors_us"].items() if name.startswith("cutlass")), default=None)
+        cut_cells = f"{cut:.1f} | {cut / r['ours_us']:.2f}" if cut else "n/a | n/a"
         print(
             f"| {r['kind']} | {r['M']} | {r['K']} | {r['N']} | {r['ours_us']:.1f} | {r['tops']:.0f} | "
             f"{100 * r['tops'] / INT8_PEAK_TOPS:.0f}% | {lin:.1f} | {lin / r['ours_us']:.2f} | {mm_cells} "
-            f"| {GpuState(r['sm_mhz'], r['max_watts']).cell()} |"
+            f"| {cut_cells} | {GpuState(r['sm_mhz'], r['max_watts']).cell()} |"
         )
     if args.json:
         with open(args.json, "w") as f:
