@@ -3,8 +3,8 @@
 // accumulation, the same multiply-accumulates and output bytes as gemm(bits=4 or 8). No 4-bit
 // kernel of ours can beat the int8 tensor cores it runs on, so the fastest of these configurations
 // bounds what gemm(bits=4) can reach on a shape. Built by build.sh (nvcc and the headers of PyPI's
-// nvidia-cutlass), one object per configuration (ANCHOR_CONFIG), loaded by the benchmarks through
-// ctypes; it is no part of the package.
+// nvidia-cutlass), one object per configuration, loaded by the benchmarks through ctypes; it is
+// no part of the package.
 #include <cuda_runtime.h>
 
 #include "cute/tensor.hpp"
@@ -69,32 +69,20 @@ using Pingpong = std::pair<cutlass::gemm::KernelTmaWarpSpecializedPingpong, cutl
 using Cooperative =
     std::pair<cutlass::gemm::KernelTmaWarpSpecializedCooperative, cutlass::epilogue::TmaWarpSpecializedCooperative>;
 
-// The configurations, one per object file: tile (M, N, K), cluster (M, N), schedule.
-#if ANCHOR_CONFIG == 0
-#define ANCHOR_NAME "128x128 cluster 2x1 pingpong"
-using Config = ScaledGemm<Shape<_128, _128, _128>, Shape<_2, _1, _1>, Pingpong::first_type, Pingpong::second_type>;
-#elif ANCHOR_CONFIG == 1
-#define ANCHOR_NAME "128x128 cluster 1x1 pingpong"
-using Config = ScaledGemm<Shape<_128, _128, _128>, Shape<_1, _1, _1>, Pingpong::first_type, Pingpong::second_type>;
-#elif ANCHOR_CONFIG == 2
-#define ANCHOR_NAME "128x256 cluster 1x1 cooperative"
-using Config =
-    ScaledGemm<Shape<_128, _256, _128>, Shape<_1, _1, _1>, Cooperative::first_type, Cooperative::second_type>;
-#elif ANCHOR_CONFIG == 3
-#define ANCHOR_NAME "256x128 cluster 1x1 cooperative"
-using Config =
-    ScaledGemm<Shape<_256, _128, _128>, Shape<_1, _1, _1>, Cooperative::first_type, Cooperative::second_type>;
-#elif ANCHOR_CONFIG == 4
-#define ANCHOR_NAME "128x256 cluster 2x1 cooperative"
-using Config =
-    ScaledGemm<Shape<_128, _256, _128>, Shape<_2, _1, _1>, Cooperative::first_type, Cooperative::second_type>;
-#elif ANCHOR_CONFIG == 5
-#define ANCHOR_NAME "256x128 cluster 1x2 cooperative"
-using Config =
-    ScaledGemm<Shape<_256, _128, _128>, Shape<_1, _2, _1>, Cooperative::first_type, Cooperative::second_type>;
-#else
-#error "ANCHOR_CONFIG must be 0-5"
+// The configuration of this object file, from build.sh's list: tile (M, N), cluster (M, N), and
+// whether the two consumer warpgroups take tiles of their own (ping-pong) or share one.
+#if !defined(ANCHOR_INDEX) || !defined(ANCHOR_TILE_M) || !defined(ANCHOR_TILE_N) || !defined(ANCHOR_CLUSTER_M) || \
+    !defined(ANCHOR_CLUSTER_N) || !defined(ANCHOR_PINGPONG)
+#error "build.sh defines ANCHOR_INDEX, ANCHOR_TILE_M/N, ANCHOR_CLUSTER_M/N and ANCHOR_PINGPONG"
 #endif
+using Schedule = std::conditional_t<ANCHOR_PINGPONG, Pingpong, Cooperative>;
+using Config = ScaledGemm<Shape<Int<ANCHOR_TILE_M>, Int<ANCHOR_TILE_N>, _128>,
+                          Shape<Int<ANCHOR_CLUSTER_M>, Int<ANCHOR_CLUSTER_N>, _1>, Schedule::first_type,
+                          Schedule::second_type>;
+#define ANCHOR_STR2(x) #x
+#define ANCHOR_STR(x) ANCHOR_STR2(x)
+#define ANCHOR_SHAPE \
+  ANCHOR_STR(ANCHOR_TILE_M) "x" ANCHOR_STR(ANCHOR_TILE_N) " cluster " ANCHOR_STR(ANCHOR_CLUSTER_M) "x" ANCHOR_STR(ANCHOR_CLUSTER_N)
 
 #define ANCHOR_CAT2(a, b) a##b
 #define ANCHOR_CAT(a, b) ANCHOR_CAT2(a, b)
@@ -103,15 +91,17 @@ using Config =
 
 extern "C" {
 
-const char* ANCHOR_CAT(convrot_anchor_name_, ANCHOR_CONFIG)() { return ANCHOR_NAME; }
+const char* ANCHOR_CAT(convrot_anchor_name_, ANCHOR_INDEX)() {
+  return ANCHOR_PINGPONG ? ANCHOR_SHAPE " pingpong" : ANCHOR_SHAPE " cooperative";
+}
 
-size_t ANCHOR_CAT(convrot_anchor_workspace_, ANCHOR_CONFIG)(int m, int n, int k) {
+size_t ANCHOR_CAT(convrot_anchor_workspace_, ANCHOR_INDEX)(int m, int n, int k) {
   auto args = Config::arguments(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, m, n, k);
   return Config::Gemm::get_workspace_size(args);
 }
 
 // 0 on success; otherwise a cutlass::Status (can_implement, initialize or run), or 1000 + a CUDA error.
-int ANCHOR_CAT(convrot_anchor_gemm_, ANCHOR_CONFIG)(const int8_t* a, const int8_t* b, const float* sa, const float* sw,
+int ANCHOR_CAT(convrot_anchor_gemm_, ANCHOR_INDEX)(const int8_t* a, const int8_t* b, const float* sa, const float* sw,
                                                   const float* bias, void* out, int m, int n, int k, void* workspace,
                                                   cudaStream_t stream) {
   auto args = Config::arguments(a, b, sa, sw, bias, static_cast<cutlass::bfloat16_t*>(out), m, n, k);
