@@ -11,7 +11,7 @@ whole chain rht_quantize + gemm(bits=4), and the anchors. TOPS count 2*M*N*K
 operations; the fraction is of the H100's 1979 TOPS dense int8 peak. With --cutlass, the
 M = 4608 shapes also time CUTLASS's Hopper int8 GEMM (cutlass_anchor/, built by its build.sh)
 in each of its configurations: the same multiply-accumulates and output bytes on the int8
-tensor cores, so the fastest of them bounds what gemm(bits=4) can reach. Every case
+tensor cores, so the fastest of them shows what those deliver on the shape. Every case
 of a shape, anchors included, is measured once in each of ROUNDS alternating
 rounds and reported as the median over them; beside each row, the SM clock and
 board power that NVML read during its measurements (gpu_state.py). Printed
@@ -135,9 +135,7 @@ def bench_shape(m: int, k: int, n: int, kernels: list[str], record, monitor: Gpu
     anchors = {a: statistics.median(times[a]) for a in anchor_fns}
     for label in ours:
         if label in times:
-            shown = anchors
-            if label.startswith("chain"):
-                shown = {"bf16 linear": anchors["bf16 linear"]}
+            shown = {"bf16 linear": anchors["bf16 linear"]} if label.startswith("chain") else anchors
             record(label, m, k, n, statistics.median(times[label]), shown, ops, GpuState.of(samples[label]))
     del sets, tuples
 

@@ -1,10 +1,10 @@
 // A W8A8 GEMM built from CUTLASS's Hopper collectives, as an anchor for convrot_kernels.gemm:
 // y[m, n] = bf16((acc[m, n] * sa[m]) * sw[n] + bias[n]), int8 codes [M, K] and [N, K], int32
-// accumulation, the same multiply-accumulates and output bytes as gemm(bits=4 or 8). No 4-bit
-// kernel of ours can beat the int8 tensor cores it runs on, so the fastest of these configurations
-// bounds what gemm(bits=4) can reach on a shape. Built by build.sh (nvcc and the headers of PyPI's
-// nvidia-cutlass), one object per configuration, loaded by the benchmarks through ctypes; it is
-// no part of the package.
+// accumulation, the same multiply-accumulates and output bytes as gemm(bits=4 or 8). A 4-bit
+// kernel of ours runs these multiply-accumulates on the same int8 tensor cores, so the fastest of
+// these configurations shows what it can hope for on a shape. Built by build.sh (nvcc and the
+// headers of PyPI's nvidia-cutlass), one object per configuration, loaded by the benchmarks
+// through ctypes; it is no part of the package.
 #include <cuda_runtime.h>
 
 #include "cute/tensor.hpp"
