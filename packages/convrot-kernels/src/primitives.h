@@ -124,9 +124,30 @@ void layer_norm_modulate(const void* x, void* out, Float dtype, const NormModula
 #ifdef CONVROT_WITH_CUDA
 namespace cuda {
 
-// Same contracts as the CPU backend. Device pointers; work is enqueued on
-// `stream` (a cudaStream_t) and never synchronised. Launch errors throw
-// std::runtime_error.
+// Same contracts as the CPU backend. Device pointers on the current device (a DeviceScope
+// makes it the operands' device); work is enqueued on `stream` (a cudaStream_t of that device)
+// and never synchronised. Launch errors throw std::runtime_error.
+
+// Makes `device` the current CUDA device for the scope's lifetime and restores the previous
+// one after: the operands' device decides where a kernel runs, not the caller's current device.
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device);
+  ~DeviceScope();
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  int previous_;
+  bool changed_;
+};
+
+// The GEMM kernels cuda::gemm can run. `automatic` picks per call (gemm.cu); any other forces
+// that kernel for every later call, which throws std::invalid_argument where it cannot run the
+// call (tests and benchmarks compare kernels that way).
+enum class GemmKernel { automatic, small_m, sm90_persistent, sm90, simt };
+void force_gemm_kernel(GemmKernel kernel, int sm90_tile_n);
+
 void rht(const void* x, void* out, Float dtype, int64_t rows, int64_t k, int group, void* stream);
 void rht_quantize(const RowSource& src, Float dtype, int64_t rows, int64_t k, int group, int bits, void* q,
                   float* scale, void* stream);

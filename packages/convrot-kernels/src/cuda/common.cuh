@@ -12,6 +12,7 @@
 #include <string>
 
 #include "../primitives.h"
+#include "device.h"
 
 namespace convrot::cuda {
 
@@ -34,32 +35,15 @@ constexpr T ceil_div(T a, T b) {
   return (a + b - 1) / b;
 }
 
-// Compute capability (major * 10 + minor) of the current device.
-inline int current_device_cc() {
-  int device = 0;
-  check(cudaGetDevice(&device), "cudaGetDevice");
-  int major = 0, minor = 0;
-  check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
-  check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute");
-  return major * 10 + minor;
+// A kernel's address as the runtime's cached queries (device.h) take it.
+template <typename... Args>
+void allow_dynamic_smem(void (*kernel)(Args...), size_t bytes) {
+  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), bytes);
 }
 
-// Multiprocessors of the current device.
-inline int multiprocessors() {
-  int device = 0, count = 0;
-  check(cudaGetDevice(&device), "cudaGetDevice");
-  check(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-  return count;
-}
-
-// Kernels whose shared memory (dynamic plus their few static bytes) exceeds
-// 48 KB must say so first; the margin covers the static part.
-template <typename Kernel>
-void allow_dynamic_smem(Kernel kernel, size_t bytes) {
-  if (bytes > 46 * 1024) {
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
-          "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
-  }
+template <typename... Args>
+int resident_blocks_per_multiprocessor(void (*kernel)(Args...), int threads, size_t smem) {
+  return resident_blocks_per_multiprocessor(reinterpret_cast<const void*>(kernel), threads, smem);
 }
 
 // ---- element conversions (round to nearest even) ----

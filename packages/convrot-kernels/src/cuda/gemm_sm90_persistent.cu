@@ -517,7 +517,8 @@ void launch(const void* qa, const float* sa, const void* qw, const float* sw, co
   const CUtensorMap map_out = STAGED ? tensor_map(out, 2, m, n, kBM / 2, kBN, CU_TENSOR_MAP_SWIZZLE_NONE) : map_a;
   const int tiles_m = int(ceil_div<int64_t>(m, kBM));
   const int num_tiles = tiles_m * int(ceil_div<int64_t>(n, kBN));
-  const int grid = num_tiles < multiprocessors() ? num_tiles : multiprocessors();
+  const int sms = current_device().multiprocessors;
+  const int grid = num_tiles < sms ? num_tiles : sms;
   const bool pairs = n % 2 == 0 && (reinterpret_cast<uintptr_t>(out) & 7) == 0;
   auto kernel = gemm_kernel<BITS, STAGED>;
   allow_dynamic_smem(kernel, L::kSmem);

@@ -23,7 +23,6 @@
 
 #include <cfloat>
 #include <cmath>
-#include <cstdlib>
 #include <type_traits>
 
 #include "common.cuh"
@@ -817,9 +816,8 @@ void launch_fast_as(const RowSource& src, int64_t rows, int64_t k, int group, vo
   const size_t smem = (words + norm_words) * sizeof(float) + staged_rows * size_t(k) * sizeof(T);
   auto kernel = rows_fast_kernel<T, MODE, CPT, MIN_BLOCKS, SOURCE>;
   allow_dynamic_smem(kernel, smem);
-  int per_sm = 0;
-  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem), "cudaOccupancy");
-  const int64_t resident = int64_t(per_sm > 0 ? per_sm : 1) * multiprocessors();
+  const int64_t resident =
+      int64_t(resident_blocks_per_multiprocessor(kernel, threads, smem)) * current_device().multiprocessors;
   const unsigned grid = unsigned(rows < resident ? rows : resident);
   kernel<<<grid, threads, smem, stream>>>(typed<T>(src, k), rows, int(k), group, int(words), out, scale);
   check_launch("row rotation kernel (fast path)");
@@ -865,15 +863,11 @@ inline bool fast_path_applies(const RowSource& src, int64_t k, const void* out) 
 
 // Chunks per thread: at least 2 (amortises the per-row reduction over more
 // elements), as few as fit two resident blocks per SM; 1 for short rows.
-// CONVROT_ROWS_CHUNKS=1|2 overrides the choice where it applies, for benchmarking.
 template <typename T, int MODE>
 void launch_fast_any(const RowSource& src, int64_t rows, int64_t k, int group, void* out, float* scale,
                      cudaStream_t stream) {
   const int64_t nchunks = k / 16;
-  const char* env = std::getenv("CONVROT_ROWS_CHUNKS");
-  const int forced = env != nullptr ? std::atoi(env) : 0;
-  if (forced == 1 && nchunks <= kMaxThreads) return launch_fast<T, MODE, 1, 1>(src, rows, k, group, out, scale, stream);
-  if (nchunks <= 2 * two_block_threads(2) && (nchunks >= 128 || (forced == 2 && nchunks >= 64))) {
+  if (nchunks <= 2 * two_block_threads(2) && nchunks >= 128) {
     return launch_fast<T, MODE, 2, 2>(src, rows, k, group, out, scale, stream);
   }
   if (nchunks < 128) return launch_fast<T, MODE, 1, 1>(src, rows, k, group, out, scale, stream);
