@@ -107,8 +107,15 @@ def stream() -> int:
     return torch.cuda.current_stream().cuda_stream
 
 
+def device() -> int:
+    return torch.cuda.current_device()
+
+
 def cuda_rht(x: torch.Tensor, group: int) -> torch.Tensor:
-    (out,) = poisoned_runs(lambda: [torch.empty_like(x)], lambda out: _C.rht(x, out, group, stream()))
+    x = x.contiguous()
+    (out,) = poisoned_runs(
+        lambda: [torch.empty_like(x)], lambda out: _C.rht(x, out, FLOAT_CODES[x.dtype], group, stream())
+    )
     return out
 
 
@@ -123,15 +130,44 @@ def cuda_rht_quantize(
         )
         return [q, torch.empty(m, dtype=torch.float32, device=x.device)]
 
-    q, scale = poisoned_runs(outputs, lambda q, s: _C.rht_quantize(x, q, s, group, bits, stream(), x2, gelu_from))
+    x = x.contiguous()
+    x2 = None if x2 is None else x2.contiguous()
+
+    def call(q, s):
+        _C.rht_quantize(
+            x.data_ptr(),
+            FLOAT_CODES[x.dtype],
+            m,
+            x.shape[1],
+            0 if x2 is None else x2.data_ptr(),
+            k,
+            gelu_from,
+            group,
+            bits,
+            q.data_ptr(),
+            s.data_ptr(),
+            device(),
+            stream(),
+        )
+
+    q, scale = poisoned_runs(outputs, call)
     return q, scale
+
+
+def gemm_into(y, qa, sa, qw, sw, bias, bits):
+    """The compiled module's GEMM entry, writing into y (every operand contiguous, bias float32)."""
+    m, n = y.shape
+    k = qa.shape[1] * (2 if bits == 4 else 1)
+    bias_ptr = 0 if bias is None else bias.data_ptr()
+    pointers = (qa.data_ptr(), sa.data_ptr(), qw.data_ptr(), sw.data_ptr(), bias_ptr, y.data_ptr())
+    _C.gemm(*pointers, FLOAT_CODES[y.dtype], m, n, k, bits, device(), stream())
 
 
 def cuda_gemm(qa, sa, qw, sw, bias, bits, out_dtype):
     m, n = qa.shape[0], qw.shape[0]
     (y,) = poisoned_runs(
         lambda: [torch.empty((m, n), dtype=out_dtype, device=qa.device)],
-        lambda y: _C.gemm(qa, sa, qw, sw, bias, y, bits, stream()),
+        lambda y: gemm_into(y, qa, sa, qw, sw, bias, bits),
     )
     return y
 
@@ -321,22 +357,26 @@ GEMM_SHAPES = [  # (M, N, K)
 ]
 
 
-# "auto": the kernel cuda::gemm picks; "sm90_n256" / "sm90_n128": the TMA + wgmma
-# kernel of gemm_sm90.cu forced (CONVROT_GEMM_KERNEL), at both tile widths.
-GEMM_KERNELS = {
-    "auto": {},
-    "sm90_n256": {"CONVROT_GEMM_KERNEL": "sm90", "CONVROT_SM90_TILE_N": "256"},
-    "sm90_n128": {"CONVROT_GEMM_KERNEL": "sm90", "CONVROT_SM90_TILE_N": "128"},
-}
+# "auto": the kernel cuda::gemm picks; "sm90_n256" / "sm90_n128": the TMA + wgmma kernel of
+# gemm_sm90.cu forced (convrot_kernels.forced_gemm_kernel), at both tile widths.
+GEMM_KERNELS = {"auto": None, "sm90_n256": ("sm90", 256), "sm90_n128": ("sm90", 128)}
 
 
 @pytest.fixture(params=list(GEMM_KERNELS))
-def gemm_kernel(request, monkeypatch):
-    for name in ("CONVROT_GEMM_KERNEL", "CONVROT_SM90_TILE_N"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in GEMM_KERNELS[request.param].items():
-        monkeypatch.setenv(name, value)
-    return request.param
+def gemm_kernel(request):
+    choice = GEMM_KERNELS[request.param]
+    if choice is None:
+        yield request.param
+        return
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the sm90 kernel needs compute capability 9.0")
+    with ck.forced_gemm_kernel(choice[0], sm90_tile_n=choice[1]):
+        yield request.param
+
+
+def forced_kernel_refuses(gemm_kernel: str, k: int, bits: int) -> bool:
+    """Whether the forced sm90 kernel cannot take rows of k codes (it loads whole 16-byte pieces)."""
+    return gemm_kernel != "auto" and (k * bits // 8) % 16 != 0
 
 
 @pytest.mark.parametrize("out_dtype", DTYPES)
@@ -349,6 +389,10 @@ def test_gemm_matches_cpu_backend_and_float64(m, n, k, bits, out_dtype, gemm_ker
     sw = torch.rand(n) * 0.1 + 1e-3
     bias = torch.randn(n) if (m + n) % 2 else None
     dev = [t.cuda() if t is not None else None for t in (qa, sa, qw, sw, bias)]
+    if forced_kernel_refuses(gemm_kernel, k, bits):
+        with pytest.raises(ValueError, match="the forced GEMM kernel 'sm90' cannot run this call"):
+            ck.gemm(*dev, bits=bits, out_dtype=out_dtype)
+        return
     y = cuda_gemm(*dev, bits, out_dtype).cpu()
     exact = gemm64(ca, sa, cw, sw, bias)
     err = np.abs(y.double().numpy() - exact)
@@ -472,7 +516,7 @@ def cuda_layer_norm_modulate(x, scale, shift, prefix=None, eps=1e-6):
     s0 = 0 if prefix is None else prefix.shape[1]
     (out,) = poisoned_runs(
         lambda: [torch.empty((b, s0 + s, k), dtype=x.dtype, device="cuda")],
-        lambda out: _C.layer_norm_modulate_ptr(
+        lambda out: _C.layer_norm_modulate(
             dx.data_ptr(),
             out.data_ptr(),
             FLOAT_CODES[x.dtype],
@@ -487,7 +531,7 @@ def cuda_layer_norm_modulate(x, scale, shift, prefix=None, eps=1e-6):
             dshift.data_ptr(),
             dscale.stride(0),
             eps,
-            True,
+            device(),
             stream(),
         ),
     )
@@ -547,7 +591,7 @@ def cuda_layer_norm_modulate_rht_quantize(x, scale, shift, prefix, group, bits, 
             ),
             torch.empty(rows, dtype=torch.float32, device="cuda"),
         ],
-        lambda q, q_scale: _C.layer_norm_modulate_rht_quantize_ptr(
+        lambda q, q_scale: _C.layer_norm_modulate_rht_quantize(
             dx.data_ptr(),
             FLOAT_CODES[x.dtype],
             b,
@@ -565,7 +609,7 @@ def cuda_layer_norm_modulate_rht_quantize(x, scale, shift, prefix, group, bits, 
             bits,
             q.data_ptr(),
             q_scale.data_ptr(),
-            True,
+            device(),
             stream(),
         ),
     )
@@ -666,3 +710,67 @@ def test_pack_and_unpack_match_cpu_backend(shape):
     )
     assert torch.equal(unpacked.cpu(), codes)
     assert packed.numel() == n_bytes
+
+
+# ---------------------------------------------------------------- the operands' device
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_operands_on_a_device_other_than_the_current_one():
+    # A model moved to cuda:1 in a process whose current device is cuda:0: every op runs on
+    # cuda:1 (on its current stream), gives the CPU backend's results, and leaves cuda:0 current.
+    other = torch.device("cuda", 1)
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    x = torch.randn(40, 3072, generator=g).bfloat16()
+    w = torch.randn(256, 3072, generator=g).bfloat16()
+    bias = torch.randn(256, generator=g)
+    shift, scale, gate = (torch.randn(2, 3 * 3072, generator=g) * 0.3).bfloat16().chunk(3, dim=1)
+    h = torch.randn(2, 20, 3072, generator=g).bfloat16()
+    with torch.cuda.device(0):
+        qw, sw = ck.rht_quantize(w.to(other), 256, 4)
+        results = {
+            "rht": ck.rht(x.to(other), 256),
+            "rht_quantize": ck.rht_quantize(x.to(other), 256, 4),
+            "gemm": ck.gemm(*ck.rht_quantize(x.to(other), 256, 4), qw, sw, bias.to(other)),
+            "linear": ck.linear(x.to(other), qw, sw, bias.to(other), group_size=256),
+            "layer_norm_modulate": ck.layer_norm_modulate(h.to(other), scale.to(other), shift.to(other)),
+            "residual": ck.residual_layer_norm_modulate_rht_quantize(
+                h.to(other), h.to(other), gate.to(other), scale.to(other), shift.to(other)
+            ),
+        }
+        assert torch.cuda.current_device() == 0
+    torch.cuda.synchronize(other)
+    cpu_qw, cpu_sw = ck.rht_quantize(w, 256, 4)
+    expected = {
+        "rht": ck.rht(x, 256),
+        "rht_quantize": ck.rht_quantize(x, 256, 4),
+        "gemm": ck.gemm(*ck.rht_quantize(x, 256, 4), cpu_qw, cpu_sw, bias),
+        "linear": ck.linear(x, cpu_qw, cpu_sw, bias, group_size=256),
+        "layer_norm_modulate": ck.layer_norm_modulate(h, scale, shift),
+        "residual": ck.residual_layer_norm_modulate_rht_quantize(h, h, gate, scale, shift),
+    }
+    for name, got in results.items():
+        got = got if isinstance(got, tuple) else (got,)
+        want = expected[name] if isinstance(expected[name], tuple) else (expected[name],)
+        for a, b in zip(got, want, strict=True):
+            assert a.device == other, name
+            if a.is_floating_point() and name in ("gemm", "linear"):
+                # Same int32 sums, same fp32 epilogue: at most one rounding step apart.
+                torch.testing.assert_close(a.cpu(), b, rtol=2**-7, atol=1e-6)
+            else:
+                assert torch.equal(a.cpu(), b), name
+
+
+def test_linear_is_the_gemm_of_the_quantized_rows_on_cuda():
+    # The one-call layer equals its two kernels, bit for bit, with and without a fused input.
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    x = torch.randn(3, 70, 3072, generator=g).bfloat16().cuda()
+    qw, sw = ck.rht_quantize(torch.randn(512, 3072, generator=g).bfloat16().cuda(), 256, 4)
+    bias = torch.randn(512, device="cuda")
+    y = ck.linear(x, qw, sw, bias, group_size=256)
+    expected = ck.gemm(*ck.rht_quantize(x.flatten(0, 1), 256, 4), qw, sw, bias).view(3, 70, 512)
+    assert torch.equal(y, expected)
+    y = ck.linear(x[..., :1024], qw, sw, bias, group_size=256, x2=x[..., 1024:], gelu_from=1024)
+    rows = x.flatten(0, 1).contiguous()
+    codes = ck.rht_quantize(rows[:, :1024].contiguous(), 256, 4, x2=rows[:, 1024:].contiguous(), gelu_from=1024)
+    assert torch.equal(y, ck.gemm(*codes, qw, sw, bias).view(3, 70, 512))

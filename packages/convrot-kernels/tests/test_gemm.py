@@ -16,7 +16,7 @@ def random_codes(rows, k, bits, g):
 
 
 @given(
-    m=st.integers(0, 17),
+    m=st.integers(1, 17),
     n=st.integers(1, 17),
     k=st.integers(1, 48).map(lambda h: 2 * h),
     bits=st.sampled_from([4, 8]),
@@ -70,69 +70,3 @@ def test_zero_activation_row_gives_bias_only():
     bias = torch.randn(6)
     y = ck.gemm(qa, sa, qw, sw, bias, out_dtype=torch.float32)
     torch.testing.assert_close(y, bias.expand(2, 6), rtol=0, atol=0)
-
-
-def test_gemm_rejects_bad_arguments():
-    qa = torch.zeros(4, 32, dtype=torch.uint8)
-    qw = torch.zeros(6, 32, dtype=torch.uint8)
-    sa, sw = torch.ones(4), torch.ones(6)
-    with pytest.raises(TypeError, match="qa must have dtype uint8"):
-        ck.gemm(qa.to(torch.int8), sa, qw, sw)
-    with pytest.raises(TypeError, match="qw must have dtype int8"):
-        ck.gemm(qa.to(torch.int8), sa, qw, sw, bits=8)
-    with pytest.raises(ValueError, match="same number of columns"):
-        ck.gemm(qa, sa, qw[:, :16], sw)
-    with pytest.raises(ValueError, match=r"sa must be float32 \[M\]"):
-        ck.gemm(qa, torch.ones(5), qw, sw)
-    with pytest.raises(TypeError, match="sw must have dtype float32"):
-        ck.gemm(qa, sa, qw, sw.half())
-    with pytest.raises(ValueError, match=r"bias must be \[N\]"):
-        ck.gemm(qa, sa, qw, sw, torch.ones(5))
-    with pytest.raises(TypeError, match="out_dtype"):
-        ck.gemm(qa, sa, qw, sw, out_dtype=torch.int32)
-    with pytest.raises(ValueError, match="qa must be 2-D"):
-        ck.gemm(qa[None], sa, qw, sw)
-    with pytest.raises(ValueError, match="bits must be 4 or 8"):
-        ck.gemm(qa, sa, qw, sw, bits=2)
-    with pytest.raises(ValueError, match="same device"):
-        ck.gemm(qa, sa, qw, sw.to("meta"))
-
-
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_gemm_into_writes_what_gemm_returns(bits, out_dtype):
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
-    qa, _ = random_codes(9, 128, bits, g)
-    qw, _ = random_codes(20, 128, bits, g)
-    sa, sw, bias = torch.rand(9, generator=g), torch.rand(20, generator=g), torch.randn(20, generator=g)
-    out = torch.full((9, 20), float("nan"), dtype=out_dtype)
-    returned = ck.gemm_into(out, qa, sa, qw, sw, bias, bits=bits)
-    assert returned is out
-    assert torch.equal(out, ck.gemm(qa, sa, qw, sw, bias, bits=bits, out_dtype=out_dtype))
-
-
-def test_gemm_into_rejects_what_it_cannot_write():
-    qa = torch.zeros(4, 32, dtype=torch.uint8)
-    qw = torch.zeros(6, 32, dtype=torch.uint8)
-    sa, sw = torch.ones(4), torch.ones(6)
-    out = torch.empty(4, 6, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match=r"out must have shape \[4, 6\]"):
-        ck.gemm_into(out[:3], qa, sa, qw, sw)
-    with pytest.raises(TypeError, match="bias must have dtype float32"):
-        ck.gemm_into(out, qa, sa, qw, sw, torch.ones(6, dtype=torch.bfloat16))
-    with pytest.raises(TypeError, match="qa must have dtype uint8"):
-        ck.gemm_into(out, qa.to(torch.int8), sa, qw, sw)
-    with pytest.raises(ValueError, match="out must be contiguous"):
-        ck.gemm_into(torch.empty(6, 4, dtype=torch.bfloat16).T, qa, sa, qw, sw)
-    with pytest.raises(ValueError, match=r"sw must have shape \[6\]"):
-        ck.gemm_into(out, qa, sa, qw, torch.ones(5))
-    with pytest.raises(ValueError, match="sa is on meta"):
-        ck.gemm_into(out, qa, sa.to("meta"), qw, sw)
-    with pytest.raises(TypeError, match="out must be a bfloat16, float16 or float32 tensor"):
-        ck.gemm_into(out.int(), qa, sa, qw, sw)
-    with pytest.raises(ValueError, match="bits must be 4 or 8"):
-        ck.gemm_into(out, qa, sa, qw, sw, bits=2)
-    with pytest.raises(ValueError, match="too large for exact int32"):
-        ck.gemm_into(
-            out, torch.zeros(4, 1 << 17, dtype=torch.int8), sa, torch.zeros(6, 1 << 17, dtype=torch.int8), sw, bits=8
-        )

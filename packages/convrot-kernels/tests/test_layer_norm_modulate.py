@@ -85,11 +85,12 @@ def test_strided_modulation_vectors_are_read_in_place():
     assert torch.equal(ck.layer_norm_modulate(x, scale, shift), expected)
 
 
-def test_constant_rows_become_the_shift_and_empty_inputs_work():
+def test_constant_rows_become_the_shift_and_empty_inputs_are_refused():
     x = torch.full((1, 3, 64), 2.5, dtype=torch.bfloat16)
     shift = torch.randn(1, 64).bfloat16()
     assert torch.equal(ck.layer_norm_modulate(x, torch.randn(1, 64).bfloat16(), shift), shift[:, None].expand(1, 3, 64))
-    assert ck.layer_norm_modulate(torch.zeros(2, 0, 16), torch.zeros(2, 16), torch.zeros(2, 16)).shape == (2, 0, 16)
+    with pytest.raises(ValueError, match=r"x has no rows \(M = 0\)"):
+        ck.layer_norm_modulate(torch.zeros(2, 0, 16), torch.zeros(2, 16), torch.zeros(2, 16))
 
 
 def test_layer_norm_modulate_rejects_bad_arguments():

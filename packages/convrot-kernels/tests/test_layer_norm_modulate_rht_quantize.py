@@ -45,16 +45,15 @@ def test_slices_of_a_joint_sequence_are_read_in_place():
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
-def test_constant_rows_quantize_the_shift_and_empty_inputs_work():
+def test_constant_rows_quantize_the_shift_and_empty_inputs_are_refused():
     x = torch.full((1, 3, 64), 2.5, dtype=torch.bfloat16)
     shift = torch.randn(1, 64).bfloat16()
     q, q_scale = ck.layer_norm_modulate_rht_quantize(x, torch.randn(1, 64).bfloat16(), shift, group_size=64)
     expected = ck.rht_quantize(shift.expand(3, 64).contiguous(), 64)
     assert torch.equal(q, expected[0]) and torch.equal(q_scale, expected[1])
-    q, q_scale = ck.layer_norm_modulate_rht_quantize(
-        torch.zeros(2, 0, 16), torch.zeros(2, 16), torch.zeros(2, 16), group_size=16
-    )
-    assert q.shape == (0, 8) and q_scale.shape == (0,)
+    with pytest.raises(ValueError, match=r"x has no rows \(M = 0\)"):
+        empty, v = torch.zeros(2, 0, 16), torch.zeros(2, 16)
+        ck.layer_norm_modulate_rht_quantize(empty, v, v, group_size=16)
 
 
 def test_layer_norm_modulate_rht_quantize_rejects_bad_arguments():

@@ -1,21 +1,25 @@
 """ConvRot kernel primitives: regular Hadamard rotation, 4/8-bit quantization and
-int4/int8 GEMM, on CPU and CUDA tensors, the attention heads' RMSNorm with the
-rotary embedding, and DiT blocks' LayerNorm with AdaLN modulation (alone or fused into the
-quantization). The numeric contract is docs/format.md."""
+int4/int8 GEMM (alone or as one quantized layer, ``linear``), on CPU and CUDA tensors, the
+attention heads' RMSNorm with the rotary embedding, and DiT blocks' LayerNorm with AdaLN
+modulation (alone or fused into the quantization). Every function checks its arguments and
+raises TypeError or ValueError naming the one at fault; CUDA work runs on the operands' device,
+on PyTorch's current stream there. The numeric contract is docs/format.md."""
 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
 from . import _C
-from .gemm import gemm, gemm_into
+from .gemm import gemm
+from .gemm_kernel_choice import forced_gemm_kernel
 from .int4_packing import pack_int4, unpack_int4
 from .layer_norm_modulate import layer_norm_modulate
 from .layer_norm_modulate_rht_quantize import (
     layer_norm_modulate_rht_quantize,
     residual_layer_norm_modulate_rht_quantize,
 )
-from .quantize import quantize, rht_quantize, rht_quantize_into
+from .linear import linear
+from .quantize import quantize, rht_quantize
 from .rht import rht
 from .rms_norm_rope import rms_norm_rope, rms_norm_rope_into
 
@@ -34,15 +38,15 @@ def build_info() -> dict:
 __all__ = [
     "build_info",
     "gemm",
-    "gemm_into",
+    "forced_gemm_kernel",
     "layer_norm_modulate",
     "layer_norm_modulate_rht_quantize",
+    "linear",
     "pack_int4",
     "quantize",
     "residual_layer_norm_modulate_rht_quantize",
     "rht",
     "rht_quantize",
-    "rht_quantize_into",
     "rms_norm_rope",
     "rms_norm_rope_into",
     "unpack_int4",

@@ -1,12 +1,29 @@
-"""Argument checks shared by the public functions: each failure names the argument."""
+"""The one place where the public ops check their arguments, and how they reach the compiled module.
+
+Every public function of convrot_kernels checks each of its arguments here, once, and raises
+TypeError (a wrong type or dtype) or ValueError (a wrong shape, size or device) naming the
+argument; the compiled module trusts what it is given. The checks are plain attribute
+comparisons, because an eager layer's host time is what they cost.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from . import _C
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 GROUP_SIZES = (4, 16, 64, 256, 1024)
+# The compiled module's dtype codes (primitives.h, enum Float).
+FLOAT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# The compiled module's device argument for the CPU.
+CPU = -1
+
+_HAS_CUDA = bool(_C.build_info()["cuda"])
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def require_tensor(name: str, value: object) -> torch.Tensor:
@@ -17,13 +34,23 @@ def require_tensor(name: str, value: object) -> torch.Tensor:
 
 def require_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:
     if t.dtype not in allowed:
-        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
-        raise TypeError(f"{name} must have dtype {names}; got {str(t.dtype).removeprefix('torch.')}")
+        names = ", ".join(_dtype_name(d) for d in allowed)
+        raise TypeError(f"{name} must have dtype {names}; got {_dtype_name(t.dtype)}")
 
 
 def require_ndim(name: str, t: torch.Tensor, ndim: int, shape_hint: str) -> None:
     if t.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D {shape_hint}; got shape {tuple(t.shape)}")
+
+
+def require_shape(name: str, t: torch.Tensor, shape: tuple[int, ...], hint: str) -> None:
+    if t.shape != shape:
+        raise ValueError(f"{name} must be {hint} = {list(shape)}; got {list(t.shape)}")
+
+
+def require_rows(name: str, rows: int) -> None:
+    if rows == 0:
+        raise ValueError(f"{name} has no rows (M = 0): there is nothing to compute")
 
 
 def require_bits(bits: object) -> int:
@@ -32,50 +59,62 @@ def require_bits(bits: object) -> int:
     return int(bits)
 
 
-def require_group_size(group_size: object, k: int) -> int:
+def require_group_size(group_size: object, k: int, *, allow_none: bool = False) -> int:
+    """A power of 4 in 4..1024 dividing k; with allow_none, 0 too (quantize without rotating)."""
+    if allow_none and group_size == 0 and not isinstance(group_size, bool):
+        return 0
     if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
         raise ValueError(f"group_size must be a power of 4 in 4..1024 (one of {GROUP_SIZES}); got {group_size!r}")
     if k % group_size:
-        raise ValueError(f"the last dimension ({k}) must be a multiple of group_size ({group_size})")
+        raise ValueError(f"the row width K = {k} must be a multiple of group_size ({group_size})")
     return int(group_size)
 
 
-def require_same_device(**tensors: torch.Tensor | None) -> torch.device:
-    present = {name: t for name, t in tensors.items() if t is not None}
-    devices = {t.device for t in present.values()}
-    if len(devices) > 1:
-        where = ", ".join(f"{name} on {t.device}" for name, t in present.items())
-        raise ValueError(f"all tensors must be on the same device; got {where}")
-    device = devices.pop()
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"convrot_kernels runs on CPU and CUDA tensors; got a tensor on {device}")
-    return device
+def require_even_for_4bit(bits: int, k: int) -> None:
+    if bits == 4 and k % 2:
+        raise ValueError(f"the row width K = {k} must be even to pack 4-bit codes two per byte")
 
 
-def stream_of(t: torch.Tensor) -> int:
-    """The raw handle of PyTorch's current stream on t's device (0 for CPU)."""
-    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+def require_eps(name: str, eps: object) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"{name} must be a non-negative number; got {eps!r}")
+    return float(eps)
 
 
-# The compiled module's dtype codes (primitives.h, enum Float).
-FLOAT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+def device_index(**tensors: torch.Tensor | None) -> int:
+    """The compiled module's device argument for these tensors (CPU or the CUDA device index),
+    once they are all on that one device and this build can run there."""
+    device = None
+    for t in tensors.values():
+        if t is None:
+            continue
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            where = ", ".join(f"{name} on {t.device}" for name, t in tensors.items() if t is not None)
+            raise ValueError(f"all tensors must be on one device; got {where}")
+    if device.type == "cpu":
+        return CPU
+    if device.type != "cuda":
+        name = next(name for name, t in tensors.items() if t is not None)
+        raise ValueError(f"convrot_kernels runs on CPU and CUDA tensors; {name} is on {device}")
+    if not _HAS_CUDA:
+        name = next(name for name, t in tensors.items() if t is not None)
+        raise ValueError(
+            f"{name} is on {device}, but this convrot_kernels build has no CUDA backend "
+            "(reinstall it with CONVROT_CUDA=ON on a machine with nvcc)"
+        )
+    return device.index
 
 
-def require_operand(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], device) -> int:
-    """Cheap checks of a destination-passing operand; returns its data pointer."""
-    require_tensor(name, t)
-    require_dtype(name, t, (dtype,))
-    if t.shape != shape:
-        raise ValueError(f"{name} must have shape {list(shape)}; got {list(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, the other operands on {device}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
-    return t.data_ptr()
+def stream(device: int) -> int:
+    """The raw handle of PyTorch's current stream on `device` (a checked tensor's ``get_device()``:
+    its CUDA index, or -1 for the CPU, the compiled module's device argument); 0 for the CPU."""
+    return 0 if device == CPU else torch._C._cuda_getCurrentRawStream(device)
 
 
-def on_device(t: torch.Tensor) -> tuple[bool, int]:
-    """(is CUDA, raw current stream) for the compiled module's pointer entries."""
-    if t.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"convrot_kernels runs on CPU and CUDA tensors; got a tensor on {t.device}")
-    return t.is_cuda, stream_of(t)
+def eager_or_traced(op, eager):
+    """The function a public op runs: its torch.library op while torch.compile traces (which needs the
+    op and its fake), the op's Python body otherwise, sparing eager calls the op's dispatch (tens of
+    microseconds, more than the kernels' own launch)."""
+    return op if torch.compiler.is_compiling() else eager

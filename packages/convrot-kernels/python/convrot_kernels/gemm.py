@@ -8,22 +8,72 @@ from . import _C
 from ._validation import (
     FLOAT_CODES,
     FLOAT_DTYPES,
-    OUT_DTYPES,
-    on_device,
+    device_index,
+    eager_or_traced,
     require_bits,
     require_dtype,
     require_ndim,
-    require_operand,
-    require_same_device,
+    require_rows,
+    require_shape,
     require_tensor,
-    stream_of,
+    stream,
 )
 
 # Largest K for which the int32 accumulator cannot overflow (docs/format.md).
 MAX_K = {4: (1 << 25) - 1, 8: (1 << 17) - 1}
+CODE_DTYPES = {4: torch.uint8, 8: torch.int8}
 
 
-@torch.library.custom_op("convrot_kernels::gemm", mutates_args=())
+def check_weight_codes(qw, sw, bias, bits: int, names: tuple[str, str] = ("qw", "sw")) -> tuple[int, int]:
+    """Checks a layer's weight operands (named `names` in errors): qw [N, K/2] uint8 (bits=4) or
+    [N, K] int8 (bits=8), sw float32 [N], bias None or any float dtype [N]. Returns (N, K)."""
+    codes, scales = names
+    require_tensor(codes, qw)
+    require_dtype(codes, qw, (CODE_DTYPES[bits],))
+    require_ndim(codes, qw, 2, "[N, K/2]" if bits == 4 else "[N, K]")
+    n, width = qw.shape
+    k = width * 2 if bits == 4 else width
+    if k > MAX_K[bits]:
+        raise ValueError(f"K = {k} is too large for exact int32 accumulation of {bits}-bit codes (max {MAX_K[bits]})")
+    require_tensor(scales, sw)
+    require_dtype(scales, sw, (torch.float32,))
+    require_shape(scales, sw, (n,), "float32 [N]")
+    if bias is not None:
+        require_tensor("bias", bias)
+        require_dtype("bias", bias, FLOAT_DTYPES)
+        require_shape("bias", bias, (n,), "[N]")
+    return n, k
+
+
+def fp32_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The epilogue's bias operand: contiguous float32 (layers keep theirs so; a cast costs a kernel)."""
+    if bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()):
+        return bias
+    return bias.to(torch.float32).contiguous()
+
+
+def gemm_rows(qa, sa, qw, sw, bias, bits: int, out_dtype: torch.dtype, k: int, device: int) -> torch.Tensor:
+    """The kernel on checked, contiguous operands (bias float32 or None)."""
+    m, n = qa.shape[0], qw.shape[0]
+    out = torch.empty((m, n), dtype=out_dtype, device=qa.device)
+    _C.gemm(
+        qa.data_ptr(),
+        sa.data_ptr(),
+        qw.data_ptr(),
+        sw.data_ptr(),
+        0 if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        FLOAT_CODES[out_dtype],
+        m,
+        n,
+        k,
+        bits,
+        device,
+        stream(device),
+    )
+    return out
+
+
 def _gemm(
     qa: torch.Tensor,
     sa: torch.Tensor,
@@ -33,12 +83,14 @@ def _gemm(
     bits: int,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    out = torch.empty((qa.shape[0], qw.shape[0]), dtype=out_dtype, device=qa.device)
-    _C.gemm(qa, sa, qw, sw, bias, out, bits, stream_of(qa))
-    return out
+    k = qa.shape[1] * (2 if bits == 4 else 1)
+    return gemm_rows(qa, sa, qw, sw, bias, bits, out_dtype, k, qa.get_device())
 
 
-@_gemm.register_fake
+_gemm_op = torch.library.custom_op("convrot_kernels::gemm", _gemm, mutates_args=())
+
+
+@_gemm_op.register_fake
 def _(qa, sa, qw, sw, bias, bits, out_dtype):
     return qa.new_empty((qa.shape[0], qw.shape[0]), dtype=out_dtype)
 
@@ -61,74 +113,19 @@ def gemm(
     the epilogue fp32, the result out_dtype [M, N].
     """
     bits = require_bits(bits)
-    code_dtype = torch.uint8 if bits == 4 else torch.int8
-    for name, t in (("qa", qa), ("qw", qw)):
-        require_tensor(name, t)
-        require_dtype(name, t, (code_dtype,))
+    n, k = check_weight_codes(qw, sw, bias, bits)
+    require_tensor("qa", qa)
+    require_dtype("qa", qa, (CODE_DTYPES[bits],))
     require_ndim("qa", qa, 2, "[M, K/2]" if bits == 4 else "[M, K]")
-    require_ndim("qw", qw, 2, "[N, K/2]" if bits == 4 else "[N, K]")
     if qa.shape[1] != qw.shape[1]:
         raise ValueError(f"qa and qw must have the same number of columns; got {tuple(qa.shape)} and {tuple(qw.shape)}")
-    k = qa.shape[1] * (2 if bits == 4 else 1)
-    if k > MAX_K[bits]:
-        raise ValueError(f"K = {k} is too large for exact int32 accumulation of {bits}-bit codes (max {MAX_K[bits]})")
-    m, n = qa.shape[0], qw.shape[0]
-    for name, t, size, dim in (("sa", sa, m, "M"), ("sw", sw, n, "N")):
-        require_tensor(name, t)
-        require_dtype(name, t, (torch.float32,))
-        if t.shape != (size,):
-            raise ValueError(f"{name} must be float32 [{dim}] = [{size}]; got shape {tuple(t.shape)}")
-    if bias is not None:
-        require_tensor("bias", bias)
-        require_dtype("bias", bias, FLOAT_DTYPES)
-        if bias.shape != (n,):
-            raise ValueError(f"bias must be [N] = [{n}]; got shape {tuple(bias.shape)}")
-    if out_dtype not in OUT_DTYPES:
-        raise TypeError(f"out_dtype must be one of bfloat16, float16, float32; got {out_dtype}")
-    require_same_device(qa=qa, sa=sa, qw=qw, sw=sw, bias=bias)
-    if bias is not None:
-        bias = bias.to(torch.float32).contiguous()
-    return _gemm(qa.contiguous(), sa.contiguous(), qw.contiguous(), sw.contiguous(), bias, bits, out_dtype)
-
-
-def gemm_into(
-    out: torch.Tensor,
-    qa: torch.Tensor,
-    sa: torch.Tensor,
-    qw: torch.Tensor,
-    sw: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    bits: int = 4,
-) -> torch.Tensor:
-    """Destination-passing :func:`gemm`: writes y into ``out`` (contiguous [M, N] bfloat16,
-    float16 or float32) and returns it.
-
-    For hot paths such as a layer's forward: every operand must already be contiguous, of its
-    exact dtype (``bias`` float32) and on one device; those checks are all it does (each
-    failure a ValueError or TypeError naming the argument), and it allocates nothing. It runs
-    eagerly on the current stream and is not a torch.library op: call it from eager code or
-    from inside a custom op of your own.
-    """
-    bits = require_bits(bits)
-    code = torch.uint8 if bits == 4 else torch.int8
-    if not isinstance(qa, torch.Tensor) or qa.ndim != 2:
-        raise ValueError("qa must be a 2-D tensor [M, K/2] (bits=4) or [M, K] (bits=8)")
-    if not isinstance(qw, torch.Tensor) or qw.ndim != 2:
-        raise ValueError("qw must be a 2-D tensor [N, K/2] (bits=4) or [N, K] (bits=8)")
-    (m, width), n, device = qa.shape, qw.shape[0], qa.device
-    k = width * (2 if bits == 4 else 1)
-    if k > MAX_K[bits]:
-        raise ValueError(f"K = {k} is too large for exact int32 accumulation of {bits}-bit codes (max {MAX_K[bits]})")
-    if not isinstance(out, torch.Tensor) or out.dtype not in FLOAT_CODES:
-        raise TypeError("out must be a bfloat16, float16 or float32 tensor")
-    pointers = (
-        require_operand("qa", qa, code, (m, width), device),
-        require_operand("sa", sa, torch.float32, (m,), device),
-        require_operand("qw", qw, code, (n, width), device),
-        require_operand("sw", sw, torch.float32, (n,), device),
-        0 if bias is None else require_operand("bias", bias, torch.float32, (n,), device),
-        require_operand("out", out, out.dtype, (m, n), device),
-    )
-    _C.gemm_ptr(*pointers, FLOAT_CODES[out.dtype], m, n, k, bits, *on_device(out))
-    return out
+    m = qa.shape[0]
+    require_rows("qa", m)
+    require_tensor("sa", sa)
+    require_dtype("sa", sa, (torch.float32,))
+    require_shape("sa", sa, (m,), "float32 [M]")
+    if out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be one of float32, float16, bfloat16; got {out_dtype}")
+    device_index(qa=qa, sa=sa, qw=qw, sw=sw, bias=bias)
+    run = eager_or_traced(_gemm_op, _gemm)
+    return run(qa.contiguous(), sa.contiguous(), qw.contiguous(), sw.contiguous(), fp32_bias(bias), bits, out_dtype)

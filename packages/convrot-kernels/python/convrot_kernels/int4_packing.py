@@ -5,29 +5,35 @@ from __future__ import annotations
 import torch
 
 from . import _C
-from ._validation import require_dtype, require_same_device, require_tensor, stream_of
+from ._validation import device_index, eager_or_traced, require_dtype, require_tensor, stream
 
 
-@torch.library.custom_op("convrot_kernels::pack_int4", mutates_args=())
 def _pack_int4(q: torch.Tensor) -> torch.Tensor:
     packed = q.new_empty((*q.shape[:-1], q.shape[-1] // 2), dtype=torch.uint8)
-    _C.pack_int4(q, packed, stream_of(q))
+    if packed.numel():
+        _C.pack_int4(q, packed, stream(q.get_device()))
     return packed
 
 
-@_pack_int4.register_fake
+_pack_int4_op = torch.library.custom_op("convrot_kernels::pack_int4", _pack_int4, mutates_args=())
+
+
+@_pack_int4_op.register_fake
 def _(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty((*q.shape[:-1], q.shape[-1] // 2), dtype=torch.uint8)
 
 
-@torch.library.custom_op("convrot_kernels::unpack_int4", mutates_args=())
 def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     q = packed.new_empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=torch.int8)
-    _C.unpack_int4(packed, q, stream_of(packed))
+    if q.numel():
+        _C.unpack_int4(packed, q, stream(packed.get_device()))
     return q
 
 
-@_unpack_int4.register_fake
+_unpack_int4_op = torch.library.custom_op("convrot_kernels::unpack_int4", _unpack_int4, mutates_args=())
+
+
+@_unpack_int4_op.register_fake
 def _(packed: torch.Tensor) -> torch.Tensor:
     return packed.new_empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=torch.int8)
 
@@ -42,10 +48,10 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     require_dtype("q", q, (torch.int8,))
     if q.ndim == 0 or q.shape[-1] % 2:
         raise ValueError(f"q's last dimension must be even to pack two codes per byte; got shape {tuple(q.shape)}")
-    require_same_device(q=q)
+    device_index(q=q)
     if q.numel() and bool(((q < -8) | (q > 7)).any()):
         raise ValueError("q holds values outside [-8, 7], which do not fit in 4 bits")
-    return _pack_int4(q.contiguous())
+    return eager_or_traced(_pack_int4_op, _pack_int4)(q.contiguous())
 
 
 def unpack_int4(p: torch.Tensor) -> torch.Tensor:
@@ -54,5 +60,5 @@ def unpack_int4(p: torch.Tensor) -> torch.Tensor:
     require_dtype("p", p, (torch.uint8,))
     if p.ndim == 0:
         raise ValueError("p must have at least one dimension")
-    require_same_device(p=p)
-    return _unpack_int4(p.contiguous())
+    device_index(p=p)
+    return eager_or_traced(_unpack_int4_op, _unpack_int4)(p.contiguous())

@@ -10,12 +10,20 @@ The contract is docs/format.md, "layer_norm_modulate".
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from . import _C
-from ._validation import FLOAT_CODES, FLOAT_DTYPES, on_device, require_dtype, require_same_device, require_tensor
+from ._validation import (
+    FLOAT_CODES,
+    FLOAT_DTYPES,
+    device_index,
+    eager_or_traced,
+    require_dtype,
+    require_eps,
+    require_rows,
+    require_tensor,
+    stream,
+)
 
 MAX_WIDTH = 262144  # primitives.h, kLayerNormModulateMaxK
 
@@ -76,23 +84,28 @@ def check_norm_inputs(x, scale, shift, eps, prefix) -> None:
             raise ValueError(
                 f"{name} must be [batch, K] = [{b}, {k}] with x's dtype ({x.dtype}); got {t.dtype} {tuple(t.shape)}"
             )
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative number; got {eps!r}")
-    require_same_device(x=x, scale=scale, shift=shift, prefix=prefix)
+    require_eps("eps", eps)
+    require_rows("x", b * (x.shape[1] + (0 if prefix is None else prefix.shape[1])))
+    device_index(x=x, scale=scale, shift=shift, prefix=prefix)
 
 
-@torch.library.custom_op("convrot_kernels::layer_norm_modulate", mutates_args=())
 def _layer_norm_modulate(
     x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float, prefix: torch.Tensor | None
 ) -> torch.Tensor:
     held, args = norm_arguments(x, scale, shift, eps, prefix)
     b, tokens, _, k = args[:4]
     out = torch.empty((b, tokens, k), dtype=x.dtype, device=x.device)
-    _C.layer_norm_modulate_ptr(held[0].data_ptr(), out.data_ptr(), FLOAT_CODES[x.dtype], *args, *on_device(x))
+    device = x.get_device()
+    _C.layer_norm_modulate(held[0].data_ptr(), out.data_ptr(), FLOAT_CODES[x.dtype], *args, device, stream(device))
     return out
 
 
-@_layer_norm_modulate.register_fake
+_layer_norm_modulate_op = torch.library.custom_op(
+    "convrot_kernels::layer_norm_modulate", _layer_norm_modulate, mutates_args=()
+)
+
+
+@_layer_norm_modulate_op.register_fake
 def _(x, scale, shift, eps, prefix):
     tokens = x.shape[1] + (0 if prefix is None else prefix.shape[1])
     return x.new_empty((x.shape[0], tokens, x.shape[2]))
@@ -115,7 +128,7 @@ def layer_norm_modulate(
     read in place), and so are x and prefix when each batch's rows are contiguous, whatever the
     batch stride (slices of a joint sequence along the tokens). With ``prefix`` [batch, tokens0, K]
     the rows are those of ``cat([prefix, x], 1)``, which is never materialised; the result [batch, tokens0 + tokens, K]
-    is a new contiguous tensor. K is at most 262144. A torch.library op: works under torch.compile.
+    is a new contiguous tensor. K is at most 262144. A torch.library op under torch.compile.
     """
     check_norm_inputs(x, scale, shift, eps, prefix)
-    return _layer_norm_modulate(x, scale, shift, float(eps), prefix)
+    return eager_or_traced(_layer_norm_modulate_op, _layer_norm_modulate)(x, scale, shift, float(eps), prefix)

@@ -15,7 +15,15 @@ from __future__ import annotations
 import torch
 
 from . import _C
-from ._validation import FLOAT_CODES, on_device, require_bits, require_group_size, require_tensor
+from ._validation import (
+    FLOAT_CODES,
+    eager_or_traced,
+    require_bits,
+    require_even_for_4bit,
+    require_group_size,
+    require_tensor,
+    stream,
+)
 from .layer_norm_modulate import check_norm_inputs, norm_arguments
 from .quantize import empty_codes
 
@@ -23,13 +31,10 @@ from .quantize import empty_codes
 def _code_arguments(group_size, bits, k: int) -> tuple[int, int]:
     """Checked (group_size, bits) for rows of k elements; group_size 0 means no rotation."""
     bits = require_bits(bits)
-    if bits == 4 and k % 2:
-        raise ValueError(f"K ({k}) must be even to pack 4-bit codes two per byte")
-    return (0 if group_size == 0 else require_group_size(group_size, k)), bits
+    require_even_for_4bit(bits, k)
+    return require_group_size(group_size, k, allow_none=True), bits
 
 
-# group_size 0 means no rotation.
-@torch.library.custom_op("convrot_kernels::layer_norm_modulate_rht_quantize", mutates_args=())
 def _layer_norm_modulate_rht_quantize(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -42,7 +47,8 @@ def _layer_norm_modulate_rht_quantize(
     held, args = norm_arguments(x, scale, shift, eps, prefix)
     batch, tokens, k = args[0], args[1], args[3]
     q, q_scale = empty_codes(batch * tokens, k, bits, x.device)
-    _C.layer_norm_modulate_rht_quantize_ptr(
+    device = x.get_device()
+    _C.layer_norm_modulate_rht_quantize(
         held[0].data_ptr(),
         FLOAT_CODES[x.dtype],
         *args,
@@ -50,12 +56,19 @@ def _layer_norm_modulate_rht_quantize(
         bits,
         q.data_ptr(),
         q_scale.data_ptr(),
-        *on_device(x),
+        device,
+        stream(device),
     )
     return q, q_scale
 
 
-@_layer_norm_modulate_rht_quantize.register_fake
+# group_size 0 means no rotation.
+_layer_norm_modulate_rht_quantize_op = torch.library.custom_op(
+    "convrot_kernels::layer_norm_modulate_rht_quantize", _layer_norm_modulate_rht_quantize, mutates_args=()
+)
+
+
+@_layer_norm_modulate_rht_quantize_op.register_fake
 def _(x, scale, shift, eps, prefix, group_size, bits):
     tokens = x.shape[1] + (0 if prefix is None else prefix.shape[1])
     return empty_codes(x.shape[0] * tokens, x.shape[2], bits, x.device)
@@ -80,14 +93,14 @@ def layer_norm_modulate_rht_quantize(
     in order: q uint8 [rows, K/2] for bits=4, int8 [rows, K] for bits=8; scale float32 [rows].
     On CUDA the rows are normed in registers where the row engine's fast path takes them
     (K a multiple of 16, at most 16384, 16-byte aligned rows); elsewhere the normed rows pass
-    through a temporary buffer. A torch.library op: works under torch.compile.
+    through a temporary buffer. A torch.library op under torch.compile.
     """
     check_norm_inputs(x, scale, shift, eps, prefix)
     group_size, bits = _code_arguments(group_size, bits, x.shape[2])
-    return _layer_norm_modulate_rht_quantize(x, scale, shift, float(eps), prefix, group_size, bits)
+    run = eager_or_traced(_layer_norm_modulate_rht_quantize_op, _layer_norm_modulate_rht_quantize)
+    return run(x, scale, shift, float(eps), prefix, group_size, bits)
 
 
-@torch.library.custom_op("convrot_kernels::residual_layer_norm_modulate_rht_quantize", mutates_args=())
 def _residual_layer_norm_modulate_rht_quantize(
     x: torch.Tensor,
     branch: torch.Tensor,
@@ -104,7 +117,8 @@ def _residual_layer_norm_modulate_rht_quantize(
     gate = gate if gate.stride(-1) == 1 else gate.contiguous()
     total = torch.empty((batch, tokens, k), dtype=x.dtype, device=x.device)
     q, q_scale = empty_codes(batch * tokens, k, bits, x.device)
-    _C.residual_layer_norm_modulate_rht_quantize_ptr(
+    device = x.get_device()
+    _C.residual_layer_norm_modulate_rht_quantize(
         held[0].data_ptr(),
         FLOAT_CODES[x.dtype],
         batch,
@@ -123,12 +137,20 @@ def _residual_layer_norm_modulate_rht_quantize(
         bits,
         q.data_ptr(),
         q_scale.data_ptr(),
-        *on_device(x),
+        device,
+        stream(device),
     )
     return total, q, q_scale
 
 
-@_residual_layer_norm_modulate_rht_quantize.register_fake
+_residual_layer_norm_modulate_rht_quantize_op = torch.library.custom_op(
+    "convrot_kernels::residual_layer_norm_modulate_rht_quantize",
+    _residual_layer_norm_modulate_rht_quantize,
+    mutates_args=(),
+)
+
+
+@_residual_layer_norm_modulate_rht_quantize_op.register_fake
 def _(x, branch, gate, scale, shift, eps, group_size, bits):
     total = torch.empty_like(x, memory_format=torch.contiguous_format)
     return total, *empty_codes(x.shape[0] * x.shape[1], x.shape[2], bits, x.device)
@@ -151,7 +173,7 @@ def residual_layer_norm_modulate_rht_quantize(
     x and branch [batch, tokens, K], gate, scale and shift [batch, K], all of x's dtype; the product
     and the sum are each rounded to the dtype (as diffusers' eager ``x + gate.unsqueeze(1) * branch``).
     Returns h (a new contiguous tensor, the block's updated hidden states) and the codes and row
-    scales of its normed rows, which never go to memory. A torch.library op.
+    scales of its normed rows, which never go to memory. A torch.library op under torch.compile.
     """
     check_norm_inputs(x, scale, shift, eps, None)
     for name, t, shape in (("branch", branch, tuple(x.shape)), ("gate", gate, (x.shape[0], x.shape[2]))):
@@ -162,4 +184,5 @@ def residual_layer_norm_modulate_rht_quantize(
                 f" on {t.device}"
             )
     group_size, bits = _code_arguments(group_size, bits, x.shape[2])
-    return _residual_layer_norm_modulate_rht_quantize(x, branch, gate, scale, shift, float(eps), group_size, bits)
+    run = eager_or_traced(_residual_layer_norm_modulate_rht_quantize_op, _residual_layer_norm_modulate_rht_quantize)
+    return run(x, branch, gate, scale, shift, float(eps), group_size, bits)

@@ -5,17 +5,29 @@ from __future__ import annotations
 import torch
 
 from . import _C
-from ._validation import FLOAT_DTYPES, require_dtype, require_group_size, require_same_device, require_tensor, stream_of
+from ._validation import (
+    FLOAT_CODES,
+    FLOAT_DTYPES,
+    device_index,
+    eager_or_traced,
+    require_dtype,
+    require_group_size,
+    require_rows,
+    require_tensor,
+    stream,
+)
 
 
-@torch.library.custom_op("convrot_kernels::rht", mutates_args=())
 def _rht(x: torch.Tensor, group_size: int) -> torch.Tensor:
     out = torch.empty_like(x)
-    _C.rht(x, out, group_size, stream_of(x))
+    _C.rht(x, out, FLOAT_CODES[x.dtype], group_size, stream(x.get_device()))
     return out
 
 
-@_rht.register_fake
+_rht_op = torch.library.custom_op("convrot_kernels::rht", _rht, mutates_args=())
+
+
+@_rht_op.register_fake
 def _(x: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.empty_like(x)
 
@@ -27,6 +39,7 @@ def rht(x: torch.Tensor, group_size: int = 256) -> torch.Tensor:
     require_dtype("x", x, FLOAT_DTYPES)
     if x.ndim == 0:
         raise ValueError("x must have at least one dimension")
-    require_group_size(group_size, x.shape[-1])
-    require_same_device(x=x)
-    return _rht(x.contiguous(), int(group_size))
+    group_size = require_group_size(group_size, x.shape[-1])
+    require_rows("x", x.numel())
+    device_index(x=x)
+    return eager_or_traced(_rht_op, _rht)(x.contiguous(), group_size)

@@ -8,12 +8,20 @@ docs/format.md, "rms_norm_rope".
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from . import _C
-from ._validation import FLOAT_CODES, FLOAT_DTYPES, on_device, require_dtype, require_same_device, require_tensor
+from ._validation import (
+    FLOAT_CODES,
+    FLOAT_DTYPES,
+    device_index,
+    eager_or_traced,
+    require_dtype,
+    require_eps,
+    require_rows,
+    require_tensor,
+    stream,
+)
 
 MAX_HEAD_DIM = 1024
 
@@ -39,12 +47,6 @@ def _check_weight(name: str, weight, x: torch.Tensor) -> None:
             )
 
 
-def _check_eps(name: str, eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
-        raise ValueError(f"{name} must be a non-negative number; got {eps!r}")
-    return float(eps)
-
-
 def _check_parameters(x: torch.Tensor, weight, cos, sin, eps, tokens: int | None = None) -> float:
     """Checks weight, cos, sin and eps for x; the angles cover `tokens` rows (default: x's)."""
     d = x.shape[-1]
@@ -59,14 +61,16 @@ def _check_parameters(x: torch.Tensor, weight, cos, sin, eps, tokens: int | None
                 raise ValueError(
                     f"{name} must be float32 [tokens, head_dim] = [{tokens}, {d}]; got {t.dtype} {tuple(t.shape)}"
                 )
-    require_same_device(x=x, weight=weight, cos=cos, sin=sin)
-    return _check_eps("eps", eps)
+    require_rows("x", x.shape[0] * tokens * x.shape[2])
+    device_index(x=x, weight=weight, cos=cos, sin=sin)
+    return require_eps("eps", eps)
 
 
 def _launch(x, weight, cos, sin, eps: float, out: torch.Tensor) -> torch.Tensor:
     """The kernel call; x and out have the last dimension contiguous, the parameters are contiguous."""
     b, s, h, d = x.shape
-    _C.rms_norm_rope_ptr(
+    device = x.get_device()
+    _C.rms_norm_rope(
         x.data_ptr(),
         *x.stride()[:3],
         out.data_ptr(),
@@ -80,7 +84,8 @@ def _launch(x, weight, cos, sin, eps: float, out: torch.Tensor) -> torch.Tensor:
         0 if cos is None else cos.data_ptr(),
         0 if sin is None else sin.data_ptr(),
         eps,
-        *on_device(x),
+        device,
+        stream(device),
     )
     return out
 
@@ -93,7 +98,6 @@ def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
 
-@torch.library.custom_op("convrot_kernels::rms_norm_rope", mutates_args=())
 def _rms_norm_rope(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -118,7 +122,10 @@ def _rms_norm_rope(
     return out
 
 
-@_rms_norm_rope.register_fake
+_rms_norm_rope_op = torch.library.custom_op("convrot_kernels::rms_norm_rope", _rms_norm_rope, mutates_args=())
+
+
+@_rms_norm_rope_op.register_fake
 def _(x, weight, cos, sin, eps, prefix=None, prefix_weight=None, prefix_eps=1e-6):
     tokens = x.shape[1] + (0 if prefix is None else prefix.shape[1])
     return x.new_empty((x.shape[0], tokens, *x.shape[2:]))
@@ -147,7 +154,7 @@ def rms_norm_rope(
     ``prefix_weight`` and ``prefix_eps``) the result is the joint
     ``cat([rms_norm_rope(prefix), rms_norm_rope(x)], 1)`` of a two-stream attention, each part
     written in place (no concatenation), and cos and sin cover the tokens0 + tokens joint rows.
-    A torch.library op: works under torch.compile.
+    A torch.library op under torch.compile.
     """
     _check_x(x)
     tokens = x.shape[1]
@@ -165,12 +172,13 @@ def rms_norm_rope(
             )
         tokens += prefix.shape[1]
         _check_weight("prefix_weight", prefix_weight, x)
-        prefix_eps = _check_eps("prefix_eps", prefix_eps)
-        require_same_device(x=x, prefix=prefix, prefix_weight=prefix_weight)
+        prefix_eps = require_eps("prefix_eps", prefix_eps)
+        device_index(x=x, prefix=prefix, prefix_weight=prefix_weight)
     elif prefix_weight is not None:
         raise ValueError("prefix_weight needs a prefix")
     eps = _check_parameters(x, weight, cos, sin, eps, tokens)
-    return _rms_norm_rope(x, weight, cos, sin, eps, prefix, prefix_weight, float(prefix_eps))
+    run = eager_or_traced(_rms_norm_rope_op, _rms_norm_rope)
+    return run(x, weight, cos, sin, eps, prefix, prefix_weight, float(prefix_eps))
 
 
 def rms_norm_rope_into(

@@ -1,0 +1,124 @@
+"""A quantized layer in one call: rotate and quantize the input rows, then the GEMM with the weight codes.
+
+``linear`` is what a ConvLinear layer's forward runs. Both kernels are enqueued by one call of
+the compiled module, and the codes and row scales of the input share one temporary allocation,
+because an eager layer's cost at small M is its host time (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C
+from ._validation import (
+    FLOAT_CODES,
+    device_index,
+    eager_or_traced,
+    require_bits,
+    require_group_size,
+    require_rows,
+    require_tensor,
+    stream,
+)
+from .gemm import check_weight_codes, fp32_bias
+from .quantize import check_row_parts
+
+# The row scales follow the codes in the temporary buffer at this alignment (bytes).
+_SCALE_ALIGNMENT = 256
+
+
+def _linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    x2: torch.Tensor | None = None,
+    gelu_from: int = -1,
+) -> torch.Tensor:
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, x.shape[-1])
+    rows2 = None if x2 is None else x2.reshape(-1, x2.shape[-1])
+    m, x_k = rows.shape
+    n = qweight.shape[0]
+    k = x_k + (0 if rows2 is None else rows2.shape[1])
+    code_bytes = m * (k // 2 if bits == 4 else k)
+    scale_offset = -(-code_bytes // _SCALE_ALIGNMENT) * _SCALE_ALIGNMENT
+    scratch = torch.empty(scale_offset + 4 * m, dtype=torch.uint8, device=x.device)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    device = x.get_device()
+    codes = scratch.data_ptr()
+    _C.linear(
+        rows.data_ptr(),
+        FLOAT_CODES[x.dtype],
+        m,
+        x_k,
+        0 if rows2 is None else rows2.data_ptr(),
+        k,
+        gelu_from,
+        group_size,
+        bits,
+        codes,
+        codes + scale_offset,
+        qweight.data_ptr(),
+        weight_scale.data_ptr(),
+        0 if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        n,
+        device,
+        stream(device),
+    )
+    return out.view(*lead, n)
+
+
+_linear_op = torch.library.custom_op("convrot_kernels::linear", _linear, mutates_args=())
+
+
+@_linear_op.register_fake
+def _(x, qweight, weight_scale, bias, bits, group_size, x2=None, gelu_from=-1):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+def linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    bits: int = 4,
+    group_size: int = 256,
+    x2: torch.Tensor | None = None,
+    gelu_from: int | None = None,
+) -> torch.Tensor:
+    """``gemm(*rht_quantize(x.reshape(-1, K), group_size, bits), qweight, weight_scale, bias)`` shaped
+    [..., N], in x's dtype: a ConvLinear layer's forward, bit for bit.
+
+    x [..., K] (float32, float16 or bfloat16); qweight, weight_scale and bias as :func:`gemm`'s
+    qw, sw and bias (the codes of the weight rotated the same way); ``group_size=0``: no
+    rotation. With ``x2`` [..., K2] the input is ``cat([x, x2], -1)`` and with ``gelu_from`` its
+    columns from there on pass through GELU first, as :func:`rht_quantize` takes them.
+    """
+    bits = require_bits(bits)
+    n, k = check_weight_codes(qweight, weight_scale, bias, bits, ("qweight", "weight_scale"))
+    require_tensor("x", x)
+    if x.ndim == 0:
+        raise ValueError("x must have at least one dimension [..., K]")
+    x = x.contiguous()
+    rows = x.view(-1, x.shape[-1])
+    rows2 = None
+    if x2 is not None:
+        require_tensor("x2", x2)
+        if x2.shape[:-1] != x.shape[:-1]:
+            raise ValueError(f"x2 must share x's leading dimensions {tuple(x.shape[:-1])}; got {tuple(x2.shape)}")
+        x2 = x2.contiguous()
+        rows2 = x2.view(-1, x2.shape[-1])
+    width, gelu = check_row_parts(rows, rows2, gelu_from)
+    if width != k:
+        rows = "x" if x2 is None else "cat([x, x2], -1)"
+        raise ValueError(f"{rows} must be [..., K] for K = {k}, the width of qweight's codes; got rows {width} wide")
+    group_size = require_group_size(group_size, k, allow_none=True)
+    require_rows("x", rows.shape[0])
+    device_index(x=x, x2=x2, qweight=qweight, weight_scale=weight_scale, bias=bias)
+    run = eager_or_traced(_linear_op, _linear)
+    return run(x, qweight.contiguous(), weight_scale.contiguous(), fp32_bias(bias), bits, group_size, x2, gelu)
