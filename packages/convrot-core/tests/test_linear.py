@@ -72,9 +72,9 @@ def test_forward_keeps_leading_shape_and_dtype(cls, shape, dtype):
 
 def test_forward_input_errors():
     layer = ConvLinear4bit.from_linear(linear(64, 8))
-    with pytest.raises(ValueError, match=r"expected input \[..., 64\]"):
+    with pytest.raises(ValueError, match=r"x must be \[..., K\] for K = 64, the width of qweight's codes; got rows 32"):
         layer(torch.randn(3, 32))
-    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+    with pytest.raises(TypeError, match="x must have dtype float32, float16, bfloat16; got float64"):
         layer(torch.randn(3, 64, dtype=torch.float64))
 
 
@@ -415,11 +415,11 @@ def test_input_in_parts_simulates_the_materialised_input(cls):
 
 def test_input_in_parts_errors():
     layer = fused_input_layer(ConvLinear4bit, None)
-    with pytest.raises(ValueError, match="add up to 1024 features"):
+    with pytest.raises(ValueError, match=r"cat\(\[x, x2\], -1\) must be \[..., K\] for K = 1024"):
         layer(torch.randn(3, 256), torch.randn(3, 512))
-    with pytest.raises(ValueError, match="share their leading dims"):
+    with pytest.raises(ValueError, match="x2 must share x's leading dimensions"):
         layer(torch.randn(3, 256), torch.randn(4, 768))
-    with pytest.raises(ValueError, match="x2 .* must match x"):
+    with pytest.raises(ValueError, match="x2 must be 2-D .* with x's M .* and dtype"):
         layer(torch.randn(3, 256), torch.randn(3, 768, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="multiple of 16"):
         layer(torch.randn(3, 8), torch.randn(3, 1016))

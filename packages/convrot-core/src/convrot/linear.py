@@ -11,16 +11,7 @@ from convrot_kernels import layer_norm_modulate, pack_int4
 
 from .fused_input import materialize
 from .hadamard import check_rotation, resolve_group_size
-from .ops import (
-    linear_forward,
-    normed_input_forward,
-    normed_input_linear,
-    quantized_linear,
-    residual_normed_input_forward,
-    residual_normed_input_linear,
-    shared_input_forward,
-    shared_input_linear,
-)
+from .ops import linear_forward, normed_input_forward, residual_normed_input_forward, shared_input_forward
 from .quantizer.fake_quant import simulated_linear
 from .quantizer.weight import quantize_weight
 
@@ -209,9 +200,19 @@ class ConvLinear(nn.Module):
         if self.simulation_dtype is None and x.device != self.qweight.device:
             raise ValueError(f"{name}: input is on {x.device}, the layer on {self.qweight.device}")
 
+    def _empty_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The output for an input with no rows, as nn.Linear gives it (the kernels refuse M = 0)."""
+        return x.new_empty((*x.shape[:-1], self.out_features))
+
     def forward(self, x: torch.Tensor, x2: torch.Tensor | None = None) -> torch.Tensor:
-        """The layer on x [..., in_features], or on ``cat([x, x2], -1)`` given as x and x2."""
-        self._check_input(x, x2)
+        """The layer on x [..., in_features], or on ``cat([x, x2], -1)`` given as x and x2.
+
+        The kernels (``convrot_kernels.linear``) check the input; the float simulation checks it here.
+        """
+        if self.simulation_dtype is not None or not x.numel():
+            self._check_input(x, x2)
+        if not x.numel():
+            return self._empty_output(x)
         if self.simulation_dtype is not None:
             return simulated_linear(
                 materialize(x, x2, self.gelu_from),
@@ -223,11 +224,8 @@ class ConvLinear(nn.Module):
                 self.rotation,
                 self.simulation_dtype,
             )
-        # Eager calls skip the custom op's dispatch (tens of microseconds a call); traced ones need it.
-        forward = quantized_linear if torch.compiler.is_compiling() else linear_forward
-        gelu_from = -1 if self.gelu_from is None else self.gelu_from
-        return forward(
-            x, self.qweight, self.weight_scale, self.bias, self.bits, self.group_size, self.rotation, x2, gelu_from
+        return linear_forward(
+            x, self.qweight, self.weight_scale, self.bias, self.bits, self.group_size, self.rotation, x2, self.gelu_from
         )
 
     @staticmethod
@@ -266,15 +264,9 @@ class ConvLinear(nn.Module):
         """
         layers = ConvLinear._checked_group(layers, x, x2, "forward_shared")
         first = layers[0]
-        if first.simulation_dtype is not None:
+        if first.simulation_dtype is not None or not x.numel():
             return [layer(x, x2) for layer in layers]
-        forward = shared_input_linear if torch.compiler.is_compiling() else shared_input_forward
-        return forward(
-            x,
-            *ConvLinear._group_operands(layers),
-            x2,
-            -1 if first.gelu_from is None else first.gelu_from,
-        )
+        return shared_input_forward(x, *ConvLinear._group_operands(layers), x2, first.gelu_from)
 
     @staticmethod
     def forward_shared_normed(
@@ -299,15 +291,7 @@ class ConvLinear(nn.Module):
         if first.simulation_dtype is not None or first.gelu_from is not None:
             normed = layer_norm_modulate(x, scale, shift, eps=eps, prefix=prefix)
             return ConvLinear.forward_shared(layers, normed)
-        forward = normed_input_linear if torch.compiler.is_compiling() else normed_input_forward
-        return forward(
-            x,
-            scale,
-            shift,
-            float(eps),
-            prefix,
-            *ConvLinear._group_operands(layers),
-        )
+        return normed_input_forward(x, scale, shift, eps, prefix, *ConvLinear._group_operands(layers))
 
     @staticmethod
     def forward_shared_residual_normed(
@@ -334,17 +318,7 @@ class ConvLinear(nn.Module):
         if first.simulation_dtype is not None or first.gelu_from is not None:
             total = x + gate[:, None] * branch
             return total, ConvLinear.forward_shared_normed(layers, total, scale, shift, eps=eps)
-        forward = residual_normed_input_linear if torch.compiler.is_compiling() else residual_normed_input_forward
-        total, *outputs = forward(
-            x,
-            branch,
-            gate,
-            scale,
-            shift,
-            float(eps),
-            *ConvLinear._group_operands(layers),
-        )
-        return total, outputs
+        return residual_normed_input_forward(x, branch, gate, scale, shift, eps, *ConvLinear._group_operands(layers))
 
     def _apply(self, fn, recurse=True):
         # model.to(dtype) / .half() convert floating buffers; the weight scales and

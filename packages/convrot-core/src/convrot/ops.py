@@ -1,17 +1,16 @@
-"""The ConvLinear forward, and the same as a torch.library custom op (namespace ``convrot``).
+"""The ConvLinear forwards as calls of the kernels' public ops.
 
-``linear_forward`` is what an eager forward runs: two destination-passing kernel
-calls, with no argument checks beyond the compiled module's (the layer's
-buffers are well formed by construction) and no nested dispatch, because host
-time per call decides eager speed. The custom op wraps the same function with a
-fake (meta) implementation, so that torch.compile traces a model of ConvLinear
-layers with fullgraph=True; neither synchronises, so CUDA-graph capture works.
-``shared_input_forward`` (op ``convrot::shared_input_linear``) is the forward of
-several layers that read one input: one activation quantization, a GEMM each;
-``normed_input_forward`` (op ``convrot::normed_input_linear``) the same for an input
-that is an AdaLN norm's output, computed inside the activation quantization, and
-``residual_normed_input_forward`` (op ``convrot::residual_normed_input_linear``) for
-the norm of a gated residual sum, which it also returns.
+Each convrot_kernels op checks its arguments once and, while torch.compile traces, is a
+torch.library op with a fake implementation, so a model of ConvLinear layers compiles with
+fullgraph=True and captures in CUDA graphs; eager calls skip the op dispatch. The regular
+rotation happens inside the kernels; the Sylvester one, an ablation, is applied here in torch
+and the kernels quantize without rotating.
+
+``linear_forward`` is one layer (``convrot_kernels.linear``); ``shared_input_forward`` several
+layers that read one input (one activation quantization, a GEMM each);
+``normed_input_forward`` the same for an input that is an AdaLN norm's output, computed inside
+the activation quantization, and ``residual_normed_input_forward`` for the norm of a gated
+residual sum, which it also returns.
 """
 
 from __future__ import annotations
@@ -24,41 +23,23 @@ from .fused_input import materialize
 from .hadamard import rotate_groups
 
 
-def _quantized_rows(x, x2, gelu_from, code_dtype, bits, group_size, rotation):
-    """(codes, row scales) of the rows of x [..., K], or of cat([x, x2], -1), for the GEMM."""
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
-    rows2 = None if x2 is None else x2.reshape(-1, x2.shape[-1]).contiguous()
-    gelu = None if gelu_from < 0 else gelu_from
-    m = rows.shape[0]
-    k = rows.shape[1] + (0 if rows2 is None else rows2.shape[1])
-    q = torch.empty((m, k // 2 if bits == 4 else k), dtype=code_dtype, device=x.device)
-    scale = torch.empty(m, dtype=torch.float32, device=x.device)
-    if m > 0:
-        group = group_size if rotation == "regular" else 0
-        if rotation == "sylvester":
-            # Ablation only: the fused kernels implement the regular rotation alone.
-            rows = rotate_groups(materialize(rows, rows2, gelu).float(), rotation, group_size)
-            rows2 = gelu = None
-        convrot_kernels.rht_quantize_into(rows, q, scale, group, bits, x2=rows2, gelu_from=gelu)
-    return q, scale
+def _kernel_group(group_size: int, rotation: str) -> int:
+    """The kernels' group_size argument: 0 quantizes without rotating."""
+    return group_size if rotation == "regular" else 0
 
 
-def _dequantized_product(x, q, scale, qweight, weight_scale, bias, bits, lead=None) -> torch.Tensor:
-    """gemm of the activation codes with one layer's weights, in x's dtype, shaped [*lead, N] (lead: x's
-    leading dims by default)."""
-    n = qweight.shape[0]
-    out = torch.empty((q.shape[0], n), dtype=x.dtype, device=x.device)
-    if q.shape[0] > 0:
-        if bias is not None and bias.dtype != torch.float32:  # layers keep an fp32 bias; one set by hand may not
-            bias = bias.float()
-        convrot_kernels.gemm_into(out, q, scale, qweight, weight_scale, bias, bits=bits)
-    return out.reshape(*(x.shape[:-1] if lead is None else lead), n)
+def _sylvester_rows(x, x2, gelu_from, group_size) -> torch.Tensor:
+    """The ablation's input, rotated in fp32 by torch: [rows, K]."""
+    rows = rotate_groups(materialize(x, x2, gelu_from).float(), "sylvester", group_size)
+    return rows.reshape(-1, rows.shape[-1])
 
 
-def _dequantized_products(x, q, scale, qweights, weight_scales, biases, bits, lead=None) -> list[torch.Tensor]:
-    """_dequantized_product of the same activation codes with each of several layers' weights."""
+def _products(q, scale, qweights, weight_scales, biases, bits, dtype, lead) -> list[torch.Tensor]:
+    """The GEMM of one input's codes with each layer's weights, in `dtype`, shaped [*lead, N]."""
     return [
-        _dequantized_product(x, q, scale, qweight, weight_scale, bias, bits, lead)
+        convrot_kernels.gemm(q, scale, qweight, weight_scale, bias, bits=bits, out_dtype=dtype).view(
+            *lead, qweight.shape[0]
+        )
         for qweight, weight_scale, bias in zip(qweights, weight_scales, biases, strict=True)
     ]
 
@@ -72,15 +53,21 @@ def linear_forward(
     group_size: int,
     rotation: str,
     x2: torch.Tensor | None = None,
-    gelu_from: int = -1,
+    gelu_from: int | None = None,
 ) -> torch.Tensor:
     """y = dequant(quant(rotate(x)) @ qweight^T) + bias for x [..., K]; returns [..., N] in x's dtype.
 
     Given in parts, the input is ``cat([x, x2], -1)`` with GELU from column ``gelu_from``
-    on (-1: none), built by the quantization kernel as it loads the rows (fused_input.py).
+    on, built by the quantization kernel as it loads the rows (fused_input.py).
     """
-    q, scale = _quantized_rows(x, x2, gelu_from, qweight.dtype, bits, group_size, rotation)
-    return _dequantized_product(x, q, scale, qweight, weight_scale, bias, bits)
+    if rotation == "sylvester":
+        rows = _sylvester_rows(x, x2, gelu_from, group_size)
+        y = convrot_kernels.linear(rows, qweight, weight_scale, bias, bits=bits, group_size=0)
+        return y.to(x.dtype).view(*x.shape[:-1], qweight.shape[0])
+    group = _kernel_group(group_size, rotation)
+    return convrot_kernels.linear(
+        x, qweight, weight_scale, bias, bits=bits, group_size=group, x2=x2, gelu_from=gelu_from
+    )
 
 
 def shared_input_forward(
@@ -92,15 +79,22 @@ def shared_input_forward(
     group_size: int,
     rotation: str,
     x2: torch.Tensor | None = None,
-    gelu_from: int = -1,
+    gelu_from: int | None = None,
 ) -> list[torch.Tensor]:
     """linear_forward of several layers' weights on one input, which is rotated and quantized once.
 
     The activation codes depend only on the input (per-token scales), so each output equals
     that layer's linear_forward bit for bit.
     """
-    q, scale = _quantized_rows(x, x2, gelu_from, qweights[0].dtype, bits, group_size, rotation)
-    return _dequantized_products(x, q, scale, qweights, weight_scales, biases, bits)
+    lead = x.shape[:-1]
+    if rotation == "sylvester":
+        q, scale = convrot_kernels.rht_quantize(_sylvester_rows(x, x2, gelu_from, group_size), 0, bits)
+    else:
+        rows2 = None if x2 is None else x2.reshape(-1, x2.shape[-1])
+        q, scale = convrot_kernels.rht_quantize(
+            x.reshape(-1, x.shape[-1]), _kernel_group(group_size, rotation), bits, x2=rows2, gelu_from=gelu_from
+        )
+    return _products(q, scale, qweights, weight_scales, biases, bits, x.dtype, lead)
 
 
 def normed_input_forward(
@@ -122,15 +116,14 @@ def normed_input_forward(
     (``convrot_kernels.layer_norm_modulate_rht_quantize``), so the normed tensor never goes to
     memory. Outputs are [batch, tokens0 + tokens, N].
     """
-    lead = (x.shape[0], x.shape[1] + (0 if prefix is None else prefix.shape[1]))
     if rotation == "sylvester":  # ablation only: through the normed tensor
         normed = convrot_kernels.layer_norm_modulate(x, scale, shift, eps=eps, prefix=prefix)
         return shared_input_forward(normed, qweights, weight_scales, biases, bits, group_size, rotation)
-    group = group_size if rotation == "regular" else 0
+    lead = (x.shape[0], x.shape[1] + (0 if prefix is None else prefix.shape[1]))
     q, row_scale = convrot_kernels.layer_norm_modulate_rht_quantize(
-        x, scale, shift, eps=eps, prefix=prefix, group_size=group, bits=bits
+        x, scale, shift, eps=eps, prefix=prefix, group_size=_kernel_group(group_size, rotation), bits=bits
     )
-    return _dequantized_products(x, q, row_scale, qweights, weight_scales, biases, bits, lead)
+    return _products(q, row_scale, qweights, weight_scales, biases, bits, x.dtype, lead)
 
 
 def residual_normed_input_forward(
@@ -146,61 +139,16 @@ def residual_normed_input_forward(
     bits: int,
     group_size: int,
     rotation: str,
-) -> list[torch.Tensor]:
-    """``[h, *normed_input_forward(h, scale, shift, eps, None, ...)]`` for ``h = x + gate[:, None] * branch``
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(h, normed_input_forward(h, scale, shift, eps, None, ...))`` for ``h = x + gate[:, None] * branch``
     (each step rounded to x's dtype), bit for bit: the sum, its norm, rotation and quantization in one kernel
     (``convrot_kernels.residual_layer_norm_modulate_rht_quantize``), the normed tensor never in memory."""
     if rotation == "sylvester":  # ablation only: through the normed tensor
         total = x + gate[:, None] * branch
-        return [
-            total,
-            *normed_input_forward(
-                total, scale, shift, eps, None, qweights, weight_scales, biases, bits, group_size, rotation
-            ),
-        ]
-    group = group_size if rotation == "regular" else 0
+        return total, normed_input_forward(
+            total, scale, shift, eps, None, qweights, weight_scales, biases, bits, group_size, rotation
+        )
     total, q, row_scale = convrot_kernels.residual_layer_norm_modulate_rht_quantize(
-        x, branch, gate, scale, shift, eps=eps, group_size=group, bits=bits
+        x, branch, gate, scale, shift, eps=eps, group_size=_kernel_group(group_size, rotation), bits=bits
     )
-    return [total, *_dequantized_products(x, q, row_scale, qweights, weight_scales, biases, bits)]
-
-
-# The same function as an opaque op for torch.compile (its signature gives the op's schema).
-quantized_linear = torch.library.custom_op("convrot::quantized_linear", linear_forward, mutates_args=())
-
-
-@quantized_linear.register_fake
-def _quantized_linear_fake(x, qweight, weight_scale, bias, bits, group_size, rotation, x2=None, gelu_from=-1):
-    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
-
-
-shared_input_linear = torch.library.custom_op("convrot::shared_input_linear", shared_input_forward, mutates_args=())
-
-
-@shared_input_linear.register_fake
-def _shared_input_linear_fake(x, qweights, weight_scales, biases, bits, group_size, rotation, x2=None, gelu_from=-1):
-    return [x.new_empty((*x.shape[:-1], qweight.shape[0])) for qweight in qweights]
-
-
-normed_input_linear = torch.library.custom_op("convrot::normed_input_linear", normed_input_forward, mutates_args=())
-
-
-@normed_input_linear.register_fake
-def _normed_input_linear_fake(
-    x, scale, shift, eps, prefix, qweights, weight_scales, biases, bits, group_size, rotation
-):
-    tokens = x.shape[1] + (0 if prefix is None else prefix.shape[1])
-    return [x.new_empty((x.shape[0], tokens, qweight.shape[0])) for qweight in qweights]
-
-
-residual_normed_input_linear = torch.library.custom_op(
-    "convrot::residual_normed_input_linear", residual_normed_input_forward, mutates_args=()
-)
-
-
-@residual_normed_input_linear.register_fake
-def _residual_normed_input_linear_fake(
-    x, branch, gate, scale, shift, eps, qweights, weight_scales, biases, bits, group_size, rotation
-):
-    total = torch.empty_like(x, memory_format=torch.contiguous_format)
-    return [total] + [x.new_empty((*x.shape[:-1], qweight.shape[0])) for qweight in qweights]
+    return total, _products(q, row_scale, qweights, weight_scales, biases, bits, x.dtype, x.shape[:-1])
