@@ -62,7 +62,8 @@ def gpu(session: nox.Session) -> None:
     """On a CUDA machine, in the current environment (which must hold torch with CUDA,
     scikit-build-core, nanobind and the packages' dependencies: it installs them with
     --no-deps, for machines without network): build the kernels, run the GPU tests,
-    run the kernels' again under compute-sanitizer, and run the kernel benchmarks."""
+    run one small call of every kernel under compute-sanitizer's memcheck and racecheck,
+    and run the kernel benchmarks."""
     pip = ("python", "-m", "pip", "install", "--no-build-isolation", "--no-deps")
     session.run(*pip, *(f"./packages/{name}" for name in PACKAGES), external=True)
     # One pytest run per package, as in `tests`: test files of different packages share names.
@@ -71,7 +72,7 @@ def gpu(session: nox.Session) -> None:
     for tool in ("memcheck", "racecheck"):
         session.run(
             "compute-sanitizer", f"--tool={tool}", "--error-exitcode=1", "--target-processes=all",
-            "python", "-m", "pytest", "-x", "-q", "-m", "gpu", "packages/convrot-kernels/tests",
+            "python", "-m", "pytest", "-x", "-q", "packages/convrot-kernels/tests/test_cuda_kernel_coverage.py",
             external=True,
         )
     session.run("python", "packages/convrot-kernels/benchmarks/bench_primitives.py", external=True)

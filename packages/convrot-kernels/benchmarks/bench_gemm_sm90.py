@@ -6,7 +6,7 @@ Timing is bench_primitives.time_per_call (CUDA-graph replays, CUDA events,
 median). Unlike there, every input set carries its own weights too, so that
 weight-streaming shapes read them from HBM, not from L2: one round of sets
 exceeds twice the L2. Rows: gemm(bits=4) and gemm(bits=8) through each kernel
-(forced with CONVROT_GEMM_KERNEL; "auto" is the dispatcher's own choice), the
+(forced with convrot_kernels.forced_gemm_kernel; "auto" is the dispatcher's own choice), the
 whole chain rht_quantize + gemm(bits=4), and the anchors. TOPS count 2*M*N*K
 operations; the fraction is of the H100's 1979 TOPS dense int8 peak. With --cutlass, the
 M = 4608 shapes also time CUTLASS's Hopper int8 GEMM (cutlass_anchor/, built by its build.sh)
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 
 import torch
@@ -42,14 +41,8 @@ CROSSOVER = [(m, 3072, 12288) for m in (128, 256, 1024)]
 
 def forced(kernel: str, fn, tile_n: str | None = None):
     def run(*args):
-        os.environ["CONVROT_GEMM_KERNEL"] = kernel
-        if tile_n:
-            os.environ["CONVROT_SM90_TILE_N"] = tile_n
-        try:
+        with ck.forced_gemm_kernel(kernel, sm90_tile_n=int(tile_n or 256)):
             return fn(*args)
-        finally:
-            os.environ.pop("CONVROT_GEMM_KERNEL", None)
-            os.environ.pop("CONVROT_SM90_TILE_N", None)
 
     return run
 

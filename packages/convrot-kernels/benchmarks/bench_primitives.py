@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 
 import torch
@@ -90,20 +89,16 @@ def dense_rotate_then_quantize(x: torch.Tensor, h: torch.Tensor):
 
 
 # GEMM kernels timed: what cuda::gemm picks by itself, and gemm_sm90.cu's kernel
-# forced at both tile widths (environment variables read at each call).
-GEMM_KERNELS = {
-    "auto": {},
-    "sm90 n256": {"CONVROT_GEMM_KERNEL": "sm90", "CONVROT_SM90_TILE_N": "256"},
-    "sm90 n128": {"CONVROT_GEMM_KERNEL": "sm90", "CONVROT_SM90_TILE_N": "128"},
-}
+# forced at both tile widths.
+GEMM_KERNELS = {"auto": None, "sm90 n256": 256, "sm90 n128": 128}
 
 
 def with_kernel(name: str, fn):
     def run(*args):
-        for var in ("CONVROT_GEMM_KERNEL", "CONVROT_SM90_TILE_N"):
-            os.environ.pop(var, None)
-        os.environ.update(GEMM_KERNELS[name])
-        return fn(*args)
+        if GEMM_KERNELS[name] is None:
+            return fn(*args)
+        with ck.forced_gemm_kernel("sm90", sm90_tile_n=GEMM_KERNELS[name]):
+            return fn(*args)
 
     return run
 
