@@ -419,7 +419,7 @@ def test_input_in_parts_errors():
         layer(torch.randn(3, 256), torch.randn(3, 512))
     with pytest.raises(ValueError, match="x2 must share x's leading dimensions"):
         layer(torch.randn(3, 256), torch.randn(4, 768))
-    with pytest.raises(ValueError, match="x2 must be 2-D .* with x's M .* and dtype"):
+    with pytest.raises(ValueError, match=r"x2 must share x's leading dimensions \(3,\) and dtype"):
         layer(torch.randn(3, 256), torch.randn(3, 768, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="multiple of 16"):
         layer(torch.randn(3, 8), torch.randn(3, 1016))

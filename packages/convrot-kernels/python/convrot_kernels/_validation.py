@@ -75,6 +75,13 @@ def require_even_for_4bit(bits: int, k: int) -> None:
         raise ValueError(f"the row width K = {k} must be even to pack 4-bit codes two per byte")
 
 
+def require_gelu_from(gelu_from: object, k: int) -> int:
+    """The first column of a fused GELU: a multiple of 16 in [0, k]."""
+    if isinstance(gelu_from, bool) or not isinstance(gelu_from, int) or not 0 <= gelu_from <= k or gelu_from % 16:
+        raise ValueError(f"gelu_from must be a multiple of 16 in [0, {k}] (the row width); got {gelu_from!r}")
+    return gelu_from
+
+
 def require_eps(name: str, eps: object) -> float:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"{name} must be a non-negative number; got {eps!r}")
@@ -84,15 +91,17 @@ def require_eps(name: str, eps: object) -> float:
 def device_index(**tensors: torch.Tensor | None) -> int:
     """The compiled module's device argument for these tensors (CPU or the CUDA device index),
     once they are all on that one device and this build can run there."""
-    device = None
+    first = None
     for t in tensors.values():
         if t is None:
             continue
-        if device is None:
-            device = t.device
-        elif t.device != device:
+        if first is None:
+            first = t
+        # Cheaper than comparing devices, and as exact: the index, and the CUDA and meta flags.
+        elif t.get_device() != first.get_device() or t.is_cuda != first.is_cuda or t.is_meta != first.is_meta:
             where = ", ".join(f"{name} on {t.device}" for name, t in tensors.items() if t is not None)
             raise ValueError(f"all tensors must be on one device; got {where}")
+    device = first.device
     if device.type == "cpu":
         return CPU
     if device.type != "cuda":

@@ -12,16 +12,18 @@ import torch
 from . import _C
 from ._validation import (
     FLOAT_CODES,
+    FLOAT_DTYPES,
     device_index,
     eager_or_traced,
     require_bits,
+    require_dtype,
+    require_gelu_from,
     require_group_size,
     require_rows,
     require_tensor,
     stream,
 )
 from .gemm import check_weight_codes, fp32_bias
-from .quantize import check_row_parts
 
 # The row scales follow the codes in the temporary buffer at this alignment (bytes).
 _SCALE_ALIGNMENT = 256
@@ -37,24 +39,23 @@ def _linear(
     x2: torch.Tensor | None = None,
     gelu_from: int = -1,
 ) -> torch.Tensor:
-    lead = x.shape[:-1]
-    rows = x.reshape(-1, x.shape[-1])
-    rows2 = None if x2 is None else x2.reshape(-1, x2.shape[-1])
-    m, x_k = rows.shape
+    # x and x2 are contiguous: their rows are read in place, and the output gets its final shape.
+    x_k = x.shape[-1]
+    m = x.numel() // x_k
+    k = x_k if x2 is None else x_k + x2.shape[-1]
     n = qweight.shape[0]
-    k = x_k + (0 if rows2 is None else rows2.shape[1])
     code_bytes = m * (k // 2 if bits == 4 else k)
     scale_offset = -(-code_bytes // _SCALE_ALIGNMENT) * _SCALE_ALIGNMENT
     scratch = torch.empty(scale_offset + 4 * m, dtype=torch.uint8, device=x.device)
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     device = x.get_device()
     codes = scratch.data_ptr()
     _C.linear(
-        rows.data_ptr(),
+        x.data_ptr(),
         FLOAT_CODES[x.dtype],
         m,
         x_k,
-        0 if rows2 is None else rows2.data_ptr(),
+        0 if x2 is None else x2.data_ptr(),
         k,
         gelu_from,
         group_size,
@@ -69,7 +70,7 @@ def _linear(
         device,
         stream(device),
     )
-    return out.view(*lead, n)
+    return out
 
 
 _linear_op = torch.library.custom_op("convrot_kernels::linear", _linear, mutates_args=())
@@ -102,23 +103,28 @@ def linear(
     bits = require_bits(bits)
     n, k = check_weight_codes(qweight, weight_scale, bias, bits, ("qweight", "weight_scale"))
     require_tensor("x", x)
+    require_dtype("x", x, FLOAT_DTYPES)
     if x.ndim == 0:
         raise ValueError("x must have at least one dimension [..., K]")
-    x = x.contiguous()
-    rows = x.view(-1, x.shape[-1])
-    rows2 = None
+    width = x.shape[-1]
     if x2 is not None:
         require_tensor("x2", x2)
-        if x2.shape[:-1] != x.shape[:-1]:
-            raise ValueError(f"x2 must share x's leading dimensions {tuple(x.shape[:-1])}; got {tuple(x2.shape)}")
+        if x2.shape[:-1] != x.shape[:-1] or x2.dtype != x.dtype:
+            raise ValueError(
+                f"x2 must share x's leading dimensions {tuple(x.shape[:-1])} and dtype ({x.dtype}); "
+                f"got {x2.dtype} {tuple(x2.shape)}"
+            )
+        if width % 16:
+            raise ValueError(f"with x2, x's width ({width}) must be a multiple of 16")
+        width += x2.shape[-1]
         x2 = x2.contiguous()
-        rows2 = x2.view(-1, x2.shape[-1])
-    width, gelu = check_row_parts(rows, rows2, gelu_from)
     if width != k:
         rows = "x" if x2 is None else "cat([x, x2], -1)"
         raise ValueError(f"{rows} must be [..., K] for K = {k}, the width of qweight's codes; got rows {width} wide")
+    gelu = -1 if gelu_from is None else require_gelu_from(gelu_from, k)
     group_size = require_group_size(group_size, k, allow_none=True)
-    require_rows("x", rows.shape[0])
+    require_rows("x", x.numel())
     device_index(x=x, x2=x2, qweight=qweight, weight_scale=weight_scale, bias=bias)
     run = eager_or_traced(_linear_op, _linear)
-    return run(x, qweight.contiguous(), weight_scale.contiguous(), fp32_bias(bias), bits, group_size, x2, gelu)
+    weights = (qweight.contiguous(), weight_scale.contiguous(), fp32_bias(bias))
+    return run(x.contiguous(), *weights, bits, group_size, x2, gelu)

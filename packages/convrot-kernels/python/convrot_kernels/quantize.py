@@ -13,6 +13,7 @@ from ._validation import (
     require_bits,
     require_dtype,
     require_even_for_4bit,
+    require_gelu_from,
     require_group_size,
     require_ndim,
     require_rows,
@@ -44,11 +45,7 @@ def check_row_parts(x: torch.Tensor, x2: torch.Tensor | None, gelu_from: int | N
         if k % 16:
             raise ValueError(f"with x2, x's width ({k}) must be a multiple of 16")
         k += x2.shape[1]
-    if gelu_from is None:
-        return k, -1
-    if isinstance(gelu_from, bool) or not isinstance(gelu_from, int) or not 0 <= gelu_from <= k or gelu_from % 16:
-        raise ValueError(f"gelu_from must be a multiple of 16 in [0, {k}] (the row width); got {gelu_from!r}")
-    return k, gelu_from
+    return k, -1 if gelu_from is None else require_gelu_from(gelu_from, k)
 
 
 def rht_quantize_rows(
