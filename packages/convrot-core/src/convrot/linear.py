@@ -209,23 +209,21 @@ class ConvLinear(nn.Module):
 
         The kernels (``convrot_kernels.linear``) check the input; the float simulation checks it here.
         """
-        if self.simulation_dtype is not None or not x.numel():
-            self._check_input(x, x2)
+        if self.simulation_dtype is None and x.numel():
+            weights = (self.qweight, self.weight_scale, self.bias)
+            return linear_forward(x, *weights, self.bits, self.group_size, self.rotation, x2, self.gelu_from)
+        self._check_input(x, x2)
         if not x.numel():
             return self._empty_output(x)
-        if self.simulation_dtype is not None:
-            return simulated_linear(
-                materialize(x, x2, self.gelu_from),
-                self.qweight,
-                self.weight_scale,
-                self.bias,
-                self.bits,
-                self.group_size,
-                self.rotation,
-                self.simulation_dtype,
-            )
-        return linear_forward(
-            x, self.qweight, self.weight_scale, self.bias, self.bits, self.group_size, self.rotation, x2, self.gelu_from
+        return simulated_linear(
+            materialize(x, x2, self.gelu_from),
+            self.qweight,
+            self.weight_scale,
+            self.bias,
+            self.bits,
+            self.group_size,
+            self.rotation,
+            self.simulation_dtype,
         )
 
     @staticmethod
