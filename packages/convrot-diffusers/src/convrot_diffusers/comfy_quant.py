@@ -40,8 +40,16 @@ from tqdm.auto import tqdm
 import convrot
 from convrot.hadamard import MAX_GROUP_SIZE, MIN_GROUP_SIZE, is_power_of_4
 
-from .comfy_keys import KeyMapError, OriginalFormat, Rows, diffusers_rows, format_for_class, format_for_keys
-from .comfy_keys import original_rows, strip_model_prefix
+from .comfy_keys import (
+    KeyMapError,
+    OriginalFormat,
+    Rows,
+    diffusers_rows,
+    format_for_class,
+    format_for_keys,
+    original_rows,
+    strip_model_prefix,
+)
 
 W4A4_FORMAT = "convrot_w4a4"
 INT8_FORMAT = "int8_tensorwise"
@@ -126,7 +134,7 @@ def _layer_quant(name: str, conf) -> LayerQuant:
         return LayerQuant(fmt)
     rotated = fmt == W4A4_FORMAT or (fmt == INT8_FORMAT and _field(conf, "convrot", False) is True)
     if not rotated:
-        what = f"{fmt!r} without \"convrot\": true (unrotated int8)" if fmt == INT8_FORMAT else repr(fmt)
+        what = f'{fmt!r} without "convrot": true (unrotated int8)' if fmt == INT8_FORMAT else repr(fmt)
         raise ComfyQuantError(
             f"layer {name!r}: comfy_quant field 'format' is {what}, which this loader cannot run; "
             f"supported: {', '.join(SUPPORTED_FORMATS)}"
@@ -232,13 +240,15 @@ def _check_layer_tensors(header: ComfyHeader) -> None:
         if not (per_row or (per_tensor and quant.format != W4A4_FORMAT)):
             allowed = f"[{rows}]" if quant.format == W4A4_FORMAT else f"[{rows}], [{rows}, 1] or one value"
             raise ComfyQuantError(
-                f"{where}: tensor {scale!r} has shape {list(s_shape)}; {weight!r} has {rows} rows, so it must be {allowed}"
+                f"{where}: tensor {scale!r} has shape {list(s_shape)}; {weight!r} has {rows} rows, "
+                f"so it must be {allowed}"
             )
         if quant.group_size is not None:
             k = w_shape[1] * (2 if quant.format == W4A4_FORMAT else 1)
             if k % quant.group_size:
                 raise ComfyQuantError(
-                    f"{where}: layer {layer!r}: in_features {k} is not a multiple of convrot_groupsize {quant.group_size}"
+                    f"{where}: layer {layer!r}: in_features {k} is not a multiple of "
+                    f"convrot_groupsize {quant.group_size}"
                 )
     for name in header.shapes:
         layer, _, tensor = name.rpartition(".")
@@ -498,8 +508,12 @@ def _original_tensors(transformer, original: OriginalFormat, progress: bool):
         quantized = [isinstance(part, convrot.ConvLinear) for part in parts]
         if name.endswith(".weight") and any(quantized):
             kinds = {
-                _layer_name(key): (type(part).__name__, getattr(part, "group_size", None), getattr(part, "rotation", None))
-                for (key, _, _), part in zip(pieces, parts)
+                _layer_name(key): (
+                    type(part).__name__,
+                    getattr(part, "group_size", None),
+                    getattr(part, "rotation", None),
+                )
+                for (key, _, _), part in zip(pieces, parts, strict=True)
             }
             if not all(quantized) or len(set(kinds.values())) > 1:
                 described = ", ".join(
@@ -513,8 +527,12 @@ def _original_tensors(transformer, original: OriginalFormat, progress: bool):
             first = parts[0]
             if first.rotation != "regular":
                 raise ComfyQuantError(f"{name}: rotation {first.rotation!r}; ComfyUI's layers use the regular one")
-            codes = torch.cat([part.qweight[rows.start : rows.stop] for (_, rows, _), part in zip(pieces, parts)])
-            scales = torch.cat([part.weight_scale[rows.start : rows.stop] for (_, rows, _), part in zip(pieces, parts)])
+            codes = torch.cat(
+                [part.qweight[rows.start : rows.stop] for (_, rows, _), part in zip(pieces, parts, strict=True)]
+            )
+            scales = torch.cat(
+                [part.weight_scale[rows.start : rows.stop] for (_, rows, _), part in zip(pieces, parts, strict=True)]
+            )
             layer = _layer_name(name)
             quant = LayerQuant(W4A4_FORMAT if first.bits == 4 else INT8_FORMAT, first.group_size)
             tensors[name] = codes.detach().cpu().contiguous().view(torch.int8)
@@ -552,7 +570,7 @@ def describe_comfy(path: str | os.PathLike) -> ComfySummary:
     formats: dict[str, int] = {}
     groups: dict[int, int] = {}
     parameters: dict[str, int] = {"float": 0}
-    for layer, quant in header.layers.items():
+    for quant in header.layers.values():
         formats[quant.format] = formats.get(quant.format, 0) + 1
         if quant.group_size is not None:
             groups[quant.group_size] = groups.get(quant.group_size, 0) + 1

@@ -37,7 +37,9 @@ def dequantize_weight(
         raise ValueError(f"bits must be 4 or 8, got {bits!r}")
     expected = torch.uint8 if bits == 4 else torch.int8
     if qweight.dim() != 2 or qweight.dtype != expected:
-        raise ValueError(f"{bits}-bit codes must be a 2-D {expected} tensor, got {qweight.dtype} {tuple(qweight.shape)}")
+        raise ValueError(
+            f"{bits}-bit codes must be a 2-D {expected} tensor, got {qweight.dtype} {tuple(qweight.shape)}"
+        )
     if weight_scale.shape != (qweight.shape[0],):
         raise ValueError(f"weight_scale must have shape ({qweight.shape[0]},), got {tuple(weight_scale.shape)}")
     codes = unpack_int4(qweight) if bits == 4 else qweight
