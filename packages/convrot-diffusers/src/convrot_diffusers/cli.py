@@ -224,7 +224,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_compare)
 
     p = commands.add_parser("info", help="describe a quantized directory or a ComfyUI ConvRot file")
-    p.add_argument("directory", metavar="PATH")
+    p.add_argument("directory", metavar="PATH", help="a quantized directory or a ComfyUI .safetensors file")
     p.set_defaults(run=cmd_info)
 
     p = commands.add_parser("convert", help="convert between a quantized directory and a ComfyUI ConvRot file")
