@@ -46,7 +46,7 @@ def test_generate_from_a_comfy_file_matches_the_directory(tmp_path, seed):
     comfy = tmp_path / "sd3.safetensors"
     assert main(["convert", str(quantized), str(comfy)]) == 0
     images = []
-    for source, extra in ((quantized, []), (comfy, ["--base-model", "demo:sd3"])):
+    for source, extra in ((quantized, []), (comfy, ["--base", "demo:sd3"])):
         out = tmp_path / f"{len(images)}.png"
         assert (
             main(["generate", str(source), *extra, "--prompt", "a boat", "--seed", str(seed), "--out", str(out), *FAST])

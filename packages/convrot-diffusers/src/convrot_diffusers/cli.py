@@ -212,7 +212,9 @@ def _parser() -> argparse.ArgumentParser:
     sampling_options(p)
     p.add_argument("--out", required=True, help="PNG to write")
     quant_options(p, (*PRESET_NAMES, "bf16"))
-    p.add_argument("--base-model", help="for a quantized directory or ComfyUI file: where the other components are")
+    p.add_argument(
+        "--base-model", "--base", help="for a quantized directory or ComfyUI file: where the other components are"
+    )
     p.set_defaults(run=cmd_generate)
 
     p = commands.add_parser("compare", help="bf16 vs quantized: images, PSNR/SSIM, per-layer SQNR")
