@@ -279,7 +279,8 @@ def is_comfy_file(path: str | os.PathLike) -> bool:
 
 
 def read_config(path_or_id: str | os.PathLike) -> dict:
-    """A diffusers transformer config: a config.json, a directory holding one (or its transformer/ subfolder)."""
+    """A diffusers transformer config: a config.json, a directory holding one (or a pipeline directory's
+    transformer/config.json), or a hub id (its transformer/config.json)."""
     path = os.path.expanduser(os.fspath(path_or_id))
     candidates = [path] if path.endswith(".json") else [os.path.join(path, "config.json")]
     candidates.append(os.path.join(path, "transformer", "config.json"))
@@ -287,10 +288,11 @@ def read_config(path_or_id: str | os.PathLike) -> dict:
         if os.path.isfile(candidate):
             with open(candidate) as handle:
                 return json.load(handle)
-    if not os.path.exists(path) and len(str(path_or_id).split("/")) == 2:
-        from diffusers import DiffusionPipeline
+    if not os.path.exists(path) and len(str(path_or_id).split("/")) == 2:  # a hub id: its transformer's config
+        from huggingface_hub import hf_hub_download
 
-        return DiffusionPipeline.load_config(str(path_or_id), subfolder="transformer")
+        with open(hf_hub_download(str(path_or_id), "config.json", subfolder="transformer")) as handle:
+            return json.load(handle)
     raise FileNotFoundError(f"no diffusers transformer config at {path_or_id} (looked for config.json)")
 
 
