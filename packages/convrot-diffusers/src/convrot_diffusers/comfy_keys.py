@@ -269,6 +269,8 @@ def _scale_factor(original: OriginalFormat, rows: Mapping[str, int]) -> int:
     """How many probe rows stand for one real row: the converter's hard-coded width over the model's."""
     if original.converter_width is None:
         return 1
+    if original.width_key not in rows:
+        raise KeyMapError(f"a {original.transformer_class} checkpoint without {original.width_key!r}")
     width = rows[original.width_key]
     if original.converter_width % width:
         raise KeyMapError(

@@ -383,6 +383,11 @@ def load_comfy(
             config = header.original.infer_config(header.logical_shapes())
         except KeyMapError as error:
             raise ComfyQuantError(f"{header.path}: {error}") from None
+        except (KeyError, IndexError, ValueError) as error:
+            raise ComfyQuantError(
+                f"{header.path}: cannot infer the {header.original.transformer_class} config from the file "
+                f"({type(error).__name__}: {error}); pass its diffusers config"
+            ) from None
     config = {k: v for k, v in dict(config).items() if k != "quantization_config"}
     class_name = config.get("_class_name", header.original.transformer_class)
     if class_name != header.original.transformer_class:
