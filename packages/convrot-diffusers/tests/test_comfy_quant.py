@@ -419,3 +419,21 @@ def test_scaled_fp8_layers_are_dequantized_to_the_model_dtype(tmp_path):
 def test_kitchen_reference_is_importable_without_its_cuda_backend():
     assert ck.list_backends()["eager"]["available"]
     assert all(not is_block_linear(k, v) for k, v in {"x.weight": torch.zeros(2)}.items())
+
+
+@pytest.mark.parametrize(
+    "conf",
+    [
+        {"format": "convrot_w4a4"},  # ComfyUI's defaults: group 256, int4
+        {"format": "convrot_w4a4", "convrot_groupsize": 256, "linear_dtype": "int8"},  # same codes, int8 GEMM
+        {"format": "convrot_w4a4", "params": {"convrot_groupsize": 256}},  # fields under "params", as ops.py reads
+    ],
+)
+def test_layer_json_variants_comfyui_reads_load_alike(conf, tmp_path):
+    model = tiny_flux()
+    write_comfy_file(model, tmp_path / "plain.safetensors")
+    write_comfy_file(model, tmp_path / "variant.safetensors")
+    _rewrite(tmp_path / "variant.safetensors", lambda t: _set_conf(t, "single_blocks.0.linear1", conf))
+    plain = load_comfy(tmp_path / "plain.safetensors", model.config).state_dict()
+    variant = load_comfy(tmp_path / "variant.safetensors", model.config).state_dict()
+    assert all(torch.equal(plain[key], variant[key]) for key in plain)
