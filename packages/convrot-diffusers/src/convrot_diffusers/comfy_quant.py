@@ -53,21 +53,11 @@ from .comfy_keys import (
 
 W4A4_FORMAT = "convrot_w4a4"
 INT8_FORMAT = "int8_tensorwise"
-FP8_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+FP8_FORMATS = {"float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}  # format -> its safetensors dtype
 SUPPORTED_FORMATS = (W4A4_FORMAT, f'{INT8_FORMAT} with "convrot": true', *FP8_FORMATS)
 DEFAULT_GROUP_SIZE = 256  # ComfyUI's value when a layer's JSON has no convrot_groupsize
 QUANT_METADATA_KEY = "_quantization_metadata"
 
-_DTYPES = {
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-}
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 _SCALE_DTYPES = ("F32", "F16", "BF16")
 
@@ -225,7 +215,7 @@ def _check_layer_tensors(header: ComfyHeader) -> None:
                 raise ComfyQuantError(f"{where}: layer {layer!r} ({quant.format}) has no tensor {name!r}")
         w_shape, s_shape = shapes[weight], shapes[scale]
         if quant.format in FP8_FORMATS:
-            expected_dtype = {"float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}[quant.format]
+            expected_dtype = FP8_FORMATS[quant.format]
             if dtypes[weight] != expected_dtype or len(w_shape) != 2:
                 raise ComfyQuantError(f"{where}: tensor {weight!r} must be a 2-D {expected_dtype} for {quant.format}")
         elif dtypes[weight] not in ("I8", "U8") or len(w_shape) != 2:
