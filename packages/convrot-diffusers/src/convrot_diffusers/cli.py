@@ -74,12 +74,15 @@ def cmd_quantize(args) -> None:
 
 
 def cmd_generate(args) -> None:
+    from . import comfy_cli
     from .checkpoint import is_quantized_save
     from .sources import load_pipeline, load_saved_pipeline
 
     device = _device(args.device)
     preset = None if args.preset == "bf16" else args.preset
-    if args.model and os.path.isdir(args.model) and is_quantized_save(args.model):
+    if args.model and comfy_cli.is_comfy_file(args.model):
+        loaded = comfy_cli.load_pipeline(args.model, args.base_model, device)
+    elif args.model and os.path.isdir(args.model) and is_quantized_save(args.model):
         loaded = load_saved_pipeline(args.model, args.base_model, device)
     else:
         loaded = load_pipeline(args.model, preset, args.group_size, device)
@@ -144,8 +147,12 @@ def cmd_compare(args) -> None:
 
 
 def cmd_info(args) -> None:
+    from . import comfy_cli
     from .checkpoint import describe
 
+    if comfy_cli.is_comfy_file(args.directory):
+        print("\n".join(comfy_cli.info_lines(args.directory)))
+        return
     summary = describe(args.directory)
     quantization = summary.config["quantization_config"]
     print(f"transformer:   {summary.config['_class_name']}")
@@ -159,6 +166,12 @@ def cmd_info(args) -> None:
     print(f"size:          {summary.file_bytes / 2**20:.1f} MiB ({summary.ratio:.2f}x smaller than bf16)")
     versions = ", ".join(f"{name} {v}" for name, v in sorted(quantization.get("versions", {}).items()))
     print(f"made with:     {versions}")
+
+
+def cmd_convert(args) -> None:
+    from .comfy_cli import convert
+
+    print(convert(args.source, args.destination, args.config))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -199,7 +212,9 @@ def _parser() -> argparse.ArgumentParser:
     sampling_options(p)
     p.add_argument("--out", required=True, help="PNG to write")
     quant_options(p, (*PRESET_NAMES, "bf16"))
-    p.add_argument("--base-model", help="for a quantized directory: where the other components are")
+    p.add_argument(
+        "--base-model", "--base", help="for a quantized directory or ComfyUI file: where the other components are"
+    )
     p.set_defaults(run=cmd_generate)
 
     p = commands.add_parser("compare", help="bf16 vs quantized: images, PSNR/SSIM, per-layer SQNR")
@@ -210,9 +225,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rows-per-layer", type=int, default=256, help="activation rows sampled per layer")
     p.set_defaults(run=cmd_compare)
 
-    p = commands.add_parser("info", help="describe a quantized directory")
-    p.add_argument("directory")
+    p = commands.add_parser("info", help="describe a quantized directory or a ComfyUI ConvRot file")
+    p.add_argument("directory", metavar="PATH", help="a quantized directory or a ComfyUI .safetensors file")
     p.set_defaults(run=cmd_info)
+
+    p = commands.add_parser("convert", help="convert between a quantized directory and a ComfyUI ConvRot file")
+    p.add_argument("source", metavar="IN", help="a ComfyUI .safetensors file or a quantized directory")
+    p.add_argument("destination", metavar="OUT", help="a directory (from a ComfyUI file) or a .safetensors file")
+    p.add_argument("--config", help="for a ComfyUI IN: its diffusers transformer config (directory or hub id)")
+    p.set_defaults(run=cmd_convert)
     return parser
 
 
