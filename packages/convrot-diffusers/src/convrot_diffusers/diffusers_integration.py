@@ -21,16 +21,13 @@ from enum import Enum
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as installed_version
 
-import diffusers
 import torch
-from packaging.version import Version
 
 import convrot
 
+from .versions import MIN_DIFFUSERS, RANGE_TEXT, diffusers_in_range, installed_diffusers
+
 QUANT_METHOD = "convrot"
-MIN_DIFFUSERS = Version("0.32.0")
-# Newest diffusers release this integration was tested against.
-TESTED_DIFFUSERS = Version("0.42.1")
 
 
 class ConvRotMethod(str, Enum):
@@ -225,15 +222,15 @@ def register() -> None:
 
     from diffusers.quantizers import auto
 
-    found = Version(diffusers.__version__)
+    found = installed_diffusers()
     if found < MIN_DIFFUSERS:
-        raise ImportError(f"convrot-diffusers needs diffusers >= {MIN_DIFFUSERS}, found {found}")
+        raise ImportError(f"convrot-diffusers needs diffusers {RANGE_TEXT}, found {found}")
     if not (hasattr(auto, "AUTO_QUANTIZER_MAPPING") and hasattr(auto, "AUTO_QUANTIZATION_CONFIG_MAPPING")):
         raise ImportError(f"diffusers {found} has no auto-quantizer mappings: ConvRotConfig cannot be registered")
-    if found.release[:2] > TESTED_DIFFUSERS.release[:2]:
+    if not diffusers_in_range(found):
         warnings.warn(
-            f"convrot-diffusers was tested with diffusers up to {TESTED_DIFFUSERS}, found {found}; "
-            "if ConvRotConfig fails in from_pretrained, use convrot_diffusers.load_quantized",
+            f"convrot-diffusers is tested with diffusers {RANGE_TEXT}, found {found}: "
+            "fusing Flux blocks is refused, and saving or loading may fail",
             stacklevel=2,
         )
     if QUANT_METHOD not in auto.AUTO_QUANTIZER_MAPPING:
