@@ -28,7 +28,7 @@ Handled:
   image])``) is then ``convrot_kernels.layer_norm_modulate`` of the two parts,
   which reads each row once and never joins them: under torch.compile
   inductor's kernel for it read each row twice and was the costliest op of the
-  step after the GEMMs and attention (docs/benchmarks.md). Its roundings are
+  step after the GEMMs and attention (`git show 8b40706:docs/benchmarks.md`). Its roundings are
   those of the eager norm (docs/format.md); layers in float simulation keep the
   torch norm, so that a simulated model's outputs stay those of the unfused one
   bit for bit. Where the attention has ``fuse_qk_norm_rope``'s processor and
