@@ -422,11 +422,16 @@ def _register_with_diffusers_hooks(transformer) -> None:
 
     for cls in BLOCK_CLASSES:
         try:
+            TransformerBlockRegistry.get(cls)
+            continue  # registered by an earlier fusion
+        except ValueError:
+            pass
+        try:
             stock = TransformerBlockRegistry.get(cls.stock_class)
         except ValueError:  # diffusers has no metadata for the stock block: nothing to inherit
             continue
-        if cls not in TransformerBlockRegistry._registry:
-            TransformerBlockRegistry.register(model_class=cls, metadata=dataclasses.replace(stock))
+        # A copy: register() sets the metadata's class, which the stock block's must keep.
+        TransformerBlockRegistry.register(model_class=cls, metadata=dataclasses.replace(stock))
     repeated = list(getattr(type(transformer), "_repeated_blocks", []))
     if repeated:
         extra = [cls.__name__ for cls in BLOCK_CLASSES if cls.stock_class.__name__ in repeated]
