@@ -243,3 +243,18 @@ def test_registration_is_idempotent():
     register()
     assert auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD] is ConvRotQuantizer
     assert auto.AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] is ConvRotConfig
+
+
+def test_sharded_saves_load_and_are_described(tmp_path):
+    transformer = quantized(sd3_transformer)
+    transformer.save_pretrained(tmp_path, max_shard_size="300KB")
+    shards = sorted(tmp_path.glob("*.safetensors"))
+    assert len(shards) > 1
+    loaded = convrot_diffusers.load_quantized(tmp_path)
+    assert_same_tensors(tensors_and_buffers(transformer), tensors_and_buffers(loaded))
+    summary = convrot_diffusers.checkpoint.describe(tmp_path)
+    assert summary.file_bytes == sum(path.stat().st_size for path in shards)
+    assert sum(summary.layers.values()) == sum(isinstance(m, convrot.ConvLinear) for m in transformer.modules())
+    flip_bytes(shards[-1])
+    with pytest.raises(convrot.CheckpointError, match=rf"{shards[-1]}: tensor '.*' is corrupted"):
+        SD3Transformer2DModel.from_pretrained(tmp_path)

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import diffusers
 import torch
-from safetensors import safe_open
 
 import convrot
 
@@ -116,14 +115,14 @@ class SaveSummary:
 
 
 def describe(directory: str | os.PathLike) -> SaveSummary:
-    """Size and layer counts of a save, read from the config and the safetensors header only."""
+    """Size and layer counts of a save (one file or shards), read from the config and the headers only."""
     config = read_config(directory)
-    path = Path(directory) / WEIGHTS_NAME
-    if not path.is_file():
-        raise NotAQuantizedSaveError(f"{directory}: no {WEIGHTS_NAME}")
-    with safe_open(path, framework="pt") as handle:
-        layers = json.loads((handle.metadata() or {}).get("layers", "{}"))
-        shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}
+    paths = weight_files(directory)
+    layers, shapes = {}, {}
+    for path in paths:
+        header = convrot.read_header(path)
+        layers.update(header.layers)
+        shapes.update({key: shape for key, (shape, _) in header.tensors.items()})
     counts: dict[str, int] = {}
     parameters = {"w4a4": 0, "w8a8": 0, "bf16": 0}
     quantized_tensors = set()
@@ -136,7 +135,7 @@ def describe(directory: str | os.PathLike) -> SaveSummary:
             parameters["bf16"] += math.prod(shape)
     return SaveSummary(
         config=config,
-        file_bytes=path.stat().st_size,
+        file_bytes=sum(path.stat().st_size for path in paths),
         bf16_bytes=2 * sum(parameters.values()),
         layers=counts,
         parameters=parameters,
