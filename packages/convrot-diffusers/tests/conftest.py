@@ -38,3 +38,12 @@ def seed() -> int:
 @pytest.fixture(autouse=True, scope="session")
 def _threads():
     torch.set_num_threads(2)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

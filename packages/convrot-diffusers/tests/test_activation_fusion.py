@@ -1,14 +1,21 @@
+import copy
+
+import diffusers
 import numpy as np
 import pytest
 import torch
 from conftest import build, generate
-from diffusers.models.transformers.transformer_flux import FluxTransformerBlock
+from diffusers import FirstBlockCacheConfig
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models.activations import GELU
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
 import convrot
 import convrot_diffusers
 import convrot_kernels
 from convrot_diffusers import activation_fusion, fuse_activations, unfuse_activations
-from convrot_diffusers.demo import flux_transformer
+from convrot_diffusers.demo import flux_transformer, pixart_transformer
+from convrot_diffusers.versions import UnsupportedDiffusersError
 
 
 def expected_fusions(transformer) -> int:
@@ -63,7 +70,7 @@ def test_unquantized_and_erf_gelu_modules_are_left_alone():
     block = transformer.transformer_blocks[0]
     block.ff.net[0].approximate = "none"  # an erf GELU: the kernels apply the tanh approximation only
     assert fuse_activations(transformer) == expected_fusions(transformer) - 1
-    assert block.ff.net[2].gelu_from is None and "forward" not in vars(block.ff.net[0])
+    assert block.ff.net[2].gelu_from is None and type(block.ff.net[0]) is GELU
 
 
 def single_block_inputs(g: torch.Generator, dim: int, text: int = 5, image: int = 7, batch: int = 2):
@@ -181,7 +188,7 @@ def test_double_blocks_norm_each_stream_inside_the_quantization_of_its_layers(fu
     fuse_activations(transformer)
     convrot_diffusers.fuse_qk_norm_rope(transformer)
     block = transformer.transformer_blocks[0]
-    assert "forward" in vars(block)
+    assert type(block) is activation_fusion.ConvRotFluxTransformerBlock
     normed_calls = count_calls(monkeypatch, "forward_shared_normed")
     residual_calls = count_calls(monkeypatch, "forward_shared_residual_normed")
     g = torch.Generator().manual_seed(3)
@@ -209,3 +216,160 @@ def test_double_blocks_norm_each_stream_inside_the_quantization_of_its_layers(fu
     expected = FluxTransformerBlock.forward(block, hidden, encoder, temb, image_rotary_emb=rope)
     for a, b in zip(got, expected, strict=True):
         assert torch.equal(a, b)
+
+
+def quantized_flux(simulated: bool = False):
+    transformer = flux_transformer()
+    convrot_diffusers.quantize_transformer(transformer, "w4a4", progress=False)
+    if simulated:
+        convrot.set_simulation(transformer, torch.float64)
+    return transformer
+
+
+def block_call(block, g: torch.Generator):
+    """Random inputs for a Flux block of either kind, with rotary angles: (args, kwargs)."""
+    dim = block.attn.inner_dim
+    hidden, encoder, temb = single_block_inputs(g, dim)
+    theta = torch.rand(12, block.attn.head_dim, generator=g) * 6
+    return (hidden, encoder, temb), {"image_rotary_emb": (theta.cos(), theta.sin())}
+
+
+def test_fused_modules_are_classes_of_their_own_holding_the_same_submodules():
+    transformer = quantized_flux()
+    stock_modules = dict(transformer.named_modules())
+    fuse_activations(transformer)
+    text = repr(transformer)
+    for name in ("ConvRotFluxSingleTransformerBlock", "ConvRotFluxTransformerBlock", "DeferredGELU"):
+        assert name in text
+    single, double = activation_fusion.ConvRotFluxSingleTransformerBlock, activation_fusion.ConvRotFluxTransformerBlock
+    assert all(type(b) is single for b in transformer.single_transformer_blocks)
+    assert all(type(b) is double for b in transformer.transformer_blocks)
+    # The same instances (a subclass of the stock class each): submodules and parameters untouched, no forward
+    # bound on an instance.
+    assert all(stock_modules[name] is module for name, module in transformer.named_modules())
+    assert isinstance(transformer.single_transformer_blocks[0], FluxSingleTransformerBlock)
+    assert not any("forward" in vars(module) for module in transformer.modules())
+    unfuse_activations(transformer)
+    assert "ConvRot" not in repr(transformer) and "DeferredGELU" not in repr(transformer)
+    assert {type(b) for b in transformer.single_transformer_blocks} == {FluxSingleTransformerBlock}
+
+
+@pytest.mark.parametrize("kind", ["single", "double"])
+@pytest.mark.parametrize("processor", ["stock", "normrope"])
+@pytest.mark.parametrize("simulated", [True, False])
+def test_each_fused_block_matches_the_stock_block(kind, processor, simulated, seed):
+    """Against the same quantized block unfused: equal in float simulation (torch's norms, the same GELU
+    rounding); with the kernels, the norms' summation order may move a value by an ulp and a 4-bit code by a
+    step (docs/format.md): close."""
+    stock = quantized_flux(simulated)
+    fused = copy.deepcopy(stock)
+    fuse_activations(fused)
+    if processor == "normrope":
+        for model in (stock, fused):
+            convrot_diffusers.fuse_qk_norm_rope(model)
+    blocks = "single_transformer_blocks" if kind == "single" else "transformer_blocks"
+    pairs = zip(getattr(stock, blocks), getattr(fused, blocks), strict=True)
+    for index, (stock_block, fused_block) in enumerate(pairs):
+        assert isinstance(fused_block, activation_fusion.BLOCK_CLASSES) and type(stock_block) in (
+            FluxSingleTransformerBlock,
+            FluxTransformerBlock,
+        )
+        args, kwargs = block_call(stock_block, torch.Generator().manual_seed(seed + index))
+        with torch.no_grad():
+            expected, got = stock_block(*args, **kwargs), fused_block(*args, **kwargs)
+        for a, b in zip(got, expected, strict=True):
+            if simulated:
+                assert torch.equal(a, b), f"seed {seed}"
+            else:
+                torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item(), msg=f"seed {seed}")
+
+
+class CountingHook(ModelHook):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.calls += 1
+        return args, kwargs
+
+
+def test_a_diffusers_hook_installed_after_fusion_survives_unfusing(seed):
+    transformer = quantized_flux(simulated=True)
+    reference = copy.deepcopy(transformer)
+    fuse_activations(transformer)
+    blocks = (transformer.single_transformer_blocks[0], transformer.transformer_blocks[0])
+    hooks = []
+    for block in blocks:
+        hook = CountingHook()
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, "count")
+        hooks.append(hook)
+    call = block_call(blocks[1], torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        for block in blocks:
+            block(*call[0], **call[1])
+        assert [hook.calls for hook in hooks] == [1, 1]
+
+        assert unfuse_activations(transformer) > 0
+        for block, stock, hook in zip(
+            blocks, (reference.single_transformer_blocks[0], reference.transformer_blocks[0]), hooks, strict=True
+        ):
+            assert type(block) in (FluxSingleTransformerBlock, FluxTransformerBlock)
+            assert HookRegistry.check_if_exists_or_initialize(block).get_hook("count") is hook
+            # The hook still runs, around the stock forward now.
+            for a, b in zip(block(*call[0], **call[1]), stock(*call[0], **call[1]), strict=True):
+                assert torch.equal(a, b), f"seed {seed}"
+        assert [hook.calls for hook in hooks] == [2, 2]
+
+    # Fusing a module that already carries a hook is refused: the hook would keep calling the stock forward.
+    with pytest.raises(ValueError, match="already carry diffusers hooks"):
+        fuse_activations(transformer)
+    assert not any(isinstance(m, activation_fusion.FusedModule) for m in transformer.modules())
+
+
+def test_diffusers_caching_and_regional_compilation_see_the_fused_blocks(seed):
+    transformer = quantized_flux()
+    fuse_activations(transformer)
+    # FirstBlockCache looks the blocks up by class in diffusers' block registry.
+    transformer.enable_cache(FirstBlockCacheConfig(threshold=0.05))
+    kwargs = flux_inputs(transformer, torch.Generator().manual_seed(seed))
+    with torch.no_grad(), transformer.cache_context("cond"):
+        first = transformer(**kwargs, return_dict=False)[0]
+        again = transformer(**kwargs, return_dict=False)[0]  # the same input: the cache answers
+    # The cached step adds the stored residual of the skipped blocks back: equal up to that addition's rounding.
+    assert torch.isfinite(first).all()
+    torch.testing.assert_close(again, first, rtol=1e-5, atol=1e-5)
+    transformer.disable_cache()
+
+    transformer.compile_repeated_blocks()  # finds blocks by class name; compiles lazily
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    assert all(block._compiled_call_impl is not None for block in blocks)
+    unfuse_activations(transformer)
+    assert "_repeated_blocks" not in vars(transformer)
+
+
+def flux_inputs(transformer, g: torch.Generator) -> dict:
+    config = transformer.config
+    return dict(
+        hidden_states=torch.randn(1, 16, config.in_channels, generator=g),
+        encoder_hidden_states=torch.randn(1, 8, config.joint_attention_dim, generator=g),
+        pooled_projections=torch.randn(1, config.pooled_projection_dim, generator=g),
+        timestep=torch.rand(1, generator=g),
+        img_ids=torch.zeros(16, 3),
+        txt_ids=torch.zeros(8, 3),
+        guidance=torch.full((1,), 3.5),
+    )
+
+
+@pytest.mark.parametrize("found", ["0.38.0", "0.43.0", "0.43.0.dev0"])
+def test_block_fusion_is_refused_outside_the_tested_diffusers_range(found, monkeypatch):
+    monkeypatch.setattr(diffusers, "__version__", found)
+    transformer = quantized_flux()
+    with pytest.raises(UnsupportedDiffusersError, match=rf"written for diffusers >= 0.39.0, < 0.43 .*found {found}"):
+        fuse_activations(transformer)
+    assert not any(isinstance(m, activation_fusion.FusedModule) for m in transformer.modules())
+    assert all(m.gelu_from is None for m in transformer.modules() if isinstance(m, convrot.ConvLinear))
+    # Feed-forwards alone (PixArt, SD3) do not depend on diffusers' block forwards.
+    pixart = pixart_transformer()
+    convrot_diffusers.quantize_transformer(pixart, "w4a4", progress=False)
+    assert fuse_activations(pixart) == len(pixart.transformer_blocks)

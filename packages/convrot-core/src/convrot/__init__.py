@@ -5,7 +5,19 @@ See docs/method.md in the repository for the method and the policy format.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .checkpoint import CheckpointError, install_skeletons, load_quantized, read_layer_specs, save_quantized
+from .checkpoint import (
+    CheckpointError,
+    CheckpointHeader,
+    check_layout,
+    checkpoint_metadata,
+    install_skeletons,
+    load_quantized,
+    quantized_layers,
+    read_header,
+    read_layer_specs,
+    save_quantized,
+    tensor_checksum,
+)
 from .hadamard import ROTATIONS, regular_hadamard, resolve_group_size, rotate_groups, sylvester_hadamard
 from .linear import ConvLinear, ConvLinear4bit, ConvLinear8bit
 from .model import quantize_model, set_simulation
@@ -21,13 +33,18 @@ __all__ = [
     "KINDS",
     "ROTATIONS",
     "CheckpointError",
+    "CheckpointHeader",
     "ConvLinear",
     "ConvLinear4bit",
     "ConvLinear8bit",
+    "check_layout",
+    "checkpoint_metadata",
     "fake_quant",
     "install_skeletons",
     "load_quantized",
     "quantize_model",
+    "quantized_layers",
+    "read_header",
     "read_layer_specs",
     "regular_hadamard",
     "resolve_group_size",
@@ -36,4 +53,5 @@ __all__ = [
     "set_simulation",
     "simulated_linear",
     "sylvester_hadamard",
+    "tensor_checksum",
 ]

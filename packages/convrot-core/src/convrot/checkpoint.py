@@ -16,6 +16,7 @@ import json
 import os
 import zlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -42,12 +43,15 @@ _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
 }
 
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded into the given model; the model is left unchanged."""
 
 
-def _crc32(tensor: torch.Tensor) -> int:
+def tensor_checksum(tensor: torch.Tensor) -> int:
+    """The CRC-32 of a CPU tensor's bytes, as the header's ``checksums`` holds it."""
     return zlib.crc32(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
@@ -62,17 +66,32 @@ def _layer_spec(layer: ConvLinear) -> dict:
     }
 
 
+def quantized_layers(model: nn.Module) -> dict[str, ConvLinear]:
+    """Every ConvLinear of the model by name (a layer shared under two names appears under both)."""
+    return {
+        name: module
+        for name, module in model.named_modules(remove_duplicate=False)
+        if isinstance(module, ConvLinear)
+    }
+
+
+def checkpoint_metadata(layers: Mapping[str, ConvLinear], tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """The header metadata of a checkpoint holding ``tensors`` (CPU, contiguous), whose quantized layers are
+    ``layers`` (by name): format, version, layer list and checksums."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "layers": json.dumps({name: _layer_spec(layer) for name, layer in layers.items()}),
+        "checksums": json.dumps({key: tensor_checksum(tensor) for key, tensor in tensors.items()}),
+    }
+
+
 def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
     """Writes the model (quantized layers and everything else) to one safetensors file.
 
     Written to a temporary file beside ``path`` and renamed, so an
     interrupted save never leaves a truncated checkpoint under ``path``.
     """
-    layers = {
-        name: _layer_spec(module)
-        for name, module in model.named_modules(remove_duplicate=False)
-        if isinstance(module, ConvLinear)
-    }
     tensors = {}
     storages = set()
     for key, tensor in model.state_dict().items():
@@ -84,12 +103,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
             tensor = tensor.clone()
         storages.add(tensor.untyped_storage().data_ptr())
         tensors[key] = tensor
-    metadata = {
-        "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
-        "layers": json.dumps(layers),
-        "checksums": json.dumps({key: _crc32(tensor) for key, tensor in tensors.items()}),
-    }
+    metadata = checkpoint_metadata(quantized_layers(model), tensors)
     path = os.fspath(path)
     partial = f"{path}.partial"
     try:
@@ -187,6 +201,31 @@ def _expected_tensors(model: nn.Module, layers: Mapping[str, dict]) -> dict[str,
     return expected
 
 
+def check_layout(
+    model: nn.Module, layers: Mapping[str, dict], stored: Mapping[str, tuple[tuple, torch.dtype | None]], source: str
+) -> list[str]:
+    """Checks that tensors of these names, shapes and dtypes (``stored``) and this layer list load into the
+    model (a skeleton is enough); returns the tensor names the model needs. Raises CheckpointError naming
+    ``source`` (the file or files) and the first problem: a layer the model lacks, a missing or extra tensor,
+    a shape or dtype mismatch."""
+    try:
+        expected = _expected_tensors(model, layers)
+    except CheckpointError as error:
+        raise CheckpointError(f"{source}: {error}") from None
+    if missing := expected.keys() - stored.keys():
+        raise CheckpointError(f"{source}: missing tensor(s) {_listing(missing)} that the model needs")
+    if extra := stored.keys() - expected.keys():
+        raise CheckpointError(f"{source}: tensor(s) {_listing(extra)} match nothing in the model")
+    for key, (shape, dtype) in expected.items():
+        stored_shape, stored_dtype = stored[key]
+        if stored_shape != shape:
+            raise CheckpointError(f"{source}: tensor {key!r} has shape {stored_shape}, the model needs {shape}")
+        if dtype is not None and stored_dtype != dtype:
+            stored_name = _SAFETENSORS_NAMES.get(stored_dtype, stored_dtype)
+            raise CheckpointError(f"{source}: tensor {key!r} is {stored_name}, expected {dtype}")
+    return list(expected)
+
+
 def _listing(names) -> str:
     names = sorted(names)
     return ", ".join(repr(name) for name in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
@@ -214,30 +253,19 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, device: torch.devi
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at {path}")
+    header = read_header(path)
+    names = check_layout(model, header.layers, header.tensors, path)
     try:
         with safe_open(path, framework="pt", device="cpu") as handle:
-            layers, checksums = _read_header(handle, path)
-            expected = _expected_tensors(model, layers)
-            found = set(handle.keys())
-            if missing := expected.keys() - found:
-                raise CheckpointError(f"{path}: missing tensor(s) {_listing(missing)} that the model needs")
-            if extra := found - expected.keys():
-                raise CheckpointError(f"{path}: tensor(s) {_listing(extra)} match nothing in the model")
-            for key, (shape, dtype) in expected.items():
-                stored = handle.get_slice(key)
-                stored_shape, stored_dtype = tuple(stored.get_shape()), _SAFETENSORS_DTYPES.get(stored.get_dtype())
-                if stored_shape != shape:
-                    raise CheckpointError(f"{path}: tensor {key!r} has shape {stored_shape}, the model needs {shape}")
-                if dtype is not None and stored_dtype != dtype:
-                    raise CheckpointError(f"{path}: tensor {key!r} is {stored.get_dtype()}, expected {dtype}")
             tensors = {}
-            for key in expected:
+            for key in names:
                 tensor = handle.get_tensor(key)
-                if checksums.get(key) != _crc32(tensor):
+                if header.checksums.get(key) != tensor_checksum(tensor):
                     raise CheckpointError(f"{path}: tensor {key!r} is corrupted (checksum mismatch)")
                 tensors[key] = tensor
     except SafetensorError as error:
         raise CheckpointError(f"{path}: unreadable safetensors file, truncated or corrupted ({error})") from None
+    layers = header.layers
 
     for name, spec in layers.items():  # saves from before ConvLinear kept an fp32 bias hold it in bf16
         if spec["bias"]:
@@ -250,17 +278,43 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, device: torch.devi
     return model
 
 
+@dataclass(frozen=True)
+class CheckpointHeader:
+    """What a checkpoint file's header says, read without any tensor data."""
+
+    layers: dict[str, dict]  # quantized layer name -> spec (kind, in_features, out_features, bias, ...)
+    checksums: dict[str, int]  # tensor name -> CRC-32
+    tensors: dict[str, tuple[tuple[int, ...], torch.dtype | None]]  # tensor name -> stored (shape, dtype)
+    metadata: dict[str, str]  # every metadata entry, the ones above included
+
+
+def read_header(path: str | os.PathLike) -> CheckpointHeader:
+    """The header of a save_quantized file, checked (format, version, each layer spec) without reading any
+    tensor. Raises FileNotFoundError or CheckpointError naming the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            layers, checksums = _read_header(handle, path)
+            tensors = {}
+            for key in handle.keys():
+                stored = handle.get_slice(key)
+                tensors[key] = (tuple(stored.get_shape()), _SAFETENSORS_DTYPES.get(stored.get_dtype()))
+            metadata = dict(handle.metadata() or {})
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path}: unreadable safetensors file, truncated or corrupted ({error})") from None
+    return CheckpointHeader(layers, checksums, tensors, metadata)
+
+
 def read_layer_specs(path: str | os.PathLike) -> dict[str, dict]:
     """The layer list of a save_quantized file: name -> {kind, in_features,
     out_features, bias, group_size, rotation}, checked (format, version, each
     spec) without reading any tensor. Raises CheckpointError."""
-    path = os.fspath(path)
     try:
-        with safe_open(path, framework="pt") as handle:
-            layers, _ = _read_header(handle, path)
-    except (SafetensorError, OSError) as error:
-        raise CheckpointError(f"{path}: unreadable safetensors file, truncated or corrupted ({error})") from None
-    return layers
+        return read_header(path).layers
+    except FileNotFoundError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def install_skeletons(model: nn.Module, layers: Mapping[str, dict]) -> None:

@@ -1,10 +1,11 @@
-"""Saving and loading a quantized transformer as a directory.
+"""Saving and loading a quantized transformer as a directory: thin wrappers of diffusers' own
+``save_pretrained`` / ``from_pretrained`` (the ConvRot quantizer, diffusers_integration.py, does the work).
 
-Layout (also what ``<Transformer>.from_pretrained(directory)`` reads, see diffusers_integration.py):
+Layout (what ``transformer.save_pretrained(directory)`` writes and ``<Transformer>.from_pretrained`` reads):
   config.json                         the transformer's diffusers config, with ``quantization_config``
                                       = ConvRotConfig (preset, group size, rotation, base model, versions)
-  diffusion_pytorch_model.safetensors convrot-core's checkpoint: packed codes, fp32 scales and biases, bf16 rest,
-                                      and a header listing every quantized layer
+  diffusion_pytorch_model.safetensors convrot-core's checkpoint: packed codes, fp32 scales and biases, the rest
+                                      as saved, and a header listing every quantized layer with checksums
 """
 
 from __future__ import annotations
@@ -17,17 +18,15 @@ from pathlib import Path
 
 import diffusers
 import torch
-from accelerate import init_empty_weights
-from safetensors import safe_open
 
 import convrot
 
 from .detect import architecture_for_class, transformer_of
-from .diffusers_integration import QUANT_METHOD, ConvRotConfig
-from .fusion import fuse_qkv_projections, unfuse_qkv_projections
+from .diffusers_integration import QUANT_METHOD, ConvRotQuantizer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 
 
 class NotAQuantizedSaveError(ValueError):
@@ -35,25 +34,13 @@ class NotAQuantizedSaveError(ValueError):
 
 
 def save_quantized(pipe_or_transformer, directory: str | os.PathLike) -> Path:
-    """Writes the quantized transformer of a pipeline (or the transformer itself) to ``directory``.
-
-    Fused q/k/v projections (fuse_qkv_projections) are saved as separate layers.
-    """
+    """Writes the quantized transformer of a pipeline (or the transformer itself) to ``directory``:
+    ``transformer.save_pretrained(directory)``. Fused q/k/v projections are saved as separate layers."""
     transformer = transformer_of(pipe_or_transformer)
-    config = getattr(transformer.config, "quantization_config", None)
-    if not isinstance(config, ConvRotConfig):
+    if not isinstance(getattr(transformer, "hf_quantizer", None), ConvRotQuantizer):
         raise ValueError("the transformer is not quantized: call quantize_pipeline (or quantize_transformer) first")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    # A save holds the separate q/k/v layers, which a fresh transformer of the config has.
-    fused = unfuse_qkv_projections(transformer)
-    try:
-        convrot.save_quantized(transformer, directory / WEIGHTS_NAME)
-    finally:
-        if fused:
-            fuse_qkv_projections(transformer)
-    transformer.save_config(directory)
-    return directory
+    transformer.save_pretrained(directory)
+    return Path(directory)
 
 
 def read_config(directory: str | os.PathLike) -> dict:
@@ -61,9 +48,12 @@ def read_config(directory: str | os.PathLike) -> dict:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise NotAQuantizedSaveError(f"{directory}: no {CONFIG_NAME}, not a convrot-diffusers save")
-    config = json.loads(path.read_text())
-    quantization = config.get("quantization_config") or {}
-    if quantization.get("quant_method") != QUANT_METHOD:
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise NotAQuantizedSaveError(f"{path}: not a JSON file ({error})") from None
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != QUANT_METHOD:
         raise NotAQuantizedSaveError(f"{directory}: {CONFIG_NAME} has no ConvRot quantization_config")
     return config
 
@@ -71,34 +61,44 @@ def read_config(directory: str | os.PathLike) -> dict:
 def is_quantized_save(directory: str | os.PathLike) -> bool:
     try:
         read_config(directory)
-    except (NotAQuantizedSaveError, json.JSONDecodeError):
+    except NotAQuantizedSaveError:
         return False
     return True
 
 
-def load_quantized(directory: str | os.PathLike, device: str | torch.device = "cpu", dtype=torch.bfloat16):
-    """Rebuilds a quantized transformer from a save_quantized directory.
+def weight_files(directory: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a save: one, or the shards its index lists."""
+    directory = Path(directory)
+    index = directory / INDEX_NAME
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+            raise convrot.CheckpointError(f"{index}: damaged shard index ({type(error).__name__}: {error})") from None
+        return [directory / name for name in names]
+    if not (directory / WEIGHTS_NAME).is_file():
+        raise NotAQuantizedSaveError(f"{directory}: no {WEIGHTS_NAME}")
+    return [directory / WEIGHTS_NAME]
 
-    The transformer is built on the meta device, its Linear layers are replaced
-    by ConvLinear layers from the stored codes, and every tensor is read once
-    onto ``device``: no bf16 weight of a quantized layer is ever materialised.
-    Non-quantized tensors are cast to ``dtype``. Assemble a pipeline with
+
+def load_quantized(directory: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """``<Transformer>.from_pretrained(directory, torch_dtype=dtype)`` of a save, on ``device``.
+
+    The transformer is built on the meta device, its Linear layers are replaced by ConvLinear layers from the
+    stored codes, and every tensor is read once, its checksum checked: no bf16 weight of a quantized layer is
+    ever materialised. ``dtype``: of the non-quantized tensors (None: as saved). Each file's header is checked
+    first, so a truncated or foreign file is named before anything loads. Assemble a pipeline with
     ``Pipeline.from_pretrained(base_model, transformer=loaded)``.
     """
     config = read_config(directory)
-    transformer_class = getattr(diffusers, config["_class_name"])
     architecture_for_class(config["_class_name"])
-    quantization = ConvRotConfig.from_dict(config.pop("quantization_config"))
-    # Parameters on the meta device; buffers (rotary tables, position embeddings) are small and
-    # some are not in the state dict, so they are built for real, as diffusers does.
-    with init_empty_weights(include_buffers=False):
-        transformer = transformer_class.from_config(config)
-    convrot.load_quantized(transformer, Path(directory) / WEIGHTS_NAME, device=device)
-    # torch's own .to: the scales stay fp32 (ConvLinear._apply), codes are integers; diffusers'
-    # override would warn about float32 modules even when there are none.
-    torch.nn.Module.to(transformer, device=device, dtype=dtype)
-    transformer.register_to_config(quantization_config=quantization)
-    return transformer.eval()
+    for path in weight_files(directory):
+        convrot.read_header(path)
+    transformer_class = getattr(diffusers, config["_class_name"])
+    kwargs = {} if dtype is None else {"torch_dtype": dtype}
+    if torch.device(device).type != "cpu":
+        kwargs["device_map"] = str(device)
+    return transformer_class.from_pretrained(directory, **kwargs).eval()
 
 
 @dataclass
@@ -115,14 +115,14 @@ class SaveSummary:
 
 
 def describe(directory: str | os.PathLike) -> SaveSummary:
-    """Size and layer counts of a save, read from the config and the safetensors header only."""
+    """Size and layer counts of a save (one file or shards), read from the config and the headers only."""
     config = read_config(directory)
-    path = Path(directory) / WEIGHTS_NAME
-    if not path.is_file():
-        raise NotAQuantizedSaveError(f"{directory}: no {WEIGHTS_NAME}")
-    with safe_open(path, framework="pt") as handle:
-        layers = json.loads((handle.metadata() or {}).get("layers", "{}"))
-        shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}
+    paths = weight_files(directory)
+    layers, shapes = {}, {}
+    for path in paths:
+        header = convrot.read_header(path)
+        layers.update(header.layers)
+        shapes.update({key: shape for key, (shape, _) in header.tensors.items()})
     counts: dict[str, int] = {}
     parameters = {"w4a4": 0, "w8a8": 0, "bf16": 0}
     quantized_tensors = set()
@@ -135,7 +135,7 @@ def describe(directory: str | os.PathLike) -> SaveSummary:
             parameters["bf16"] += math.prod(shape)
     return SaveSummary(
         config=config,
-        file_bytes=path.stat().st_size,
+        file_bytes=sum(path.stat().st_size for path in paths),
         bf16_bytes=2 * sum(parameters.values()),
         layers=counts,
         parameters=parameters,

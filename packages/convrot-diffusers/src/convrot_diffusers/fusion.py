@@ -26,6 +26,7 @@ import functools
 from diffusers.models import attention_processor
 from diffusers.models.attention import AttentionModuleMixin
 
+import convrot
 from convrot import ConvLinear
 
 from .detect import transformer_of
@@ -135,3 +136,22 @@ def unfuse_qkv_projections(pipe_or_transformer) -> int:
     for module in modules:
         _unfuse_module(module)
     return len(modules)
+
+
+def separate_layers_state(transformer, state_dict: dict) -> tuple[dict, dict]:
+    """(state dict, quantized layers by name) of the transformer with its q/k/v projections separate, as a
+    fresh transformer of its config has them, computed without changing it (ConvLinear.split is exact)."""
+    state, layers = dict(state_dict), convrot.quantized_layers(transformer)
+    for module_name, module in transformer.named_modules():
+        if not _is_fused(module):
+            continue
+        prefix = f"{module_name}." if module_name else ""
+        for fused_name, parts in module._convrot_fused.items():
+            del layers[prefix + fused_name]
+            for key in [key for key in state if key.startswith(f"{prefix}{fused_name}.")]:
+                del state[key]
+            separate = getattr(module, fused_name).split([size for _, size in parts])
+            for (name, _), layer in zip(parts, separate, strict=True):
+                layers[prefix + name] = layer
+                state.update({f"{prefix}{name}.{key}": tensor for key, tensor in layer.state_dict().items()})
+    return state, layers

@@ -5,7 +5,7 @@ from __future__ import annotations
 import convrot
 
 from .detect import transformer_of
-from .diffusers_integration import ConvRotConfig
+from .diffusers_integration import ConvRotConfig, attach_quantizer
 from .presets import DEFAULT_PRESET, check_preset, policy_for
 
 
@@ -15,15 +15,15 @@ def quantize_transformer(
     """Quantizes a Flux / PixArt / SD3 transformer in place with ``preset``; returns it.
 
     The preset and group size are recorded in ``transformer.config.quantization_config``
-    (a ConvRotConfig), which save_quantized writes next to the weights.
+    (a ConvRotConfig), and the transformer gets its ConvRotQuantizer, so that
+    ``transformer.save_pretrained(directory)`` writes a ConvRot checkpoint.
     """
     check_preset(preset)
     if getattr(transformer.config, "quantization_config", None) is not None:
         raise ValueError("the transformer is already quantized")
     policy = policy_for(transformer, preset)
     convrot.quantize_model(transformer, policy=policy, group_size=group_size, progress=progress)
-    config = ConvRotConfig(preset=preset, group_size=group_size, base_model=base_model)
-    transformer.register_to_config(quantization_config=config)
+    attach_quantizer(transformer, ConvRotConfig(preset=preset, group_size=group_size, base_model=base_model))
     return transformer
 
 

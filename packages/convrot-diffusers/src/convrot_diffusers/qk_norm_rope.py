@@ -22,15 +22,11 @@ from __future__ import annotations
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor, _get_qkv_projections
 
 from convrot_kernels import rms_norm_rope, rms_norm_rope_into
 
 from .detect import transformer_of
-
-try:  # diffusers >= 0.35 has Flux's attention as its own module and processor
-    from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor, _get_qkv_projections
-except ImportError:  # pragma: no cover - older diffusers: nothing to fuse
-    FluxAttention = FluxAttnProcessor = None
 
 
 def _covered(norm, dtype: torch.dtype, head_dim: int) -> bool:
@@ -185,8 +181,6 @@ def fuse_qk_norm_rope(pipe_or_transformer) -> int:
     Returns how many modules changed. Works on quantized and bf16 transformers alike;
     call it before torch.compile or CUDA-graph capture. ``unfuse_qk_norm_rope`` undoes it.
     """
-    if FluxAttention is None:
-        return 0
     fused = 0
     for module in transformer_of(pipe_or_transformer).modules():
         if isinstance(module, FluxAttention) and type(module.processor) is FluxAttnProcessor:
@@ -199,8 +193,7 @@ def unfuse_qk_norm_rope(pipe_or_transformer) -> int:
     """Gives the modules fuse_qk_norm_rope changed diffusers' stock processor back; returns how many."""
     restored = 0
     for module in transformer_of(pipe_or_transformer).modules():
-        if FluxAttention is not None and isinstance(module, FluxAttention):
-            if isinstance(module.processor, FluxNormRopeAttnProcessor):
-                module.set_processor(FluxAttnProcessor())
-                restored += 1
+        if isinstance(module, FluxAttention) and isinstance(module.processor, FluxNormRopeAttnProcessor):
+            module.set_processor(FluxAttnProcessor())
+            restored += 1
     return restored
