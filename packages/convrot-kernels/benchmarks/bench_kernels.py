@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -30,21 +29,12 @@ HEADS, HEAD_DIM = 24, 128
 
 @contextlib.contextmanager
 def forced_gemm_kernel(kernel: str | None = None, tile_n: int | None = None):
-    """Runs the body with gemm's kernel forced (None: the dispatcher's choice); the one place that knows
-    how a kernel is forced (the dispatcher reads these variables at each call)."""
-    names = ("CONVROT_GEMM_KERNEL", "CONVROT_SM90_TILE_N")
-    saved = {name: os.environ.pop(name, None) for name in names}
-    if kernel is not None:
-        os.environ["CONVROT_GEMM_KERNEL"] = kernel
-    if tile_n is not None:
-        os.environ["CONVROT_SM90_TILE_N"] = str(tile_n)
-    try:
+    """Runs the body with gemm's kernel forced (None: the dispatcher's choice)."""
+    if kernel is None:
         yield
-    finally:
-        for name, value in saved.items():
-            os.environ.pop(name, None)
-            if value is not None:
-                os.environ[name] = value
+        return
+    with ck.forced_gemm_kernel(kernel, sm90_tile_n=tile_n or 256):
+        yield
 
 
 def bf16(*shape) -> torch.Tensor:

@@ -117,8 +117,8 @@ GEMM_CASES = [  # (kernel or None for the automatic choice, tile width, M, N, K,
 def test_gemm(kernel, tile_n, m, n, k, out_dtype, bits):
     if kernel.startswith("sm90") and not HOPPER:
         pytest.skip("the sm90 kernels need compute capability 9.0")
-    qa, sa = ck.rht_quantize(randn(m, k), 64, bits)
-    qw, sw = ck.rht_quantize(randn(n, k), 64, bits)
+    qa, sa = ck.rht_quantize(randn(m, k), 16, bits)
+    qw, sw = ck.rht_quantize(randn(n, k), 16, bits)
     bias = torch.randn(n)
     with ck.forced_gemm_kernel(kernel, sm90_tile_n=tile_n):
         gpu = ck.gemm(qa.cuda(), sa.cuda(), qw.cuda(), sw.cuda(), bias.cuda(), bits=bits, out_dtype=out_dtype)
