@@ -127,17 +127,17 @@ RowSource row_source(const void* x, const void* x2, int64_t k1, int64_t k, int64
 }
 
 void run_gemm(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias, void* out,
-              Float out_dtype, int64_t m, int64_t n, int64_t k, int bits, bool cuda, uintptr_t stream) {
+              Float out_dtype, int64_t m, int64_t n, int64_t k, GemmCodes codes, bool cuda, uintptr_t stream) {
   if (m == 0 || n == 0) return;
   if (cuda) {
 #ifdef CONVROT_WITH_CUDA
-    cuda::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, bits, as_stream(stream));
+    cuda::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, codes, as_stream(stream));
 #else
     throw nb::value_error("convrot_kernels was built without its CUDA backend");
 #endif
   } else {
     nb::gil_scoped_release release;
-    cpu::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, bits);
+    cpu::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, codes);
   }
 }
 
@@ -166,14 +166,29 @@ void rht_quantize(Array x, Array q, Array scale, int group, int bits, uintptr_t 
   run_rht_quantize(src, dtype, m, k, group, bits, q.data(), static_cast<float*>(scale.data()), cuda, stream);
 }
 
+// bits: the weights' code width; act_bits the activations' (negative: bits); group_scale the
+// multipliers of group-scaled 4-bit weights, uint8 [N, K / 64] (docs/format.md).
 void gemm(Array qa, Array sa, Array qw, Array sw, std::optional<Array> bias, Array out, int bits,
-          uintptr_t stream) {
+          uintptr_t stream, int act_bits, std::optional<Array> group_scale) {
+  if (act_bits < 0) act_bits = bits;
   require_bits(bits);
-  require_codes(qa, bits, "qa");
+  require_bits(act_bits);
+  require(bits == 4 || act_bits == 8, "8-bit weights need 8-bit activations");
+  require_codes(qa, act_bits, "qa");
   require_codes(qw, bits, "qw");
-  require(qa.ndim() == 2 && qw.ndim() == 2 && qa.shape(1) == qw.shape(1), "qa and qw must be 2-D with equal K");
+  require(qa.ndim() == 2 && qw.ndim() == 2, "qa and qw must be 2-D");
   const int64_t m = int64_t(qa.shape(0)), n = int64_t(qw.shape(0));
-  const int64_t k = int64_t(qa.shape(1)) * (bits == 4 ? 2 : 1);
+  const int64_t k = int64_t(qa.shape(1)) * (act_bits == 4 ? 2 : 1);
+  require(int64_t(qw.shape(1)) * (bits == 4 ? 2 : 1) == k, "qa and qw must hold the same K");
+  GemmCodes codes{bits, act_bits, nullptr};
+  if (group_scale) {
+    require(bits == 4, "group scales go with 4-bit weights");
+    require(k % kWeightGroup == 0, "group-scaled weights need K a multiple of 64");
+    require(is(*group_scale, nb::dlpack::dtype_code::UInt, 8) && group_scale->ndim() == 2 &&
+                int64_t(group_scale->shape(0)) == n && int64_t(group_scale->shape(1)) == k / kWeightGroup,
+            "group_scale must be uint8 [N, K / 64]");
+    codes.group_scale = static_cast<const uint8_t*>(group_scale->data());
+  }
   require_fp32(sa, "sa");
   require_fp32(sw, "sw");
   require(sa.ndim() == 1 && int64_t(sa.shape(0)) == m, "sa must be float32 [M]");
@@ -187,8 +202,9 @@ void gemm(Array qa, Array sa, Array qw, Array sw, std::optional<Array> bias, Arr
     b = static_cast<const float*>(bias->data());
   }
   const bool cuda = bias ? on_cuda({&qa, &sa, &qw, &sw, &*bias, &out}) : on_cuda({&qa, &sa, &qw, &sw, &out});
+  if (group_scale) on_cuda({&qa, &*group_scale});
   run_gemm(qa.data(), static_cast<const float*>(sa.data()), qw.data(), static_cast<const float*>(sw.data()), b,
-           out.data(), out_dtype, m, n, k, bits, cuda, stream);
+           out.data(), out_dtype, m, n, k, codes, cuda, stream);
 }
 
 // ---- raw-pointer entries for hot paths ----
@@ -222,8 +238,8 @@ void gemm_ptr(uintptr_t qa, uintptr_t sa, uintptr_t qw, uintptr_t sw, uintptr_t 
   const Float dtype = float_code(out_dtype);
   require_bits(bits);
   run_gemm(as_pointer<const void>(qa), as_pointer<const float>(sa), as_pointer<const void>(qw),
-           as_pointer<const float>(sw), as_pointer<const float>(bias), as_pointer<void>(out), dtype, m, n, k, bits,
-           cuda, stream);
+           as_pointer<const float>(sw), as_pointer<const float>(bias), as_pointer<void>(out), dtype, m, n, k,
+           GemmCodes::uniform(bits), cuda, stream);
 }
 
 // Rows of [batch, tokens, heads, dim] at the given element strides (the last dimension
@@ -410,7 +426,7 @@ NB_MODULE(_C, m) {
   m.def("rht_quantize", &convrot::rht_quantize, "x"_a, "q"_a.noconvert(), "scale"_a.noconvert(), "group_size"_a,
         "bits"_a, "stream"_a = 0, "x2"_a.none() = nb::none(), "gelu_from"_a = -1);
   m.def("gemm", &convrot::gemm, "qa"_a, "sa"_a, "qw"_a, "sw"_a, "bias"_a.none(), "out"_a.noconvert(), "bits"_a,
-        "stream"_a = 0);
+        "stream"_a = 0, "act_bits"_a = -1, "group_scale"_a.none() = nb::none());
   m.def("rht_quantize_ptr", &convrot::rht_quantize_ptr, "x"_a, "x_dtype"_a, "m"_a, "k"_a, "group_size"_a, "bits"_a,
         "q"_a, "scale"_a, "cuda"_a, "stream"_a, "x2"_a = 0, "x_k"_a = -1, "gelu_from"_a = -1);
   m.def("gemm_ptr", &convrot::gemm_ptr, "qa"_a, "sa"_a, "qw"_a, "sw"_a, "bias"_a, "out"_a, "out_dtype"_a, "m"_a, "n"_a,

@@ -52,6 +52,9 @@ def gemm(
     *,
     bits: int = 4,
     out_dtype: torch.dtype = torch.bfloat16,
+    weight_bits: int | None = None,
+    act_bits: int | None = None,
+    group_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y[m, n] = (sum_k qa[m, k] qw[n, k]) * sa[m] * sw[n] + bias[n].
 
@@ -59,7 +62,14 @@ def gemm(
     [M, K] and qw [N, K] int8 codes (bits=8); sa float32 [M], sw float32 [N];
     bias [N] of any float dtype (used in float32). Accumulation is exact int32,
     the epilogue fp32, the result out_dtype [M, N].
+
+    ``weight_bits`` and ``act_bits`` (default: ``bits``) give the two operands' widths apart:
+    ``weight_bits=4, act_bits=8`` is W4A8 (qw packed 4-bit, qa int8 [M, K]). ``group_scale``
+    (uint8 [N, K/64], values 1..16) makes 4-bit weights group-scaled: each code is multiplied
+    by its group's multiplier before the int8 product (docs/format.md).
     """
+    if weight_bits is not None or act_bits is not None or group_scale is not None:
+        return _scheme_gemm(qa, sa, qw, sw, bias, bits, out_dtype, weight_bits, act_bits, group_scale)
     bits = require_bits(bits)
     code_dtype = torch.uint8 if bits == 4 else torch.int8
     for name, t in (("qa", qa), ("qw", qw)):
@@ -132,3 +142,90 @@ def gemm_into(
     )
     _C.gemm_ptr(*pointers, FLOAT_CODES[out.dtype], m, n, k, bits, *on_device(out))
     return out
+
+
+# ---- schemes with separate weight and activation widths (W4A8) and group-scaled 4-bit weights ----
+
+WEIGHT_GROUP = 64  # codes per multiplier of group-scaled weights (docs/format.md)
+# Largest K for exact int32 accumulation: max |qa| · max |decoded weight| · K < 2^31 (docs/format.md).
+_SCHEME_MAX_K = {(4, 4, False): (1 << 25) - 1, (4, 8, False): (1 << 21) - 1, (4, 4, True): (1 << 21) - 1}
+
+
+def _scheme_max_k(weight_bits: int, act_bits: int, grouped: bool) -> int:
+    return _SCHEME_MAX_K.get((weight_bits, act_bits, grouped), (1 << 17) - 1)
+
+
+@torch.library.custom_op("convrot_kernels::scheme_gemm", mutates_args=())
+def _scheme_gemm_op(
+    qa: torch.Tensor,
+    sa: torch.Tensor,
+    qw: torch.Tensor,
+    sw: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_scale: torch.Tensor | None,
+    weight_bits: int,
+    act_bits: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    out = torch.empty((qa.shape[0], qw.shape[0]), dtype=out_dtype, device=qa.device)
+    _C.gemm(qa, sa, qw, sw, bias, out, weight_bits, stream_of(qa), act_bits, group_scale)
+    return out
+
+
+@_scheme_gemm_op.register_fake
+def _(qa, sa, qw, sw, bias, group_scale, weight_bits, act_bits, out_dtype):
+    return qa.new_empty((qa.shape[0], qw.shape[0]), dtype=out_dtype)
+
+
+def _scheme_gemm(qa, sa, qw, sw, bias, bits, out_dtype, weight_bits, act_bits, group_scale) -> torch.Tensor:
+    """gemm with the operands' widths given apart, and group scales: checks, then the op."""
+    weight_bits = require_bits(bits if weight_bits is None else weight_bits)
+    act_bits = require_bits(bits if act_bits is None else act_bits)
+    if weight_bits == 8 and act_bits == 4:
+        raise ValueError("weight_bits=8 with act_bits=4 is not a scheme (docs/format.md): use act_bits=8")
+    for name, t, width in (("qa", qa, act_bits), ("qw", qw, weight_bits)):
+        require_tensor(name, t)
+        require_dtype(name, t, (torch.uint8 if width == 4 else torch.int8,))
+        require_ndim(name, t, 2, "[rows, K/2] (4-bit codes)" if width == 4 else "[rows, K] (8-bit codes)")
+    k = qa.shape[1] * (2 if act_bits == 4 else 1)
+    if qw.shape[1] * (2 if weight_bits == 4 else 1) != k:
+        raise ValueError(
+            f"qa ({act_bits}-bit codes, {tuple(qa.shape)}) and qw ({weight_bits}-bit codes, {tuple(qw.shape)}) "
+            "must hold the same K"
+        )
+    if group_scale is not None:
+        require_tensor("group_scale", group_scale)
+        if weight_bits != 4:
+            raise ValueError("group_scale goes with 4-bit weights (weight_bits=4)")
+        if k % WEIGHT_GROUP:
+            raise ValueError(f"group-scaled weights need K a multiple of {WEIGHT_GROUP}; got K = {k}")
+        require_dtype("group_scale", group_scale, (torch.uint8,))
+        if group_scale.shape != (qw.shape[0], k // WEIGHT_GROUP):
+            raise ValueError(
+                f"group_scale must be uint8 [N, K/64] = [{qw.shape[0]}, {k // WEIGHT_GROUP}]; "
+                f"got shape {tuple(group_scale.shape)}"
+            )
+    max_k = _scheme_max_k(weight_bits, act_bits, group_scale is not None)
+    if k > max_k:
+        raise ValueError(f"K = {k} is too large for exact int32 accumulation of this scheme (max {max_k})")
+    m, n = qa.shape[0], qw.shape[0]
+    for name, t, size, dim in (("sa", sa, m, "M"), ("sw", sw, n, "N")):
+        require_tensor(name, t)
+        require_dtype(name, t, (torch.float32,))
+        if t.shape != (size,):
+            raise ValueError(f"{name} must be float32 [{dim}] = [{size}]; got shape {tuple(t.shape)}")
+    if bias is not None:
+        require_tensor("bias", bias)
+        require_dtype("bias", bias, FLOAT_DTYPES)
+        if bias.shape != (n,):
+            raise ValueError(f"bias must be [N] = [{n}]; got shape {tuple(bias.shape)}")
+        bias = bias.to(torch.float32).contiguous()
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype must be one of bfloat16, float16, float32; got {out_dtype}")
+    require_same_device(qa=qa, sa=sa, qw=qw, sw=sw, bias=bias, group_scale=group_scale)
+    if group_scale is not None:
+        group_scale = group_scale.contiguous()
+    return _scheme_gemm_op(
+        qa.contiguous(), sa.contiguous(), qw.contiguous(), sw.contiguous(), bias, group_scale, weight_bits, act_bits,
+        out_dtype,
+    )

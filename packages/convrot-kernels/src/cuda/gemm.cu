@@ -65,23 +65,23 @@ int forced_sm90_tile_n() {
 }  // namespace
 
 void gemm(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias, void* out,
-          Float out_dtype, int64_t m, int64_t n, int64_t k, int bits, void* stream) {
+          Float out_dtype, int64_t m, int64_t n, int64_t k, GemmCodes codes, void* stream) {
   if (m == 0 || n == 0) return;
   const cudaStream_t s = as_stream(stream);
   const Kernel forced = forced_kernel();
   const bool hopper = built_for_hopper() && device_cc() == 90;
   const auto allowed = [forced](Kernel kernel) { return forced == Kernel::automatic || forced == kernel; };
   const bool medium_m = forced == Kernel::automatic && m > 64 && (m <= 128 || (m <= 512 && n <= 4096));
-  if (hopper && allowed(Kernel::small_m) && small_m::supports(m, n, k, bits, qa, qw)) {
-    small_m::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, bits, s);
-  } else if (hopper && medium_m && sm90::supports(m, n, k, bits, qa, qw)) {
-    sm90::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, bits, 128, s);
-  } else if (hopper && allowed(Kernel::sm90_persistent) && sm90_persistent::supports(m, n, k, bits, qa, qw)) {
-    sm90_persistent::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, bits, s);
-  } else if (hopper && forced == Kernel::sm90 && sm90::supports(m, n, k, bits, qa, qw)) {
-    sm90::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, bits, forced_sm90_tile_n(), s);
+  if (hopper && allowed(Kernel::small_m) && small_m::supports(m, n, k, codes, qa, qw)) {
+    small_m::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, codes, s);
+  } else if (hopper && medium_m && sm90::supports(m, n, k, codes, qa, qw)) {
+    sm90::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, codes, 128, s);
+  } else if (hopper && allowed(Kernel::sm90_persistent) && sm90_persistent::supports(m, n, k, codes, qa, qw)) {
+    sm90_persistent::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, codes, s);
+  } else if (hopper && forced == Kernel::sm90 && sm90::supports(m, n, k, codes, qa, qw)) {
+    sm90::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, codes, forced_sm90_tile_n(), s);
   } else {
-    simt::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, bits, s);
+    simt::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, codes, s);
   }
 }
 

@@ -533,7 +533,9 @@ bool staged_output(Float out_dtype, int64_t n, const void* out) {
 
 }  // namespace
 
-bool supports(int64_t m, int64_t n, int64_t k, int bits, const void* qa, const void* qw) {
+bool supports(int64_t m, int64_t n, int64_t k, const GemmCodes& codes, const void* qa, const void* qw) {
+  const int bits = codes.weight_bits;
+  if (codes.act_bits != bits || codes.grouped()) return false;
   const int64_t row_bytes = k * bits / 8;
   const int64_t tiles = ceil_div<int64_t>(m, kBM) * ceil_div<int64_t>(n, kBN);
   return row_bytes > 0 && row_bytes % 16 == 0 && aligned16(qa) && aligned16(qw) && tiles < (int64_t(1) << 31) &&
@@ -541,7 +543,8 @@ bool supports(int64_t m, int64_t n, int64_t k, int bits, const void* qa, const v
 }
 
 void gemm(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias, void* out,
-          Float out_dtype, int64_t m, int64_t n, int64_t k, int bits, cudaStream_t stream) {
+          Float out_dtype, int64_t m, int64_t n, int64_t k, const GemmCodes& codes, cudaStream_t stream) {
+  const int bits = codes.weight_bits;
   const bool staged = staged_output(out_dtype, n, out);
   if (bits == 4) {
     if (staged) return launch<4, true>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);

@@ -248,14 +248,17 @@ void launch_bits(const void* qa, const float* sa, const void* qw, const float* s
 
 }  // namespace
 
-bool supports(int64_t m, int64_t n, int64_t k, int bits, const void* qa, const void* qw) {
+bool supports(int64_t m, int64_t n, int64_t k, const GemmCodes& codes, const void* qa, const void* qw) {
+  const int bits = codes.weight_bits;
+  if (codes.act_bits != bits || codes.grouped()) return false;
   const int64_t row_bytes = k * bits / 8;
   return m >= 1 && m <= kMaxM && row_bytes > 0 && row_bytes % 16 == 0 && row_bytes < (int64_t(1) << 30) &&
          aligned16(qa) && aligned16(qw) && n < (int64_t(1) << 31) && (bits == 8 || k < (int64_t(1) << 17));
 }
 
 void gemm(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias, void* out,
-          Float out_dtype, int64_t m, int64_t n, int64_t k, int bits, cudaStream_t stream) {
+          Float out_dtype, int64_t m, int64_t n, int64_t k, const GemmCodes& codes, cudaStream_t stream) {
+  const int bits = codes.weight_bits;
   if (bits == 4) return launch_bits<4>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);
   launch_bits<8>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);
 }
