@@ -187,9 +187,11 @@ def _quantizer_class():
             linear = model.get_submodule(name)
             if linear.weight.is_meta or (linear.bias is not None and linear.bias.is_meta):
                 return  # convert once both weight and bias are in
-            layer_class = convrot.ConvLinear4bit if self.pending.pop(name) == "w4a4" else convrot.ConvLinear8bit
-            layer = layer_class.from_linear(
-                linear, group_size=self.quantization_config.group_size, rotation=self.quantization_config.rotation
+            layer = convrot.linear.layer_from_linear(
+                self.pending.pop(name),
+                linear,
+                group_size=self.quantization_config.group_size,
+                rotation=self.quantization_config.rotation,
             )
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, layer)
