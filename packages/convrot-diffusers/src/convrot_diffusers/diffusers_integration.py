@@ -54,7 +54,8 @@ class ConvRotConfig:
     """ConvRot W4A4 quantization of a diffusers transformer (Flux, PixArt, SD3).
 
     Args:
-        preset: "mix" (default: mixed W4A4/W8A8/bf16) or "w4a4"; see convrot_diffusers.presets.
+        preset: "mix" (default: mixed W4A4/W8A8/bf16), "w4a4", "w4a8", "w4a8g64" or "w4a4g64"; see
+            convrot_diffusers.presets.
         group_size: rotation/quantization group (256; falls back per layer to the largest power of 4
             dividing in_features).
         rotation: "regular" (the ConvRot Hadamard) or another rotation convrot-core knows.
