@@ -307,8 +307,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
 
+  // W4A8 with group scales: the SS consumers need fewer registers than the RS ones, and the
+  // expansion warps' multipliers spill at 56.
+  constexpr bool kWideProducer = GROUPED && A_BITS == 8;
   if (warp < 4) {  // producer warpgroup
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 56;");
+    if constexpr (kWideProducer) {
+      asm volatile("setmaxnreg.dec.sync.aligned.u32 64;");
+    } else {
+      asm volatile("setmaxnreg.dec.sync.aligned.u32 56;");
+    }
     if (warp == 0) {
       if (lane == 0) {
         Ring<S> ring;
@@ -341,7 +348,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           const uint32_t expanded = smem_base + L::kExpanded + xring.slot * L::kExpandedBytes +
                                     (A_BITS == 4 ? 4 * quarter : 0);
           // This quarter's multipliers of the tile's rows (GROUPED; rows past n read none).
-          const int tile_group_scale = tile_col * groups + 2 * kt + quarter / 2;  // n * groups < 2^31
+          const uint8_t* tile_group_scale = group_scale + int64_t(tile_col) * groups + 2 * kt + quarter / 2;
           const bool group_in = 2 * kt + quarter / 2 < groups;
           // All six passes' loads before any store. The expansion warps bound the main loop (ncu:
           // consumers spent half their main-loop samples waiting for an expanded slot), and with
@@ -361,7 +368,7 @@ __global__ void __launch_bounds__(kThreads, 1)
               v[i] = lds128(packed + row * 64);
               if constexpr (GROUPED) {
                 const bool ok = group_in && tile_col + row < n;
-                multiplier[i] = ok ? uint32_t(__ldg(group_scale + tile_group_scale + row * groups)) : 1u;
+                multiplier[i] = ok ? uint32_t(__ldg(tile_group_scale + row * groups)) : 1u;
               }
             }
 #pragma unroll
@@ -399,7 +406,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // consumer warpgroups
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 224;");
+  if constexpr (kWideProducer) {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 216;");
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 224;");
+  }
   const int cw = warp - 4;
   const int wg = cw >> 2;
   const int wrow = wg * 128 + (cw & 3) * 16 + (lane >> 2);  // this thread's first row in the tile
@@ -601,7 +612,7 @@ bool supports(int64_t m, int64_t n, int64_t k, const GemmCodes& codes, const voi
   const int64_t tiles = ceil_div<int64_t>(m, kBM) * ceil_div<int64_t>(n, kBN);
   return row_bytes > 0 && row_bytes % 16 == 0 && aligned16(qa) && aligned16(qw) && tiles < (int64_t(1) << 31) &&
          m < (int64_t(1) << 31) && n < (int64_t(1) << 31) && (bits == 8 || k < (int64_t(1) << 17)) &&
-         (!codes.grouped() || (k % kWeightGroup == 0 && n * (k / kWeightGroup) < (int64_t(1) << 31)));
+         (!codes.grouped() || k % kWeightGroup == 0);
 }
 
 void gemm(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias, void* out,
