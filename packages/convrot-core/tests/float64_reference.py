@@ -63,13 +63,23 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def weight_codes(layer) -> torch.Tensor:
-    return unpack_int4(layer.qweight) if layer.bits == 4 else layer.qweight.to(torch.float64)
+    """The decoded weights that enter the integer product: codes, times their group's
+    multiplier (docs/format.md: code x mult[n, k // 64]) for group-scaled weights."""
+    codes = unpack_int4(layer.qweight) if layer.bits == 4 else layer.qweight.to(torch.float64)
+    group_scale = getattr(layer, "weight_group_scale", None)
+    if group_scale is not None:
+        codes = codes * group_scale.to(torch.float64).repeat_interleave(64, dim=1)
+    return codes
+
+
+def act_bits(layer) -> int:
+    return getattr(layer, "act_bits", layer.bits)
 
 
 def quantized_linear(x, layer) -> torch.Tensor:
     """The layer's math in float64 from its stored codes: rotate and quantize the
     activation per token, integer GEMM, scale, add bias. x [M, K] -> [M, N]."""
-    codes, scale = quantize_rows(rotate(x, layer.rotation, layer.group_size), layer.bits)
+    codes, scale = quantize_rows(rotate(x, layer.rotation, layer.group_size), act_bits(layer))
     y = (codes @ weight_codes(layer).T) * scale[:, None] * layer.weight_scale.to(torch.float64)
     if layer.bias is not None:
         y = y + layer.bias.to(torch.float64)

@@ -1,4 +1,5 @@
 import json
+import zlib
 
 import pytest
 import torch
@@ -47,6 +48,9 @@ def test_file_layout(saved):
         "bias": True,
         "group_size": 64,
         "rotation": "regular",
+        "weight_bits": 8,
+        "act_bits": 8,
+        "weight_group_size": 0,
     }
     assert layers["blocks.1.attn.to_out"]["kind"] == "w4a4" and not layers["blocks.1.attn.to_out"]["bias"]
     assert "proj_out" not in layers
@@ -301,3 +305,85 @@ def test_a_bf16_bias_of_an_older_save_loads_as_fp32(tmp_path):
     assert torch.equal(loaded.blocks[0].ff[0].bias, layer.bias.float())
     x = torch.randn(2, 5, 64)
     assert torch.equal(loaded(x), model(x))
+
+
+# ---- W4A8 and group-scaled 4-bit weights ----
+
+SCHEME_POLICY = {"proj_out": "skip", "blocks.0.ff.*": "w4a8", "blocks.1.*": "w4a8g64", "embed": "w4a4g64"}
+
+
+@pytest.fixture
+def saved_schemes(tmp_path):
+    model = convrot.quantize_model(make_model(seed=0), policy=SCHEME_POLICY, progress=False)
+    path = tmp_path / "schemes.safetensors"
+    convrot.save_quantized(model, path)
+    return model, path
+
+
+def test_schemes_are_recorded_and_round_trip_bit_identically(saved_schemes):
+    model, path = saved_schemes
+    layers = convrot.read_layer_specs(path)
+    assert layers["blocks.0.ff.0"]["kind"] == "w4a8"
+    assert (layers["blocks.0.ff.0"]["weight_bits"], layers["blocks.0.ff.0"]["act_bits"]) == (4, 8)
+    assert layers["blocks.1.attn.to_q"]["weight_group_size"] == 64 and layers["embed"]["kind"] == "w4a4g64"
+    with safe_open(path, framework="pt") as handle:
+        assert "embed.weight_group_scale" in set(handle.keys())
+    for skeleton in (meta_skeleton(), make_model(seed=1)):
+        convrot.load_quantized(skeleton, path)
+        assert module_types(skeleton) == module_types(model)
+        assert skeleton.blocks[1].attn["to_q"].kind == "w4a8g64" and skeleton.blocks[0].ff[0].act_bits == 8
+        x = torch.randn(2, 9, 64)
+        assert torch.equal(skeleton(x), model(x))
+
+
+def test_a_save_from_before_the_scheme_fields_loads(saved):
+    model, path = saved
+
+    def drop_scheme_fields(metadata):
+        layers = json.loads(metadata["layers"])
+        for spec in layers.values():
+            for field in ("weight_bits", "act_bits", "weight_group_size"):
+                del spec[field]
+        metadata["layers"] = json.dumps(layers)
+
+    rewrite(path, change_metadata=drop_scheme_fields)
+    target = convrot.load_quantized(meta_skeleton(), path)
+    assert convrot.read_layer_specs(path)["blocks.0.ff.0"]["act_bits"] == 8
+    x = torch.randn(2, 9, 64)
+    assert torch.equal(target(x), model(x))
+
+
+def zero_multipliers(path):
+    """Multipliers of 0, with the checksum of the new bytes (so that only their range is wrong)."""
+    zeros = {}
+
+    def change_tensors(tensors):
+        zeros["tensor"] = tensors["embed.weight_group_scale"] = torch.zeros_like(tensors["embed.weight_group_scale"])
+
+    def change_metadata(metadata):
+        checksums = json.loads(metadata["checksums"])
+        checksums["embed.weight_group_scale"] = zlib.crc32(zeros["tensor"].numpy())
+        metadata["checksums"] = json.dumps(checksums)
+
+    rewrite(path, change_tensors, change_metadata)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda p: rewrite(p, change_metadata=set_layer_field("embed", "act_bits", 8)), "does not match"),
+        (zero_multipliers, r"multipliers outside \[1, 16\]"),
+        (
+            lambda p: rewrite(p, change_tensors=lambda t: t.pop("embed.weight_group_scale")),
+            "missing tensor.*embed.weight_group_scale",
+        ),
+    ],
+)
+def test_bad_scheme_data_raises_and_leaves_the_model_unchanged(saved_schemes, change, message):
+    _, path = saved_schemes
+    change(path)
+    target = make_model(seed=1)
+    before = {key: tensor.clone() for key, tensor in target.state_dict().items()}
+    with pytest.raises(CheckpointError, match=message):
+        convrot.load_quantized(target, path)
+    assert all(torch.equal(target.state_dict()[key], tensor) for key, tensor in before.items())

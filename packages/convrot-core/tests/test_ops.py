@@ -46,7 +46,7 @@ def test_fake_tensors_trace_a_layer():
     with torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True) as mode:
         x = mode.from_tensor(torch.randn(2, 3, 64, dtype=torch.float16))
         with torch.compiler.set_stance("default"):
-            y = torch.ops.convrot_kernels.linear(x, layer.qweight, layer.weight_scale, None, 4, 16)
+            y = torch.ops.convrot_kernels.linear(x, layer.qweight, layer.weight_scale, None, None, 4, 4, 16)
         assert y.shape == (2, 3, 16) and y.dtype == torch.float16
 
 

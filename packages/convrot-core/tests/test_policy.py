@@ -24,7 +24,7 @@ def test_patterns_are_case_sensitive_globs_over_dotted_names():
     ("policy", "error", "message"),
     [
         ([("*", "skip")], TypeError, "mapping"),
-        ({"*": "w4a8"}, ValueError, r"policy\['\*'\] = 'w4a8'"),
+        ({"*": "w2a8"}, ValueError, r"policy\['\*'\] = 'w2a8'"),
         ({"*": "W4A4"}, ValueError, "kind must be one of"),
         ({"": "skip"}, ValueError, "non-empty strings"),
         ({3: "skip"}, ValueError, "non-empty strings"),

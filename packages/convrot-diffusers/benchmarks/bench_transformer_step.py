@@ -7,7 +7,7 @@ of the transformer's weights. A profile of one step splits bf16 and W4A4 time
 into GEMMs, rotate-quantize, attention and everything else (for compiled
 variants, a compiled step without the graph capture: the same kernels).
 
-Schemes: "bf16"; "w4a4" / "mix": convrot_diffusers.quantize_transformer with
+Schemes: "bf16"; "w4a4" / "mix" / "w4a8" / "w4a8g64": convrot_diffusers.quantize_transformer with
 that preset; "-fused": then fuse_qkv_projections (one GEMM for q, k and v;
 for bf16, diffusers' own) and, for ConvRot, fuse_activations (GELUs and Flux
 single blocks' concatenation applied inside the next layer); "-normrope": then
@@ -56,6 +56,9 @@ SCHEMES = (
     "w4a4-fused-normrope",
     "mix",
     "mix-fused",
+    "w4a8",
+    "w4a8-fused",
+    "w4a8g64-fused",
     "torchao-fp8",
     "torchao-int8",
 )
@@ -83,6 +86,11 @@ VARIANTS = (
     "mix-graph",
     "mix-compiled-graph",
     "mix-fused-compiled-graph",
+    "w4a8-eager",
+    "w4a8-compiled-graph",
+    "w4a8-fused-compiled-graph",
+    "w4a8g64-fused-eager",
+    "w4a8g64-fused-compiled-graph",
     "torchao-fp8-compiled",
     "torchao-int8-compiled",
 )
@@ -115,7 +123,7 @@ def prepare(model: torch.nn.Module, variant: str) -> torch.nn.Module:
     """Quantize per the variant's scheme, in place; returns the model."""
     full_scheme, _ = split_variant(variant)
     scheme = full_scheme.removesuffix("-normrope")
-    if scheme.removesuffix("-fused") in ("w4a4", "mix"):
+    if scheme.removesuffix("-fused") in ("w4a4", "mix", "w4a8", "w4a8g64"):
         convrot_diffusers.quantize_transformer(model, preset=scheme.removesuffix("-fused"), progress=False)
         if scheme.endswith("-fused"):
             convrot_diffusers.fuse_qkv_projections(model)

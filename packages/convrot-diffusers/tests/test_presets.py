@@ -26,13 +26,24 @@ def test_embedders_and_final_layers_stay_bf16(arch, preset):
     for name, kind in kinds.items():
         if name.startswith(EMBEDDERS) or name.startswith("norm_out"):
             assert kind == "skip", name
-    assert {kinds[n] for n in kinds if "blocks." in n} <= {"w4a4", "w8a8", "skip"}
+    assert {kinds[n] for n in kinds if "blocks." in n} <= {"w4a4", "w8a8", "skip", preset}
 
 
 @pytest.mark.parametrize("arch", ["flux", "pixart", "sd3"])
-def test_w4a4_preset_quantizes_every_block_linear_to_4_bits(arch):
-    kinds = linear_kinds(BUILDERS[arch](), "w4a4")
-    assert all(kind == "w4a4" for name, kind in kinds.items() if "blocks." in name)
+@pytest.mark.parametrize("preset", ["w4a4", "w4a8", "w4a8g64", "w4a4g64"])
+def test_all_4bit_weight_presets_quantize_every_block_linear(arch, preset):
+    kinds = linear_kinds(BUILDERS[arch](), preset)
+    assert all(kind == preset for name, kind in kinds.items() if "blocks." in name)
+    w4a4_kinds = linear_kinds(BUILDERS[arch](), "w4a4")
+    assert {n for n, k in kinds.items() if k == "skip"} == {n for n, k in w4a4_kinds.items() if k == "skip"}
+
+
+@pytest.mark.parametrize("preset", ["w4a8", "w4a8g64"])
+def test_w4a8_presets_quantize_a_transformer(preset):
+    transformer = flux_transformer()
+    convrot.quantize_model(transformer, policy=policy_for(transformer, preset), progress=False)
+    layers = [m for m in transformer.modules() if isinstance(m, convrot.ConvLinear)]
+    assert layers and all(layer.kind == preset and layer.act_bits == 8 for layer in layers)
 
 
 def test_flux_mix_is_the_papers_table_8():

@@ -85,14 +85,14 @@ void run_rht_quantize(const RowSource& src, Float dtype, int64_t m, int64_t k, i
 }
 
 void run_gemm(uintptr_t qa, uintptr_t sa, uintptr_t qw, uintptr_t sw, uintptr_t bias, uintptr_t out, Float dtype,
-              int64_t m, int64_t n, int64_t k, int bits, int device, uintptr_t stream) {
+              int64_t m, int64_t n, int64_t k, GemmCodes codes, int device, uintptr_t stream) {
   const void *a = as_pointer<const void>(qa), *w = as_pointer<const void>(qw);
   const float *a_scale = as_pointer<const float>(sa), *w_scale = as_pointer<const float>(sw);
   const float* b = as_pointer<const float>(bias);
   void* y = as_pointer<void>(out);
   dispatch(
-      device, [&] { cpu::gemm(a, a_scale, w, w_scale, b, y, dtype, m, n, k, bits); },
-      [&] { CONVROT_CUDA_CALL(gemm(a, a_scale, w, w_scale, b, y, dtype, m, n, k, bits, as_stream(stream))); });
+      device, [&] { cpu::gemm(a, a_scale, w, w_scale, b, y, dtype, m, n, k, codes); },
+      [&] { CONVROT_CUDA_CALL(gemm(a, a_scale, w, w_scale, b, y, dtype, m, n, k, codes, as_stream(stream))); });
 }
 
 // group 0 quantizes without rotating; x2 0: the row is x alone.
@@ -102,21 +102,30 @@ void rht_quantize(uintptr_t x, int x_dtype, int64_t m, int64_t x_k, uintptr_t x2
                    as_pointer<float>(scale), device, stream);
 }
 
-// bias 0: no bias.
-void gemm(uintptr_t qa, uintptr_t sa, uintptr_t qw, uintptr_t sw, uintptr_t bias, uintptr_t out, int out_dtype,
-          int64_t m, int64_t n, int64_t k, int bits, int device, uintptr_t stream) {
-  run_gemm(qa, sa, qw, sw, bias, out, Float(out_dtype), m, n, k, bits, device, stream);
+// The code scheme of a GEMM (docs/format.md): weight and activation widths, and the multipliers of
+// group-scaled 4-bit weights, uint8 [N, K / 64] (0: none).
+GemmCodes gemm_codes(int weight_bits, int act_bits, uintptr_t group_scale) {
+  return GemmCodes{weight_bits, act_bits, as_pointer<const uint8_t>(group_scale)};
 }
 
-// A quantized layer: rht_quantize of the input rows into q / q_scale, then the GEMM with the
-// weight codes into out (in the input's dtype), in one call.
+// bias 0: no bias.
+void gemm(uintptr_t qa, uintptr_t sa, uintptr_t qw, uintptr_t sw, uintptr_t bias, uintptr_t out, int out_dtype,
+          int64_t m, int64_t n, int64_t k, int weight_bits, int act_bits, uintptr_t group_scale, int device,
+          uintptr_t stream) {
+  run_gemm(qa, sa, qw, sw, bias, out, Float(out_dtype), m, n, k, gemm_codes(weight_bits, act_bits, group_scale),
+           device, stream);
+}
+
+// A quantized layer: rht_quantize of the input rows to act_bits codes into q / q_scale, then the
+// GEMM with the weight codes into out (in the input's dtype), in one call.
 void linear(uintptr_t x, int x_dtype, int64_t m, int64_t x_k, uintptr_t x2, int64_t k, int64_t gelu_from, int group,
-            int bits, uintptr_t q, uintptr_t q_scale, uintptr_t qw, uintptr_t sw, uintptr_t bias, uintptr_t out,
-            int64_t n, int device, uintptr_t stream) {
+            int weight_bits, int act_bits, uintptr_t group_scale, uintptr_t q, uintptr_t q_scale, uintptr_t qw,
+            uintptr_t sw, uintptr_t bias, uintptr_t out, int64_t n, int device, uintptr_t stream) {
   const Float dtype = Float(x_dtype);
-  run_rht_quantize(row_source(x, x2, x_k, k, gelu_from), dtype, m, k, group, bits, as_pointer<void>(q),
+  run_rht_quantize(row_source(x, x2, x_k, k, gelu_from), dtype, m, k, group, act_bits, as_pointer<void>(q),
                    as_pointer<float>(q_scale), device, stream);
-  run_gemm(q, q_scale, qw, sw, bias, out, dtype, m, n, k, bits, device, stream);
+  run_gemm(q, q_scale, qw, sw, bias, out, dtype, m, n, k, gemm_codes(weight_bits, act_bits, group_scale), device,
+           stream);
 }
 
 // Rows of [batch, tokens, heads, dim] at the given element strides (the last dimension
@@ -263,9 +272,10 @@ NB_MODULE(_C, m) {
   m.def("rht_quantize", &convrot::rht_quantize, "x"_a, "x_dtype"_a, "m"_a, "x_k"_a, "x2"_a, "k"_a, "gelu_from"_a,
         "group_size"_a, "bits"_a, "q"_a, "scale"_a, "device"_a, "stream"_a);
   m.def("gemm", &convrot::gemm, "qa"_a, "sa"_a, "qw"_a, "sw"_a, "bias"_a, "out"_a, "out_dtype"_a, "m"_a, "n"_a, "k"_a,
-        "bits"_a, "device"_a, "stream"_a);
+        "weight_bits"_a, "act_bits"_a, "group_scale"_a, "device"_a, "stream"_a);
   m.def("linear", &convrot::linear, "x"_a, "x_dtype"_a, "m"_a, "x_k"_a, "x2"_a, "k"_a, "gelu_from"_a, "group_size"_a,
-        "bits"_a, "q"_a, "q_scale"_a, "qw"_a, "sw"_a, "bias"_a, "out"_a, "n"_a, "device"_a, "stream"_a);
+        "weight_bits"_a, "act_bits"_a, "group_scale"_a, "q"_a, "q_scale"_a, "qw"_a, "sw"_a, "bias"_a, "out"_a, "n"_a,
+        "device"_a, "stream"_a);
   m.def("rms_norm_rope", &convrot::rms_norm_rope, "x"_a, "x_batch"_a, "x_token"_a, "x_head"_a, "out"_a,
         "out_batch"_a, "out_token"_a, "out_head"_a, "dtype"_a, "batch"_a, "tokens"_a, "heads"_a, "dim"_a, "weight"_a,
         "cos"_a, "sin"_a, "eps"_a, "device"_a, "stream"_a);

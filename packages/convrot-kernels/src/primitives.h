@@ -94,6 +94,23 @@ struct RowSource {
   const GatedResidual* residual = nullptr;
 };
 
+// Codes per multiplier of group-scaled 4-bit weights (docs/format.md).
+constexpr int kWeightGroup = 64;
+
+// The code formats of a GEMM's operands (docs/format.md, GEMM): weight and activation widths
+// (W4A4, W8A8, W4A8) and, for group-scaled 4-bit weights, their multipliers, uint8
+// [n, k / kWeightGroup] in [1, 16]: the weight that enters the int8 product is code x multiplier.
+struct GemmCodes {
+  int weight_bits;
+  int act_bits;
+  const uint8_t* group_scale = nullptr;
+
+  static GemmCodes uniform(int bits) { return {bits, bits, nullptr}; }
+  bool grouped() const { return group_scale != nullptr; }
+  int64_t weight_row_bytes(int64_t k) const { return k * weight_bits / 8; }
+  int64_t act_row_bytes(int64_t k) const { return k * act_bits / 8; }
+};
+
 namespace cpu {
 
 // out[r, :] = rht(x[r, :], group) for each of `rows` rows of `k` elements.
@@ -105,9 +122,10 @@ void rht(const void* x, void* out, Float dtype, int64_t rows, int64_t k, int gro
 void rht_quantize(const RowSource& src, Float dtype, int64_t rows, int64_t k, int group, int bits, void* q,
                   float* scale);
 
-// out[m, n] = (sum_k qa[m, k] qw[n, k]) * sa[m] * sw[n] + bias[n]; bias may be null.
+// out[m, n] = (sum_k qa[m, k] w[n, k]) * sa[m] * sw[n] + bias[n], w the decoded weight codes
+// (docs/format.md); bias may be null.
 void gemm(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias,
-          void* out, Float out_dtype, int64_t m, int64_t n, int64_t k, int bits);
+          void* out, Float out_dtype, int64_t m, int64_t n, int64_t k, GemmCodes codes);
 
 // Packs pairs of int8 codes in [-8, 7] into bytes (element 2j in the low nibble), and back.
 void pack_int4(const int8_t* q, uint8_t* packed, int64_t n_bytes);
@@ -152,7 +170,7 @@ void rht(const void* x, void* out, Float dtype, int64_t rows, int64_t k, int gro
 void rht_quantize(const RowSource& src, Float dtype, int64_t rows, int64_t k, int group, int bits, void* q,
                   float* scale, void* stream);
 void gemm(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias,
-          void* out, Float out_dtype, int64_t m, int64_t n, int64_t k, int bits, void* stream);
+          void* out, Float out_dtype, int64_t m, int64_t n, int64_t k, GemmCodes codes, void* stream);
 void pack_int4(const int8_t* q, uint8_t* packed, int64_t n_bytes, void* stream);
 void unpack_int4(const uint8_t* packed, int8_t* q, int64_t n_bytes, void* stream);
 void rms_norm_rope(const void* x, HeadStrides xs, void* out, HeadStrides os, Float dtype, const NormRope& p,

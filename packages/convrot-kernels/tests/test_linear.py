@@ -66,9 +66,9 @@ def test_linear_is_a_torch_library_op(bits):
     qw, sw = weight_codes(16, 64, bits, 16, g)
     x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
     for args in (
-        (x, qw, sw, torch.randn(16), bits, 16),
-        (x, qw, sw, None, bits, 0),
-        (x[..., :16], qw, sw, None, bits, 16, x[..., 16:].contiguous(), 32),
+        (x, qw, sw, torch.randn(16), None, bits, bits, 16),
+        (x, qw, sw, None, None, bits, bits, 0),
+        (x[..., :16], qw, sw, None, None, bits, bits, 16, x[..., 16:].contiguous(), 32),
     ):
         torch.library.opcheck(torch.ops.convrot_kernels.linear.default, args)
     compiled = torch.compile(lambda a: ck.linear(a, qw, sw, bits=bits, group_size=16), fullgraph=True)
@@ -84,4 +84,5 @@ def test_rht_quantize_and_gemm_are_torch_library_ops(bits):
     qa, sa = ck.rht_quantize(x, 64, bits)
     qw, sw = ck.rht_quantize(torch.randn(10, 128), 64, bits)
     for bias in (torch.randn(10), None):
-        torch.library.opcheck(torch.ops.convrot_kernels.gemm.default, (qa, sa, qw, sw, bias, bits, torch.bfloat16))
+        args = (qa, sa, qw, sw, bias, None, bits, bits, torch.bfloat16)
+        torch.library.opcheck(torch.ops.convrot_kernels.gemm.default, args)

@@ -1,12 +1,16 @@
 """Quantized checkpoints: one safetensors file holding the whole model.
 
 Tensors: the model's state dict, in which each ConvLinear contributes
-``<name>.qweight``, ``<name>.weight_scale`` and ``<name>.bias``, and every
-other module (skipped Linear layers, norms, embeddings) its usual tensors.
+``<name>.qweight``, ``<name>.weight_scale``, ``<name>.bias`` and, for group-scaled
+weights, ``<name>.weight_group_scale``, and every other module (skipped Linear
+layers, norms, embeddings) its usual tensors.
 Header metadata (all strings, safetensors' rule):
   format          "convrot"
   format_version  "1"
-  layers          JSON {module name: {kind, in_features, out_features, bias, group_size, rotation}}
+  layers          JSON {module name: {kind, in_features, out_features, bias, group_size, rotation,
+                  weight_bits, act_bits, weight_group_size}}: kind names the scheme (w4a4, w8a8, w4a8,
+                  w4a4g64, w4a8g64), the last three fields spell it out (files written before W4A8
+                  lack them; their kind alone, w4a4 or w8a8, says it, and they load as before)
   checksums       JSON {tensor name: CRC-32 of its bytes}, which catches corrupted data
 """
 
@@ -24,12 +28,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .hadamard import ROTATIONS, resolve_group_size
-from .linear import ConvLinear, ConvLinear4bit, ConvLinear8bit
+from .linear import SCHEMES, ConvLinear, layer_for_kind
 from .model import is_convertible_linear
+from .quantizer.weight import MAX_MULTIPLIER
 
 FORMAT_NAME = "convrot"
 FORMAT_VERSION = 1
-KIND_CLASSES = {"w4a4": ConvLinear4bit, "w8a8": ConvLinear8bit}
 _SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
     "U8": torch.uint8,
@@ -57,12 +61,13 @@ def tensor_checksum(tensor: torch.Tensor) -> int:
 
 def _layer_spec(layer: ConvLinear) -> dict:
     return {
-        "kind": "w4a4" if layer.bits == 4 else "w8a8",
+        "kind": layer.kind,
         "in_features": layer.in_features,
         "out_features": layer.out_features,
         "bias": layer.bias is not None,
         "group_size": layer.group_size,
         "rotation": layer.rotation,
+        **_scheme_fields(layer.kind),
     }
 
 
@@ -84,6 +89,12 @@ def checkpoint_metadata(layers: Mapping[str, ConvLinear], tensors: Mapping[str, 
         "layers": json.dumps({name: _layer_spec(layer) for name, layer in layers.items()}),
         "checksums": json.dumps({key: tensor_checksum(tensor) for key, tensor in tensors.items()}),
     }
+
+
+def _scheme_fields(kind: str) -> dict:
+    """The fields that spell out a scheme: weight and activation bits, weight group size (0: none)."""
+    cls, act_bits, weight_group_size = SCHEMES[kind]
+    return {"weight_bits": cls.bits, "act_bits": act_bits, "weight_group_size": weight_group_size or 0}
 
 
 def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
@@ -114,8 +125,15 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
             os.remove(partial)
 
 
-def _check_layer_spec(name: str, spec) -> None:
-    fields = {"kind": str, "in_features": int, "out_features": int, "bias": bool, "group_size": int, "rotation": str}
+_SPEC_FIELDS = {"kind": str, "in_features": int, "out_features": int, "bias": bool, "group_size": int, "rotation": str}
+_SCHEME_FIELDS = {"weight_bits": int, "act_bits": int, "weight_group_size": int}
+
+
+def _check_layer_spec(name: str, spec) -> dict:
+    """The spec, checked, with the scheme fields filled in for a file written before they existed."""
+    fields = {**_SPEC_FIELDS, **_SCHEME_FIELDS}
+    if isinstance(spec, dict) and set(spec) == set(_SPEC_FIELDS) and spec.get("kind") in ("w4a4", "w8a8"):
+        spec = {**spec, **_scheme_fields(spec["kind"])}
     if not isinstance(spec, dict) or set(spec) != set(fields):
         raise CheckpointError(f"layer {name!r}: metadata must have exactly the fields {sorted(fields)}, got {spec!r}")
     for field, kind in fields.items():
@@ -123,8 +141,15 @@ def _check_layer_spec(name: str, spec) -> None:
             raise CheckpointError(
                 f"layer {name!r}: metadata field {field!r} must be {kind.__name__}, got {spec[field]!r}"
             )
-    if spec["kind"] not in KIND_CLASSES:
-        raise CheckpointError(f"layer {name!r}: unknown kind {spec['kind']!r}, expected one of {sorted(KIND_CLASSES)}")
+    if spec["kind"] not in SCHEMES:
+        raise CheckpointError(f"layer {name!r}: unknown kind {spec['kind']!r}, expected one of {sorted(SCHEMES)}")
+    scheme = {field: spec[field] for field in _SCHEME_FIELDS}
+    if scheme != _scheme_fields(spec["kind"]):
+        raise CheckpointError(f"layer {name!r}: kind {spec['kind']!r} does not match {scheme}")
+    if spec["weight_group_size"] and spec["in_features"] % spec["weight_group_size"]:
+        raise CheckpointError(
+            f"layer {name!r}: in_features {spec['in_features']} is not a multiple of the weight group size"
+        )
     if spec["rotation"] not in ROTATIONS:
         raise CheckpointError(f"layer {name!r}: unknown rotation {spec['rotation']!r}")
     try:
@@ -135,6 +160,7 @@ def _check_layer_spec(name: str, spec) -> None:
         raise CheckpointError(
             f"layer {name!r}: group_size {spec['group_size']} is not valid for in_features {spec['in_features']}"
         )
+    return spec
 
 
 def _read_header(handle, path: str) -> tuple[dict[str, dict], dict[str, int]]:
@@ -153,8 +179,7 @@ def _read_header(handle, path: str) -> tuple[dict[str, dict], dict[str, int]]:
         raise CheckpointError(f"{path}: damaged metadata header ({type(error).__name__}: {error})") from None
     if not isinstance(layers, dict) or not isinstance(checksums, dict):
         raise CheckpointError(f"{path}: damaged metadata header ('layers' and 'checksums' must be JSON objects)")
-    for name, spec in layers.items():
-        _check_layer_spec(name, spec)
+    layers = {name: _check_layer_spec(name, spec) for name, spec in layers.items()}
     return layers, checksums
 
 
@@ -191,11 +216,13 @@ def _expected_tensors(model: nn.Module, layers: Mapping[str, dict]) -> dict[str,
     for name, spec in layers.items():
         prefix = f"{name}." if name else ""
         n, k = spec["out_features"], spec["in_features"]
-        if spec["kind"] == "w4a4":
+        if spec["weight_bits"] == 4:
             expected[prefix + "qweight"] = ((n, k // 2), torch.uint8)
         else:
             expected[prefix + "qweight"] = ((n, k), torch.int8)
         expected[prefix + "weight_scale"] = ((n,), torch.float32)
+        if spec["weight_group_size"]:
+            expected[prefix + "weight_group_scale"] = ((n, k // spec["weight_group_size"]), torch.uint8)
         if spec["bias"]:
             expected[prefix + "bias"] = ((n,), None)
     return expected
@@ -262,6 +289,10 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, device: torch.devi
                 tensor = handle.get_tensor(key)
                 if header.checksums.get(key) != tensor_checksum(tensor):
                     raise CheckpointError(f"{path}: tensor {key!r} is corrupted (checksum mismatch)")
+                if key.rpartition(".")[0] in header.layers and key.endswith("weight_group_scale") and not (
+                    1 <= int(tensor.min()) and int(tensor.max()) <= MAX_MULTIPLIER
+                ):
+                    raise CheckpointError(f"{path}: tensor {key!r} holds multipliers outside [1, {MAX_MULTIPLIER}]")
                 tensors[key] = tensor
     except SafetensorError as error:
         raise CheckpointError(f"{path}: unreadable safetensors file, truncated or corrupted ({error})") from None
@@ -309,8 +340,8 @@ def read_header(path: str | os.PathLike) -> CheckpointHeader:
 
 def read_layer_specs(path: str | os.PathLike) -> dict[str, dict]:
     """The layer list of a save_quantized file: name -> {kind, in_features,
-    out_features, bias, group_size, rotation}, checked (format, version, each
-    spec) without reading any tensor. Raises CheckpointError."""
+    out_features, bias, group_size, rotation, weight_bits, act_bits, weight_group_size},
+    checked (format, version, each spec) without reading any tensor. Raises CheckpointError."""
     try:
         return read_header(path).layers
     except FileNotFoundError as error:
@@ -328,7 +359,8 @@ def install_skeletons(model: nn.Module, layers: Mapping[str, dict]) -> None:
         if isinstance(module, ConvLinear):
             continue
         if id(module) not in replacements:
-            replacements[id(module)] = KIND_CLASSES[spec["kind"]](
+            replacements[id(module)] = layer_for_kind(
+                spec["kind"],
                 spec["in_features"],
                 spec["out_features"],
                 bias=spec["bias"],

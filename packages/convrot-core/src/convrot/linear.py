@@ -13,17 +13,22 @@ from .fused_input import materialize
 from .hadamard import check_rotation, resolve_group_size
 from .ops import linear_forward, normed_input_forward, residual_normed_input_forward, shared_input_forward
 from .quantizer.fake_quant import simulated_linear
-from .quantizer.weight import quantize_weight
+from .quantizer.weight import WEIGHT_GROUP, quantize_weight, quantize_weight_grouped
 
 # Activation dtypes the kernels take; the output has the input's dtype.
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class ConvLinear(nn.Module):
-    """Base of ConvLinear4bit and ConvLinear8bit (``bits`` is set by the subclass).
+    """Base of ConvLinear4bit and ConvLinear8bit (``bits``, the weights' width, is set by the subclass).
+
+    ``act_bits``: the activations' width, 4 or 8 (default: the weights'); ConvLinear4bit
+    with ``act_bits=8`` is W4A8. ``weight_group_size``: None, or 64 for two-level
+    group-scaled 4-bit weights (a multiplier per 64 codes, docs/format.md).
 
     Buffers (the state dict): ``qweight`` (uint8 [N, K/2] packed int4, or int8
-    [N, K]), ``weight_scale`` (fp32 [N]) and ``bias`` (fp32 [N] or None). The
+    [N, K]), ``weight_scale`` (fp32 [N]), ``weight_group_scale`` (uint8 [N, K/64],
+    group-scaled weights only) and ``bias`` (fp32 [N] or None). The
     weight codes are those of W rotated group-wise along in_features, so
     that quant(x R) quant(W R)^T approximates x W^T. Scales and bias are
     operands of the GEMM's fp32 epilogue and stay fp32 whatever the model's
@@ -49,11 +54,15 @@ class ConvLinear(nn.Module):
         group_size: int = 256,
         rotation: str = "regular",
         device=None,
+        act_bits: int | None = None,
+        weight_group_size: int | None = None,
     ):
         super().__init__()
         if type(self) is ConvLinear:
             raise TypeError("ConvLinear is a base class: use ConvLinear4bit or ConvLinear8bit")
         check_rotation(rotation)
+        self.act_bits = check_scheme(type(self).__name__, self.bits, act_bits, weight_group_size, in_features)
+        self.weight_group_size = weight_group_size
         if not isinstance(out_features, int) or out_features < 1:
             raise ValueError(f"out_features must be a positive int, got {out_features!r}")
         self.in_features = in_features
@@ -68,18 +77,32 @@ class ConvLinear(nn.Module):
             qweight = torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
         self.register_buffer("qweight", qweight)
         self.register_buffer("weight_scale", torch.zeros(out_features, dtype=torch.float32, device=device))
+        if weight_group_size is not None:
+            groups = in_features // weight_group_size
+            self.register_buffer(
+                "weight_group_scale", torch.ones(out_features, groups, dtype=torch.uint8, device=device)
+            )
+        else:
+            self.weight_group_scale = None
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device) if bias else None)
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, group_size: int = 256, rotation: str = "regular", clip_search: bool = False
+        cls,
+        linear: nn.Linear,
+        group_size: int = 256,
+        rotation: str = "regular",
+        clip_search: bool = False,
+        act_bits: int | None = None,
+        weight_group_size: int | None = None,
     ) -> ConvLinear:
         """Quantizes an nn.Linear (on its own device); the Linear is left unchanged.
 
-        ``group_size`` falls back to the largest power of 4 below it that
+        ``group_size`` (the rotation's) falls back to the largest power of 4 below it that
         divides in_features (recorded as ``.group_size``). ``clip_search``
         picks a per-channel clipping ratio of the weight (data-free, see
-        quantizer/clip_search.py).
+        quantizer/clip_search.py; per-row scales only). ``act_bits`` and
+        ``weight_group_size`` as the constructor's.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
@@ -90,15 +113,29 @@ class ConvLinear(nn.Module):
             group_size=group_size,
             rotation=rotation,
             device="meta",
+            act_bits=act_bits,
+            weight_group_size=weight_group_size,
         )
+        if clip_search and weight_group_size is not None:
+            raise ValueError("clip_search picks per-row clipping ratios; group-scaled weights do not take it")
         with torch.no_grad():
-            codes, scale = quantize_weight(linear.weight, cls.bits, layer.group_size, rotation, clip_search)
+            if weight_group_size is not None:
+                codes, scale, layer.weight_group_scale = quantize_weight_grouped(
+                    linear.weight, layer.group_size, rotation
+                )
+            else:
+                codes, scale = quantize_weight(linear.weight, cls.bits, layer.group_size, rotation, clip_search)
             layer.qweight = pack_int4(codes) if cls.bits == 4 else codes
             layer.weight_scale = scale
             layer.bias = None if linear.bias is None else linear.bias.detach().float().clone()
         return layer
 
-    def _with_buffers(self, qweight, weight_scale, bias) -> ConvLinear:
+    @property
+    def kind(self) -> str:
+        """The scheme as a policy and checkpoint name: w4a4, w8a8, w4a8, w4a4g64 or w4a8g64."""
+        return scheme_kind(self.bits, self.act_bits, self.weight_group_size)
+
+    def _with_buffers(self, qweight, weight_scale, bias, weight_group_scale=None) -> ConvLinear:
         """A layer of this one's kind and settings holding the given buffers (out_features from them)."""
         layer = type(self)(
             self.in_features,
@@ -107,8 +144,11 @@ class ConvLinear(nn.Module):
             group_size=self.group_size,
             rotation=self.rotation,
             device="meta",
+            act_bits=self.act_bits,
+            weight_group_size=self.weight_group_size,
         )
         layer.qweight, layer.weight_scale, layer.bias = qweight, weight_scale, bias
+        layer.weight_group_scale = weight_group_scale
         layer.simulation_dtype = self.simulation_dtype
         layer.gelu_from = self.gelu_from
         return layer
@@ -134,8 +174,8 @@ class ConvLinear(nn.Module):
             for what in ("in_features", "group_size", "rotation", "simulation_dtype", "gelu_from"):
                 if getattr(layer, what) != getattr(first, what):
                     return f"layers with different {what}"
-            if type(layer) is not type(first):
-                return "layers with different bit widths"
+            if type(layer) is not type(first) or layer.kind != first.kind:
+                return "layers with different schemes"
             if layer.qweight.device != first.qweight.device:
                 return "layers on different devices"
         return None
@@ -167,7 +207,10 @@ class ConvLinear(nn.Module):
         first = layers[0]
         bias = None if first.bias is None else torch.cat([layer.bias for layer in layers])
         qweight = torch.cat([layer.qweight for layer in layers])
-        return first._with_buffers(qweight, torch.cat([layer.weight_scale for layer in layers]), bias)
+        group_scale = None
+        if first.weight_group_scale is not None:
+            group_scale = torch.cat([layer.weight_group_scale for layer in layers])
+        return first._with_buffers(qweight, torch.cat([layer.weight_scale for layer in layers]), bias, group_scale)
 
     def split(self, out_features: Sequence[int]) -> list[ConvLinear]:
         """The inverse of concatenate: layers of the given out_features, copies of row ranges of this one."""
@@ -179,7 +222,10 @@ class ConvLinear(nn.Module):
         for size in sizes:
             rows = slice(start, start + size)
             bias = None if self.bias is None else self.bias[rows].clone()
-            layers.append(self._with_buffers(self.qweight[rows].clone(), self.weight_scale[rows].clone(), bias))
+            group_scale = None if self.weight_group_scale is None else self.weight_group_scale[rows].clone()
+            layers.append(
+                self._with_buffers(self.qweight[rows].clone(), self.weight_scale[rows].clone(), bias, group_scale)
+            )
             start += size
         return layers
 
@@ -211,7 +257,8 @@ class ConvLinear(nn.Module):
         """
         if self.simulation_dtype is None and x.numel():
             weights = (self.qweight, self.weight_scale, self.bias)
-            return linear_forward(x, *weights, self.bits, self.group_size, self.rotation, x2, self.gelu_from)
+            scheme = {"act_bits": self.act_bits, "group_scale": self.weight_group_scale}
+            return linear_forward(x, *weights, self.bits, self.group_size, self.rotation, x2, self.gelu_from, **scheme)
         self._check_input(x, x2)
         if not x.numel():
             return self._empty_output(x)
@@ -224,6 +271,8 @@ class ConvLinear(nn.Module):
             self.group_size,
             self.rotation,
             self.simulation_dtype,
+            act_bits=self.act_bits,
+            group_scale=self.weight_group_scale,
         )
 
     @staticmethod
@@ -234,6 +283,14 @@ class ConvLinear(nn.Module):
             raise ValueError(f"{caller}: {error}")
         layers[0]._check_input(x, x2)
         return layers
+
+    @staticmethod
+    def _scheme_operands(layers: list[ConvLinear]) -> dict:
+        """The shared-input forwards' keyword arguments of the scheme: activation bits, each layer's group scales."""
+        group_scales = None
+        if layers[0].weight_group_scale is not None:
+            group_scales = [layer.weight_group_scale for layer in layers]
+        return {"act_bits": layers[0].act_bits, "group_scales": group_scales}
 
     @staticmethod
     def _group_operands(layers: list[ConvLinear]) -> tuple:
@@ -264,7 +321,9 @@ class ConvLinear(nn.Module):
         first = layers[0]
         if first.simulation_dtype is not None or not x.numel():
             return [layer(x, x2) for layer in layers]
-        return shared_input_forward(x, *ConvLinear._group_operands(layers), x2, first.gelu_from)
+        return shared_input_forward(
+            x, *ConvLinear._group_operands(layers), x2, first.gelu_from, **ConvLinear._scheme_operands(layers)
+        )
 
     @staticmethod
     def forward_shared_normed(
@@ -289,7 +348,9 @@ class ConvLinear(nn.Module):
         if first.simulation_dtype is not None or first.gelu_from is not None:
             normed = layer_norm_modulate(x, scale, shift, eps=eps, prefix=prefix)
             return ConvLinear.forward_shared(layers, normed)
-        return normed_input_forward(x, scale, shift, eps, prefix, *ConvLinear._group_operands(layers))
+        return normed_input_forward(
+            x, scale, shift, eps, prefix, *ConvLinear._group_operands(layers), **ConvLinear._scheme_operands(layers)
+        )
 
     @staticmethod
     def forward_shared_residual_normed(
@@ -316,7 +377,9 @@ class ConvLinear(nn.Module):
         if first.simulation_dtype is not None or first.gelu_from is not None:
             total = x + gate[:, None] * branch
             return total, ConvLinear.forward_shared_normed(layers, total, scale, shift, eps=eps)
-        return residual_normed_input_forward(x, branch, gate, scale, shift, eps, *ConvLinear._group_operands(layers))
+        operands = (*ConvLinear._group_operands(layers),)
+        scheme = ConvLinear._scheme_operands(layers)
+        return residual_normed_input_forward(x, branch, gate, scale, shift, eps, *operands, **scheme)
 
     def _apply(self, fn, recurse=True):
         # model.to(dtype) / .half() convert floating buffers; the weight scales and
@@ -333,12 +396,15 @@ class ConvLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"group_size={self.group_size}, rotation={self.rotation!r}"
+            + ("" if self.act_bits == self.bits else f", act_bits={self.act_bits}")
+            + ("" if self.weight_group_size is None else f", weight_group_size={self.weight_group_size}")
             + ("" if self.gelu_from is None else f", gelu_from={self.gelu_from}")
         )
 
 
 class ConvLinear4bit(ConvLinear):
-    """W4A4: 4-bit weights (packed two per byte) and 4-bit per-token activations."""
+    """4-bit weights (packed two per byte) and 4-bit per-token activations (W4A4), or
+    8-bit ones with ``act_bits=8`` (W4A8); ``weight_group_size=64``: group-scaled weights."""
 
     bits = 4
 
@@ -347,3 +413,52 @@ class ConvLinear8bit(ConvLinear):
     """W8A8: int8 weights and int8 per-token activations."""
 
     bits = 8
+
+
+# The schemes by name (policy kinds, checkpoint metadata): (class, act_bits, weight_group_size).
+SCHEMES: dict[str, tuple[type[ConvLinear], int, int | None]] = {
+    "w4a4": (ConvLinear4bit, 4, None),
+    "w8a8": (ConvLinear8bit, 8, None),
+    "w4a8": (ConvLinear4bit, 8, None),
+    "w4a4g64": (ConvLinear4bit, 4, WEIGHT_GROUP),
+    "w4a8g64": (ConvLinear4bit, 8, WEIGHT_GROUP),
+}
+
+
+def scheme_kind(bits: int, act_bits: int, weight_group_size: int | None) -> str:
+    """The name of a scheme in SCHEMES."""
+    return f"w{bits}a{act_bits}" + ("" if weight_group_size is None else f"g{weight_group_size}")
+
+
+def layer_for_kind(kind: str, in_features: int, out_features: int, **kwargs) -> ConvLinear:
+    """An empty ConvLinear of the scheme ``kind`` (a key of SCHEMES); kwargs as the constructor's."""
+    cls, act_bits, weight_group_size = SCHEMES[kind]
+    return cls(in_features, out_features, act_bits=act_bits, weight_group_size=weight_group_size, **kwargs)
+
+
+def layer_from_linear(kind: str, linear: nn.Linear, **kwargs) -> ConvLinear:
+    """``from_linear`` of the scheme ``kind``; kwargs as from_linear's (group_size, rotation, clip_search)."""
+    cls, act_bits, weight_group_size = SCHEMES[kind]
+    return cls.from_linear(linear, act_bits=act_bits, weight_group_size=weight_group_size, **kwargs)
+
+
+def check_scheme(
+    name: str, bits: int, act_bits: int | None, weight_group_size: int | None, in_features: int
+) -> int:
+    """The activation bits of a valid scheme; raises a ValueError naming the layer class otherwise."""
+    act_bits = bits if act_bits is None else act_bits
+    if isinstance(act_bits, bool) or act_bits not in (4, 8):
+        raise ValueError(f"{name}: act_bits must be 4 or 8, got {act_bits!r}")
+    if bits == 8 and act_bits != 8:
+        raise ValueError(f"{name}: 8-bit weights take 8-bit activations (act_bits=8), got act_bits={act_bits}")
+    if weight_group_size is not None:
+        if bits != 4 or weight_group_size != WEIGHT_GROUP:
+            raise ValueError(
+                f"{name}: weight_group_size must be None or {WEIGHT_GROUP} (4-bit weights only), "
+                f"got {weight_group_size!r}"
+            )
+        if not isinstance(in_features, int) or in_features % WEIGHT_GROUP:
+            raise ValueError(
+                f"{name}: group-scaled weights need in_features a multiple of {WEIGHT_GROUP}, got {in_features!r}"
+            )
+    return int(act_bits)

@@ -10,10 +10,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .hadamard import check_rotation, resolve_group_size
-from .linear import ConvLinear, ConvLinear4bit, ConvLinear8bit
+from .linear import SCHEMES, ConvLinear, check_scheme, layer_from_linear
 from .policy import check_policy, layer_kind
-
-LAYER_CLASSES = {"w4a4": ConvLinear4bit, "w8a8": ConvLinear8bit}
 
 
 def is_convertible_linear(module: nn.Module) -> bool:
@@ -51,6 +49,8 @@ def _plan(model: nn.Module, policy: dict[str, str], group_size: int) -> list[tup
             continue
         try:
             resolve_group_size(module.in_features, group_size)
+            cls, act_bits, weight_group_size = SCHEMES[kind]
+            check_scheme(kind, cls.bits, act_bits, weight_group_size, module.in_features)
         except ValueError as error:
             raise ValueError(f"layer {name!r}: {error}") from None
         if module.weight.is_meta:
@@ -76,7 +76,8 @@ def quantize_model(
 ) -> nn.Module:
     """Replaces the model's nn.Linear layers in place by ConvLinear4bit/8bit; returns the model.
 
-    ``policy`` maps module-name glob patterns to "w4a4", "w8a8" or "skip"
+    ``policy`` maps module-name glob patterns to a kind of convrot.KINDS ("w4a4", "w8a8",
+    "w4a8", the group-scaled "w4a4g64" / "w4a8g64", or "skip")
     (first match wins; unmatched layers are W4A4; None quantizes every
     Linear to W4A4). Every layer is checked before any is converted, so bad
     input raises and leaves the model as it was. Each Linear is dropped as
@@ -89,8 +90,9 @@ def quantize_model(
     plan = _plan(model, check_policy(policy), group_size)
     with torch.no_grad():
         for names, kind in tqdm(plan, desc="convrot: quantizing", unit="layer", disable=not progress):
-            layer = LAYER_CLASSES[kind].from_linear(
-                model.get_submodule(names[0]), group_size=group_size, rotation=rotation, clip_search=clip_search
+            clip = clip_search and SCHEMES[kind][2] is None  # the clipping search sets per-row scales only
+            layer = layer_from_linear(
+                kind, model.get_submodule(names[0]), group_size=group_size, rotation=rotation, clip_search=clip
             )
             for name in names:
                 parent_name, _, child_name = name.rpartition(".")

@@ -6,6 +6,10 @@ fullgraph=True and captures in CUDA graphs; eager calls skip the op dispatch. Th
 rotation happens inside the kernels; the Sylvester one, an ablation, is applied here in torch
 and the kernels quantize without rotating.
 
+Every forward takes the scheme as ``bits`` (the weights' width), ``act_bits`` (the activations',
+None: the same; W4A8 is ``bits=4, act_bits=8``) and, for group-scaled 4-bit weights, the layers'
+multipliers (``group_scale``, one per layer for the shared-input forms).
+
 ``linear_forward`` is one layer (``convrot_kernels.linear``); ``shared_input_forward`` several
 layers that read one input (one activation quantization, a GEMM each);
 ``normed_input_forward`` the same for an input that is an AdaLN norm's output, computed inside
@@ -34,13 +38,20 @@ def _sylvester_rows(x, x2, gelu_from, group_size) -> torch.Tensor:
     return rows.reshape(-1, rows.shape[-1])
 
 
-def _products(q, scale, qweights, weight_scales, biases, bits, dtype, lead) -> list[torch.Tensor]:
+def _act_bits(bits: int, act_bits: int | None) -> int:
+    return bits if act_bits is None else act_bits
+
+
+def _products(q, scale, qweights, weight_scales, biases, bits, act_bits, group_scales, dtype, lead):
     """The GEMM of one input's codes with each layer's weights, in `dtype`, shaped [*lead, N]."""
+    if group_scales is None:
+        group_scales = [None] * len(qweights)
     return [
-        convrot_kernels.gemm(q, scale, qweight, weight_scale, bias, bits=bits, out_dtype=dtype).view(
-            *lead, qweight.shape[0]
-        )
-        for qweight, weight_scale, bias in zip(qweights, weight_scales, biases, strict=True)
+        convrot_kernels.gemm(
+            q, scale, qweight, weight_scale, bias, bits=bits, act_bits=act_bits, group_scale=group_scale,
+            out_dtype=dtype,
+        ).view(*lead, qweight.shape[0])
+        for qweight, weight_scale, bias, group_scale in zip(qweights, weight_scales, biases, group_scales, strict=True)
     ]
 
 
@@ -54,19 +65,22 @@ def linear_forward(
     rotation: str,
     x2: torch.Tensor | None = None,
     gelu_from: int | None = None,
+    act_bits: int | None = None,
+    group_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = dequant(quant(rotate(x)) @ qweight^T) + bias for x [..., K]; returns [..., N] in x's dtype.
 
     Given in parts, the input is ``cat([x, x2], -1)`` with GELU from column ``gelu_from``
     on, built by the quantization kernel as it loads the rows (fused_input.py).
     """
+    scheme = {"bits": bits, "act_bits": act_bits, "group_scale": group_scale}
     if rotation == "sylvester":
         rows = _sylvester_rows(x, x2, gelu_from, group_size)
-        y = convrot_kernels.linear(rows, qweight, weight_scale, bias, bits=bits, group_size=0)
+        y = convrot_kernels.linear(rows, qweight, weight_scale, bias, group_size=0, **scheme)
         return y.to(x.dtype).view(*x.shape[:-1], qweight.shape[0])
     group = _kernel_group(group_size, rotation)
     return convrot_kernels.linear(
-        x, qweight, weight_scale, bias, bits=bits, group_size=group, x2=x2, gelu_from=gelu_from
+        x, qweight, weight_scale, bias, group_size=group, x2=x2, gelu_from=gelu_from, **scheme
     )
 
 
@@ -80,6 +94,8 @@ def shared_input_forward(
     rotation: str,
     x2: torch.Tensor | None = None,
     gelu_from: int | None = None,
+    act_bits: int | None = None,
+    group_scales: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """linear_forward of several layers' weights on one input, which is rotated and quantized once.
 
@@ -87,14 +103,15 @@ def shared_input_forward(
     that layer's linear_forward bit for bit.
     """
     lead = x.shape[:-1]
+    a_bits = _act_bits(bits, act_bits)
     if rotation == "sylvester":
-        q, scale = convrot_kernels.rht_quantize(_sylvester_rows(x, x2, gelu_from, group_size), 0, bits)
+        q, scale = convrot_kernels.rht_quantize(_sylvester_rows(x, x2, gelu_from, group_size), 0, a_bits)
     else:
         rows2 = None if x2 is None else x2.reshape(-1, x2.shape[-1])
         q, scale = convrot_kernels.rht_quantize(
-            x.reshape(-1, x.shape[-1]), _kernel_group(group_size, rotation), bits, x2=rows2, gelu_from=gelu_from
+            x.reshape(-1, x.shape[-1]), _kernel_group(group_size, rotation), a_bits, x2=rows2, gelu_from=gelu_from
         )
-    return _products(q, scale, qweights, weight_scales, biases, bits, x.dtype, lead)
+    return _products(q, scale, qweights, weight_scales, biases, bits, act_bits, group_scales, x.dtype, lead)
 
 
 def normed_input_forward(
@@ -109,6 +126,8 @@ def normed_input_forward(
     bits: int,
     group_size: int,
     rotation: str,
+    act_bits: int | None = None,
+    group_scales: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """shared_input_forward of ``layer_norm_modulate(x, scale, shift, eps=eps, prefix=prefix)``, bit for bit.
 
@@ -118,12 +137,16 @@ def normed_input_forward(
     """
     if rotation == "sylvester":  # ablation only: through the normed tensor
         normed = convrot_kernels.layer_norm_modulate(x, scale, shift, eps=eps, prefix=prefix)
-        return shared_input_forward(normed, qweights, weight_scales, biases, bits, group_size, rotation)
+        return shared_input_forward(
+            normed, qweights, weight_scales, biases, bits, group_size, rotation, act_bits=act_bits,
+            group_scales=group_scales,
+        )
     lead = (x.shape[0], x.shape[1] + (0 if prefix is None else prefix.shape[1]))
     q, row_scale = convrot_kernels.layer_norm_modulate_rht_quantize(
-        x, scale, shift, eps=eps, prefix=prefix, group_size=_kernel_group(group_size, rotation), bits=bits
+        x, scale, shift, eps=eps, prefix=prefix, group_size=_kernel_group(group_size, rotation),
+        bits=_act_bits(bits, act_bits),
     )
-    return _products(q, row_scale, qweights, weight_scales, biases, bits, x.dtype, lead)
+    return _products(q, row_scale, qweights, weight_scales, biases, bits, act_bits, group_scales, x.dtype, lead)
 
 
 def residual_normed_input_forward(
@@ -139,6 +162,8 @@ def residual_normed_input_forward(
     bits: int,
     group_size: int,
     rotation: str,
+    act_bits: int | None = None,
+    group_scales: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """``(h, normed_input_forward(h, scale, shift, eps, None, ...))`` for ``h = x + gate[:, None] * branch``
     (each step rounded to x's dtype), bit for bit: the sum, its norm, rotation and quantization in one kernel
@@ -146,9 +171,13 @@ def residual_normed_input_forward(
     if rotation == "sylvester":  # ablation only: through the normed tensor
         total = x + gate[:, None] * branch
         return total, normed_input_forward(
-            total, scale, shift, eps, None, qweights, weight_scales, biases, bits, group_size, rotation
+            total, scale, shift, eps, None, qweights, weight_scales, biases, bits, group_size, rotation, act_bits,
+            group_scales,
         )
     total, q, row_scale = convrot_kernels.residual_layer_norm_modulate_rht_quantize(
-        x, branch, gate, scale, shift, eps=eps, group_size=_kernel_group(group_size, rotation), bits=bits
+        x, branch, gate, scale, shift, eps=eps, group_size=_kernel_group(group_size, rotation),
+        bits=_act_bits(bits, act_bits),
     )
-    return total, _products(q, row_scale, qweights, weight_scales, biases, bits, x.dtype, x.shape[:-1])
+    outputs = _products(q, row_scale, qweights, weight_scales, biases, bits, act_bits, group_scales, x.dtype,
+                        x.shape[:-1])  # fmt: skip
+    return total, outputs

@@ -1,4 +1,5 @@
-"""Quantization policies: which Linear layers become W4A4, W8A8, or stay as they are.
+"""Quantization policies: which Linear layers become W4A4, W8A8, W4A8 (optionally with
+group-scaled weights: w4a4g64, w4a8g64), or stay as they are.
 
 A policy maps module-name glob patterns (fnmatch, case-sensitive, matched
 against the full dotted name; ``*`` also matches dots) to a kind. The first
@@ -10,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping
 
-KINDS = ("w4a4", "w8a8", "skip")
+KINDS = ("w4a4", "w8a8", "w4a8", "w4a4g64", "w4a8g64", "skip")
 DEFAULT_KIND = "w4a4"
 
 

@@ -107,7 +107,7 @@ class SaveSummary:
     file_bytes: int
     bf16_bytes: int  # the same transformer with every weight in bf16
     layers: dict[str, int]  # kind -> number of quantized Linear layers
-    parameters: dict[str, int]  # kind ("w4a4", "w8a8", "bf16") -> number of weights
+    parameters: dict[str, int]  # kind ("w4a4", "w8a8", "w4a8", ..., "bf16") -> number of weights
 
     @property
     def ratio(self) -> float:
@@ -128,8 +128,8 @@ def describe(directory: str | os.PathLike) -> SaveSummary:
     quantized_tensors = set()
     for name, spec in layers.items():
         counts[spec["kind"]] = counts.get(spec["kind"], 0) + 1
-        parameters[spec["kind"]] += spec["in_features"] * spec["out_features"]
-        quantized_tensors.update({f"{name}.qweight", f"{name}.weight_scale"})
+        parameters[spec["kind"]] = parameters.get(spec["kind"], 0) + spec["in_features"] * spec["out_features"]
+        quantized_tensors.update({f"{name}.qweight", f"{name}.weight_scale", f"{name}.weight_group_scale"})
     for key, shape in shapes.items():
         if key not in quantized_tensors:
             parameters["bf16"] += math.prod(shape)

@@ -1,4 +1,4 @@
-"""The ``convrot`` command: quantize, generate, compare, info.
+"""The ``convrot`` command: quantize, generate, compare, scan, info.
 
 MODEL is a local diffusers pipeline directory or a hub id; without MODEL the
 commands use the embedded demo (a small Flux pipeline with RANDOM weights,
@@ -146,6 +146,36 @@ def cmd_compare(args) -> None:
     print(f"wrote {out}/side_by_side.png, bf16.png, quantized.png, layer_sqnr.csv, layer_sqnr.png, summary.json")
 
 
+def cmd_scan(args) -> None:
+    from . import scan, sensitivity
+    from .sources import load_pipeline
+
+    if (args.max_bytes is None) == (args.max_ratio is None):
+        raise CliError("give one budget: --max-bytes or --max-ratio")
+    loaded = load_pipeline(args.model, None, device=_device(args.device))
+    _announce(loaded)
+    transformer = loaded.pipe.transformer
+    _say("bf16 run (recording each Linear's inputs)")
+    with sensitivity.ActivationRecorder(transformer, rows_per_layer=args.rows_per_layer) as recorder:
+        _generate(loaded, args.prompt, args)
+    layers = sensitivity.layer_sensitivity(transformer, recorder.samples, lambda name: "scan", args.group_size, True)
+    del recorder
+    full = scan.bf16_bytes(layers)
+    budget = args.max_bytes if args.max_bytes is not None else args.max_ratio * full
+    policy, total = scan.policy_under_budget(layers, budget)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(policy, indent=1) + "\n")
+    counts = {}
+    for kind in list(policy.values())[:-1]:
+        counts[kind] = counts.get(kind, 0) + 1
+    spread = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
+    print(
+        f"wrote {args.out}: {len(layers)} Linear layers ({spread}), {total / 2**20:.1f} MiB of weights, "
+        f"{total / full:.3f}x their bf16 bytes (budget {budget / full:.3f}x); use it with "
+        "convrot.quantize_model(transformer, policy=json.load(open(FILE)))"
+    )
+
+
 def cmd_info(args) -> None:
     from . import comfy_cli
     from .checkpoint import describe
@@ -224,6 +254,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="convrot-compare", help="default: %(default)s")
     p.add_argument("--rows-per-layer", type=int, default=256, help="activation rows sampled per layer")
     p.set_defaults(run=cmd_compare)
+
+    p = commands.add_parser("scan", help="a per-layer policy for this model and prompt under a size budget")
+    model_argument(p)
+    sampling_options(p)
+    p.add_argument("--group-size", type=int, default=256, help="default: %(default)s")
+    p.add_argument("--max-bytes", type=float, help="budget for the transformer's Linear weights, in bytes")
+    p.add_argument("--max-ratio", type=float, help="budget as a fraction of those weights' bf16 bytes")
+    p.add_argument("--rows-per-layer", type=int, default=256, help="activation rows sampled per layer")
+    p.add_argument("--out", default="convrot-policy.json", help="policy JSON to write (default: %(default)s)")
+    p.set_defaults(run=cmd_scan)
 
     p = commands.add_parser("info", help="describe a quantized directory or a ComfyUI ConvRot file")
     p.add_argument("directory", metavar="PATH", help="a quantized directory or a ComfyUI .safetensors file")

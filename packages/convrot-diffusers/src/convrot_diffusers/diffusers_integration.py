@@ -65,7 +65,8 @@ class ConvRotConfig(QuantizationConfigMixin):
     """ConvRot W4A4 quantization of a diffusers transformer (Flux, PixArt, SD3).
 
     Args:
-        preset: "mix" (default: mixed W4A4/W8A8/bf16) or "w4a4"; see convrot_diffusers.presets.
+        preset: "mix" (default: mixed W4A4/W8A8/bf16), "w4a4", "w4a8", "w4a8g64" or "w4a4g64"; see
+            convrot_diffusers.presets.
         group_size: rotation/quantization group (256; falls back per layer to the largest power of 4
             dividing in_features).
         rotation: "regular" (the ConvRot Hadamard) or another rotation convrot-core knows.
@@ -296,9 +297,11 @@ class ConvRotQuantizer(DiffusersQuantizer):
         linear = model.get_submodule(name)
         if linear.weight.is_meta or (linear.bias is not None and linear.bias.is_meta):
             return  # convert once both weight and bias are in
-        layer_class = convrot.ConvLinear4bit if self.pending.pop(name) == "w4a4" else convrot.ConvLinear8bit
-        layer = layer_class.from_linear(
-            linear, group_size=self.quantization_config.group_size, rotation=self.quantization_config.rotation
+        layer = convrot.linear.layer_from_linear(
+            self.pending.pop(name),
+            linear,
+            group_size=self.quantization_config.group_size,
+            rotation=self.quantization_config.rotation,
         )
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)

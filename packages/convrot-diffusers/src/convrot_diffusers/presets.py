@@ -1,4 +1,9 @@
-"""Quantization presets per architecture: which Linear gets W4A4, W8A8 or stays in bf16.
+"""Quantization presets per architecture: which Linear gets W4A4, W8A8, W4A8 or stays in bf16.
+
+``w4a4`` quantizes every Linear of the blocks to W4A4; ``w4a8`` the same layers with 8-bit
+activations (the weights, and so the file, as w4a4's); ``w4a8g64`` and ``w4a4g64`` with
+group-scaled 4-bit weights (a multiplier per 64 codes: 1/64 byte more per weight,
+docs/format.md); ``mix`` is the paper's mixed W4A4/W8A8/bf16 table.
 
 A preset is an ordered list of rules (glob pattern on the module name, kind,
 reason); the first matching rule decides, as in a convrot-core policy.
@@ -23,14 +28,14 @@ import convrot
 
 from .detect import Architecture, architecture_of
 
-PRESET_NAMES = ("mix", "w4a4")
+PRESET_NAMES = ("mix", "w4a4", "w4a8", "w4a8g64", "w4a4g64")
 DEFAULT_PRESET = "mix"
 
 
 @dataclass(frozen=True)
 class Rule:
     pattern: str
-    kind: str  # "w4a4" | "w8a8" | "skip"
+    kind: str  # a kind of convrot.KINDS: "w4a4", "w8a8", "w4a8", "w4a8g64", "w4a4g64" or "skip"
     reason: str
 
 
@@ -134,6 +139,31 @@ PRESETS: dict[str, dict[str, tuple[Rule, ...]]] = {
         ),
     },
 }
+
+
+# Why each all-4-bit-weights preset exists (all-MiniLM-L6-v2, every Linear quantized, mean
+# embedding cosine to the unquantized model: convrot-core's tests/test_linear_fidelity.py).
+_SCHEME_REASONS = {
+    "w4a8": "W4A8: w4a4's weights with 8-bit activations, for models W4A4 loses too much on (MiniLM embedding "
+    "cosine 0.931 vs W4A4's 0.890); the same file size, the int8 GEMM main loop on Hopper",
+    "w4a8g64": "W4A8 with group-scaled weights (a multiplier per 64 codes): MiniLM embedding cosine 0.954, "
+    "1/64 byte more per weight than w4a8",
+    "w4a4g64": "W4A4 with group-scaled weights (a multiplier per 64 codes): MiniLM embedding cosine 0.912 vs "
+    "W4A4's 0.890",
+}
+
+
+def _all_4bit_weights(rules: tuple[Rule, ...], kind: str) -> tuple[Rule, ...]:
+    """The w4a4 preset's rules with its W4A4 layers given ``kind`` instead."""
+    return tuple(
+        Rule(rule.pattern, kind, f"{rule.reason}; {_SCHEME_REASONS[kind]}") if rule.kind == "w4a4" else rule
+        for rule in rules
+    )
+
+
+for _presets in PRESETS.values():
+    for _kind in _SCHEME_REASONS:
+        _presets[_kind] = _all_4bit_weights(_presets["w4a4"], _kind)
 
 
 def check_preset(preset: str) -> None:

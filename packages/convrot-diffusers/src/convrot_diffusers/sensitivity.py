@@ -1,4 +1,5 @@
-"""Per-layer sensitivity: SQNR of each Linear's W4A4 and W8A8 output against its bf16 output.
+"""Per-layer sensitivity: SQNR of each Linear's output under each scheme (W4A4, W8A8, W4A8 and
+W4A8 with group-scaled weights) against its bf16 output.
 
 The inputs are activations captured from a real denoising run, kept as a
 uniform random sample (reservoir) of at most ``rows_per_layer`` token rows per
@@ -29,6 +30,8 @@ class LayerSensitivity:
     precision: str  # what the preset being compared assigns to the layer
     sqnr_w4a4_db: float
     sqnr_w8a8_db: float
+    sqnr_w4a8_db: float
+    sqnr_w4a8g64_db: float  # NaN where in_features is not a multiple of 64
 
 
 class ActivationRecorder:
@@ -103,6 +106,11 @@ def layer_sensitivity(
         reference = linear(x)
         w4 = convrot.ConvLinear4bit.from_linear(linear, group_size=group_size)
         w8 = convrot.ConvLinear8bit.from_linear(linear, group_size=group_size)
+        w4a8 = convrot.ConvLinear4bit.from_linear(linear, group_size=group_size, act_bits=8)
+        grouped = math.nan
+        if linear.in_features % 64 == 0:
+            w4a8g = convrot.ConvLinear4bit.from_linear(linear, group_size=group_size, act_bits=8, weight_group_size=64)
+            grouped = sqnr(reference, w4a8g(x))
         results.append(
             LayerSensitivity(
                 layer=name,
@@ -112,6 +120,8 @@ def layer_sensitivity(
                 precision=policy_precision(name),
                 sqnr_w4a4_db=sqnr(reference, w4(x)),
                 sqnr_w8a8_db=sqnr(reference, w8(x)),
+                sqnr_w4a8_db=sqnr(reference, w4a8(x)),
+                sqnr_w4a8g64_db=grouped,
             )
         )
     return results
@@ -123,8 +133,9 @@ def write_csv(results: list[LayerSensitivity], path: Path) -> None:
         writer.writeheader()
         for row in results:
             values = asdict(row)
-            values["sqnr_w4a4_db"] = round(row.sqnr_w4a4_db, 3)
-            values["sqnr_w8a8_db"] = round(row.sqnr_w8a8_db, 3)
+            for field in fields(LayerSensitivity):
+                if field.name.startswith("sqnr_"):
+                    values[field.name] = round(getattr(row, field.name), 3)
             writer.writerow(values)
 
 

@@ -28,6 +28,18 @@ std::vector<int16_t> widen_codes(const void* q, int64_t rows, int64_t k, int bit
   return wide;
 }
 
+// Group-scaled 4-bit weights: each code times its group's multiplier (an int8 by the format's ranges).
+void apply_group_scale(std::vector<int16_t>& wide, const uint8_t* group_scale, int64_t rows, int64_t k) {
+  const int64_t groups = k / kWeightGroup;
+  parallel_for(rows * groups, kWeightGroup, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const int16_t multiplier = group_scale[g];
+      int16_t* codes = wide.data() + g * kWeightGroup;
+      for (int j = 0; j < kWeightGroup; ++j) codes[j] = int16_t(codes[j] * multiplier);
+    }
+  });
+}
+
 int32_t dot(const int16_t* a, const int16_t* b, int64_t k) {
   int32_t acc = 0;
   for (int64_t j = 0; j < k; ++j) acc += int32_t(a[j]) * b[j];
@@ -51,9 +63,10 @@ void dot_x4(const int16_t* a, const int16_t* w, int64_t k, int32_t* acc) {
 }  // namespace
 
 void gemm(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias,
-          void* out, Float out_dtype, int64_t m, int64_t n, int64_t k, int bits) {
-  const std::vector<int16_t> a = widen_codes(qa, m, k, bits);
-  const std::vector<int16_t> w = widen_codes(qw, n, k, bits);
+          void* out, Float out_dtype, int64_t m, int64_t n, int64_t k, GemmCodes codes) {
+  const std::vector<int16_t> a = widen_codes(qa, m, k, codes.act_bits);
+  std::vector<int16_t> w = widen_codes(qw, n, k, codes.weight_bits);
+  if (codes.grouped()) apply_group_scale(w, codes.group_scale, n, k);
   const auto epilogue = [&](int64_t i, int64_t j, int32_t acc) {
     float y = float(acc) * sa[i] * sw[j];
     if (bias != nullptr) y += bias[j];

@@ -59,40 +59,40 @@ void force_gemm_kernel(GemmKernel kernel, int sm90_tile_n) {
 }
 
 void gemm(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias, void* out,
-          Float out_dtype, int64_t m, int64_t n, int64_t k, int bits, void* stream) {
+          Float out_dtype, int64_t m, int64_t n, int64_t k, GemmCodes codes, void* stream) {
   if (m == 0 || n == 0) return;
   const cudaStream_t s = as_stream(stream);
   const int cc = current_device().compute_capability;
   const bool hopper = built_for_hopper() && cc == 90;
-  const bool small_m_ok = cc >= 80 && small_m::supports(m, n, k, bits, qa, qw);
+  const bool small_m_ok = cc >= 80 && small_m::supports(m, n, k, codes, qa, qw);
   switch (forced_kernel.load()) {
     case GemmKernel::automatic:
       break;
     case GemmKernel::small_m:
-      if (!small_m_ok) cannot_force(GemmKernel::small_m, "it needs compute capability 8.0+, M <= 64, K * bits / 8 a multiple of 16 and 16-byte aligned codes");
-      return small_m::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, bits, s);
+      if (!small_m_ok) cannot_force(GemmKernel::small_m, "it needs compute capability 8.0+, M <= 64, rows of whole 16-byte pieces and 16-byte aligned codes");
+      return small_m::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, codes, s);
     case GemmKernel::sm90_persistent:
-      if (!hopper || !sm90_persistent::supports(m, n, k, bits, qa, qw)) {
-        cannot_force(GemmKernel::sm90_persistent, "it needs an sm_90a build on compute capability 9.0, K * bits / 8 a multiple of 16 and 16-byte aligned codes");
+      if (!hopper || !sm90_persistent::supports(m, n, k, codes, qa, qw)) {
+        cannot_force(GemmKernel::sm90_persistent, "it needs an sm_90a build on compute capability 9.0, rows of whole 16-byte pieces, 16-byte aligned codes and a code scheme it implements");
       }
-      return sm90_persistent::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, bits, s);
+      return sm90_persistent::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, codes, s);
     case GemmKernel::sm90:
-      if (!hopper || !sm90::supports(m, n, k, bits, qa, qw)) {
-        cannot_force(GemmKernel::sm90, "it needs an sm_90a build on compute capability 9.0, K * bits / 8 a multiple of 16 and 16-byte aligned codes");
+      if (!hopper || !sm90::supports(m, n, k, codes, qa, qw)) {
+        cannot_force(GemmKernel::sm90, "it needs an sm_90a build on compute capability 9.0, rows of whole 16-byte pieces, 16-byte aligned codes and a code scheme it implements");
       }
-      return sm90::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, bits, forced_sm90_tile_n.load(), s);
+      return sm90::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, codes, forced_sm90_tile_n.load(), s);
     case GemmKernel::simt:
-      return simt::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, bits, s);
+      return simt::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, codes, s);
   }
   const bool medium_m = m > 64 && (m <= 128 || (m <= 512 && n <= 4096));
   if (small_m_ok) {
-    small_m::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, bits, s);
-  } else if (hopper && medium_m && sm90::supports(m, n, k, bits, qa, qw)) {
-    sm90::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, bits, 128, s);
-  } else if (hopper && sm90_persistent::supports(m, n, k, bits, qa, qw)) {
-    sm90_persistent::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, bits, s);
+    small_m::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, codes, s);
+  } else if (hopper && medium_m && sm90::supports(m, n, k, codes, qa, qw)) {
+    sm90::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, codes, 128, s);
+  } else if (hopper && sm90_persistent::supports(m, n, k, codes, qa, qw)) {
+    sm90_persistent::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, codes, s);
   } else {
-    simt::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, bits, s);
+    simt::gemm(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, codes, s);
   }
 }
 

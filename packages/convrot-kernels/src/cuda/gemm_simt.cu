@@ -12,9 +12,11 @@ constexpr int kTile = 64;      // rows of A and of B per block
 constexpr int kWords = 16;     // int8x4 words of K per shared-memory slice (64 codes)
 constexpr int kThreads = 256;  // 16 x 16 threads, each 4 x 4 outputs
 
-// Four consecutive codes k0 .. k0+3 of row `row` as an int8x4 word, zero past the matrix.
+// Four consecutive codes k0 .. k0+3 of row `row` as an int8x4 word, zero past the matrix; with
+// `group_scale` (4-bit weights, uint8 [rows, k / 64]) each code times its group's multiplier.
 template <int BITS>
-__device__ __forceinline__ int load_word(const void* q, int64_t rows, int64_t k, int64_t row, int64_t k0) {
+__device__ __forceinline__ int load_word(const void* q, int64_t rows, int64_t k, int64_t row, int64_t k0,
+                                         const uint8_t* group_scale = nullptr) {
   if (row >= rows) return 0;
   uint32_t word = 0;
 #pragma unroll
@@ -25,6 +27,7 @@ __device__ __forceinline__ int load_word(const void* q, int64_t rows, int64_t k,
     if constexpr (BITS == 4) {
       const uint8_t byte = static_cast<const uint8_t*>(q)[row * (k / 2) + kk / 2];
       code = (kk & 1) ? int(int8_t(byte) >> 4) : int(int8_t(byte << 4) >> 4);
+      if (group_scale != nullptr) code *= int(group_scale[row * (k / kWeightGroup) + kk / kWeightGroup]);
     } else {
       code = static_cast<const int8_t*>(q)[row * k + kk];
     }
@@ -33,9 +36,11 @@ __device__ __forceinline__ int load_word(const void* q, int64_t rows, int64_t k,
   return int(word);
 }
 
-template <int BITS>
+// A_BITS, W_BITS: the activations' and weights' code widths; group_scale as load_word's.
+template <int A_BITS, int W_BITS>
 __global__ void __launch_bounds__(kThreads) gemm_kernel(const void* __restrict__ qa, const float* __restrict__ sa,
                                                         const void* __restrict__ qw, const float* __restrict__ sw,
+                                                        const uint8_t* __restrict__ group_scale,
                                                         const float* __restrict__ bias, void* __restrict__ out,
                                                         Float out_dtype, int64_t m, int64_t n, int64_t k) {
   __shared__ int a_tile[kWords][kTile + 1];
@@ -46,8 +51,8 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const void* __restrict__
   for (int64_t k0 = 0; k0 < k; k0 += 4 * kWords) {
     for (int idx = threadIdx.x; idx < kTile * kWords; idx += kThreads) {
       const int r = idx / kWords, w = idx % kWords;
-      a_tile[w][r] = load_word<BITS>(qa, m, k, m0 + r, k0 + 4 * w);
-      b_tile[w][r] = load_word<BITS>(qw, n, k, n0 + r, k0 + 4 * w);
+      a_tile[w][r] = load_word<A_BITS>(qa, m, k, m0 + r, k0 + 4 * w);
+      b_tile[w][r] = load_word<W_BITS>(qw, n, k, n0 + r, k0 + 4 * w, group_scale);
     }
     __syncthreads();
 #pragma unroll
@@ -84,13 +89,16 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const void* __restrict__
 }  // namespace
 
 void gemm(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias, void* out,
-          Float out_dtype, int64_t m, int64_t n, int64_t k, int bits, cudaStream_t stream) {
+          Float out_dtype, int64_t m, int64_t n, int64_t k, const GemmCodes& codes, cudaStream_t stream) {
   if (ceil_div<int64_t>(m, kTile) > 65535) throw std::runtime_error("convrot_kernels CUDA: M too large for the portable GEMM");
   const dim3 grid(unsigned(ceil_div<int64_t>(n, kTile)), unsigned(ceil_div<int64_t>(m, kTile)));
-  if (bits == 4) {
-    gemm_kernel<4><<<grid, kThreads, 0, stream>>>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k);
+  const uint8_t* group_scale = codes.group_scale;
+  if (codes.weight_bits == 8) {
+    gemm_kernel<8, 8><<<grid, kThreads, 0, stream>>>(qa, sa, qw, sw, nullptr, bias, out, out_dtype, m, n, k);
+  } else if (codes.act_bits == 8) {
+    gemm_kernel<8, 4><<<grid, kThreads, 0, stream>>>(qa, sa, qw, sw, group_scale, bias, out, out_dtype, m, n, k);
   } else {
-    gemm_kernel<8><<<grid, kThreads, 0, stream>>>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k);
+    gemm_kernel<4, 4><<<grid, kThreads, 0, stream>>>(qa, sa, qw, sw, group_scale, bias, out, out_dtype, m, n, k);
   }
   check_launch("portable gemm");
 }

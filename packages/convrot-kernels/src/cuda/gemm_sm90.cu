@@ -308,14 +308,18 @@ void launch(const void* qa, const float* sa, const void* qw, const float* sw, co
 
 }  // namespace
 
-bool supports(int64_t m, int64_t n, int64_t k, int bits, const void* qa, const void* qw) {
+// W4A4 and W8A8 only: the other schemes (docs/format.md) take the persistent or portable kernel.
+bool supports(int64_t m, int64_t n, int64_t k, const GemmCodes& codes, const void* qa, const void* qw) {
+  const int bits = codes.weight_bits;
+  if (codes.act_bits != bits || codes.grouped()) return false;
   const int64_t row_bytes = k * bits / 8;
   return row_bytes % 16 == 0 && row_bytes > 0 && aligned16(qa) && aligned16(qw) && m < (int64_t(1) << 31) &&
          n < (int64_t(1) << 31) && (bits == 8 || k < (int64_t(1) << 17));
 }
 
 void gemm(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias, void* out,
-          Float out_dtype, int64_t m, int64_t n, int64_t k, int bits, int tile_n, cudaStream_t stream) {
+          Float out_dtype, int64_t m, int64_t n, int64_t k, const GemmCodes& codes, int tile_n, cudaStream_t stream) {
+  const int bits = codes.weight_bits;
   const bool wide = tile_n == 256;
   if (bits == 4) {
     if (wide) return launch<4, 256, 4>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);

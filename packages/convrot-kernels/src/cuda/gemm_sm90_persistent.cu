@@ -32,6 +32,12 @@
 // fetched into shared memory by cp.async at the tile's start. Storing from
 // registers straight to global memory (the fallback for fp32 outputs and
 // unaligned rows) keeps the warps in the epilogue ~10 us per tile longer.
+//
+// The other schemes of docs/format.md reuse these roles. W4A8: A is int8 and goes from its
+// 128-byte-swizzled TMA slot straight to wgmma, as for 8-bit codes; the expansion warps write B
+// in natural K order (16 * code, so sums are 16x the true ones). Group-scaled 4-bit weights: the
+// expansion warps multiply each code by its group's multiplier (int4_decode.cuh), loaded per
+// K-slice from global memory (L2-resident), writing the true int8 value.
 #include <cuda.h>
 
 #include <type_traits>
@@ -41,6 +47,7 @@
 #include "tensor_map.h"
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#include "int4_decode.cuh"
 #include "sm90_ptx.cuh"
 #include "wgmma_n144.cuh"
 #endif
@@ -53,15 +60,19 @@ constexpr int kBN = 144;
 constexpr int kBK = 128;  // codes per K-slice
 constexpr int kThreads = 384;
 
-// STAGED: the 16-bit output tile is staged in shared memory for a TMA store (see above),
-// which takes shared memory from the rings.
-template <int BITS, bool STAGED>
+// A_BITS, W_BITS: the activations' and weights' widths. STAGED: the 16-bit output tile is staged
+// in shared memory for a TMA store (see above), which takes shared memory from the rings.
+template <int A_BITS, int W_BITS, bool STAGED>
 struct Layout {
-  static constexpr int kRowBytes = kBK * BITS / 8;  // bytes of one row of a slot
-  static constexpr int kABytes = kBM * kRowBytes;
-  static constexpr int kBBytes = kBN * kRowBytes;
-  static constexpr int kStages = STAGED ? 3 : BITS == 4 ? 5 : 4;
-  static constexpr int kExpandedSlots = BITS == 4 ? (STAGED ? 4 : 3) : 0;
+  static constexpr int kARowBytes = kBK * A_BITS / 8;  // bytes of one row of a slot
+  static constexpr int kBRowBytes = kBK * W_BITS / 8;
+  static constexpr int kABytes = kBM * kARowBytes;
+  static constexpr int kBBytes = kBN * kBRowBytes;
+  static constexpr bool kW4A8 = A_BITS == 8 && W_BITS == 4;
+  // W4A8's 32 KB A slots leave room for only two TMA stages beside the staged output tile;
+  // releasing slots one K-slice late needs at least two of each ring.
+  static constexpr int kStages = kW4A8 ? (STAGED ? 2 : 4) : STAGED ? 3 : W_BITS == 4 ? 5 : 4;
+  static constexpr int kExpandedSlots = W_BITS == 4 ? (kW4A8 ? (STAGED ? 3 : 2) : STAGED ? 4 : 3) : 0;
   static constexpr int kExpandedBytes = kBN * kBK;
   static constexpr int kOutBytes = STAGED ? kBM * kBN * 2 : 0;  // two [128][kBN] 16-bit halves
   static constexpr int kScaleFloats = 2 * kBN + kBM / 2;         // per consumer warpgroup: sw, bias, sa
@@ -76,6 +87,7 @@ struct Layout {
   static_assert(kABytes % 1024 == 0 && kBBytes % 1024 == 0 && kExpandedBytes % 1024 == 0 && kOutBytes % 1024 == 0,
                 "slots must keep the 1024-byte alignment of the 128-byte swizzle");
   static_assert(kSmem <= 227 * 1024, "shared memory per block");
+  static_assert(W_BITS == 8 || (kStages >= 2 && kExpandedSlots >= 2), "slots are released one K-slice late");
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -257,15 +269,17 @@ __device__ __forceinline__ void stage_tile_as(int (&acc)[2][kBN / 2], uint32_t s
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
-// map_out (a 16-bit [m, n] tensor map, boxes of [128][kBN]) is used only when STAGED.
-template <int BITS, bool STAGED>
+// map_out (a 16-bit [m, n] tensor map, boxes of [128][kBN]) is used only when STAGED. GROUPED:
+// 4-bit weights with multipliers group_scale [n, k / 64].
+template <int A_BITS, int W_BITS, bool GROUPED, bool STAGED>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
-                const __grid_constant__ CUtensorMap map_out, const float* __restrict__ sa, const float* __restrict__ sw, const float* __restrict__ bias,
-                void* __restrict__ out, Float out_dtype, int m, int n, int k, int tiles_m, int num_tiles,
-                bool pairs) {
+                const __grid_constant__ CUtensorMap map_out, const float* __restrict__ sa, const float* __restrict__ sw,
+                const uint8_t* __restrict__ group_scale, const float* __restrict__ bias, void* __restrict__ out,
+                Float out_dtype, int m, int n, int k, int tiles_m, int num_tiles, bool pairs) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using L = Layout<BITS, STAGED>;
+  using L = Layout<A_BITS, W_BITS, STAGED>;
+  constexpr int BITS = W_BITS;  // whether B is expanded; A_BITS says how the consumers read A
   constexpr int S = L::kStages, E = L::kExpandedSlots;
   extern __shared__ uint8_t smem_raw[];
   // Derived from smem_raw by an offset (not through an integer), so the compiler keeps it in
@@ -293,8 +307,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
 
+  // W4A8 with group scales: the SS consumers need fewer registers than the RS ones, and the
+  // expansion warps' multipliers spill at 56.
+  constexpr bool kWideProducer = GROUPED && A_BITS == 8;
   if (warp < 4) {  // producer warpgroup
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 56;");
+    if constexpr (kWideProducer) {
+      asm volatile("setmaxnreg.dec.sync.aligned.u32 64;");
+    } else {
+      asm volatile("setmaxnreg.dec.sync.aligned.u32 56;");
+    }
     if (warp == 0) {
       if (lane == 0) {
         Ring<S> ring;
@@ -303,43 +324,69 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int kt = 0; kt < num_k; ++kt) {
             mbar_wait(&empty[ring.slot], ring.phase ^ 1);
             mbar_arrive_expect_tx(&full[ring.slot], L::kABytes + L::kBBytes);
-            tma_load_2d(smem + L::kA + ring.slot * L::kABytes, &map_a, kt * L::kRowBytes, row_a, &full[ring.slot]);
-            tma_load_2d(smem + L::kB + ring.slot * L::kBBytes, &map_b, kt * L::kRowBytes, row_b, &full[ring.slot]);
+            tma_load_2d(smem + L::kA + ring.slot * L::kABytes, &map_a, kt * L::kARowBytes, row_a, &full[ring.slot]);
+            tma_load_2d(smem + L::kB + ring.slot * L::kBBytes, &map_b, kt * L::kBRowBytes, row_b, &full[ring.slot]);
             ring.advance();
           }
         }
       }
     } else if constexpr (BITS == 4) {
-      // Four threads per row, one 16-byte quarter of its packed bytes each.
+      // Four threads per row, one 16-byte quarter of its packed bytes each (codes 32 quarter ..
+      // 32 quarter + 31 of the slice, all of one multiplier's group).
       const int et = threadIdx.x - 32, quarter = et & 3;
+      const int groups = k / kWeightGroup;
       Ring<S> ring;
       Ring<E> xring;
       for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+        const int tile_col = (tile / tiles_m) * kBN;
         for (int kt = 0; kt < num_k; ++kt) {
           mbar_wait(&full[ring.slot], ring.phase);
           mbar_wait(&expanded_empty[xring.slot], xring.phase ^ 1);
           const uint32_t packed = smem_base + L::kB + ring.slot * L::kBBytes + 16 * quarter;
-          const uint32_t expanded = smem_base + L::kExpanded + xring.slot * L::kExpandedBytes + 4 * quarter;
+          // Permuted order (4-bit A): word c of a quarter at 4 quarter in chunks 2c, 2c + 1;
+          // natural order (8-bit A): codes 32 quarter + 8c .. in chunk 2 quarter + c / 2.
+          const uint32_t expanded = smem_base + L::kExpanded + xring.slot * L::kExpandedBytes +
+                                    (A_BITS == 4 ? 4 * quarter : 0);
+          // This quarter's multipliers of the tile's rows (GROUPED; rows past n read none).
+          const uint8_t* tile_group_scale = group_scale + int64_t(tile_col) * groups + 2 * kt + quarter / 2;
+          const bool group_in = 2 * kt + quarter / 2 < groups;
           // All six passes' loads before any store. The expansion warps bound the main loop (ncu:
           // consumers spent half their main-loop samples waiting for an expanded slot), and with
           // 56 registers instead of 40 (consumers 224 instead of 232, no spills) they can keep
           // all loads in flight: 4608 x 3072 x 3072 74.2 -> 69.3 us, x 12288 271.6 -> 254.2 us.
-          constexpr int kPasses = kBN / kExpandRowsPerPass, kBatch = 6;
+          // Group-scaled weights batch two passes: with six (or three), their multipliers and
+          // addresses spill from the expansion warps' 56 registers (ptxas -v).
+          constexpr int kPasses = kBN / kExpandRowsPerPass, kBatch = GROUPED ? 2 : 6;
           static_assert(kPasses % kBatch == 0, "whole batches");
 #pragma unroll
           for (int first = 0; first < kPasses; first += kBatch) {
             uint4 v[kBatch];
+            uint32_t multiplier[kBatch];
 #pragma unroll
             for (int i = 0; i < kBatch; ++i) {
-              v[i] = lds128(packed + ((et >> 2) + (first + i) * kExpandRowsPerPass) * 64);
+              const int row = (et >> 2) + (first + i) * kExpandRowsPerPass;
+              v[i] = lds128(packed + row * 64);
+              if constexpr (GROUPED) {
+                const bool ok = group_in && tile_col + row < n;
+                multiplier[i] = ok ? uint32_t(__ldg(tile_group_scale + row * groups)) : 1u;
+              }
             }
 #pragma unroll
             for (int i = 0; i < kBatch; ++i) {
               const int row = (et >> 2) + (first + i) * kExpandRowsPerPass;
 #pragma unroll
               for (int c = 0; c < 4; ++c) {
-                sts32(expanded + swizzle128(row, 2 * c), low_nibbles_x16(word(v[i], c)));
-                sts32(expanded + swizzle128(row, 2 * c + 1), high_nibbles_x16(word(v[i], c)));
+                const uint32_t w = word(v[i], c);
+                const uint32_t even = GROUPED ? low_nibbles_scaled(w, multiplier[i]) : low_nibbles_x16(w);
+                const uint32_t odd = GROUPED ? high_nibbles_scaled(w, multiplier[i]) : high_nibbles_x16(w);
+                if constexpr (A_BITS == 4) {
+                  sts32(expanded + swizzle128(row, 2 * c), even);
+                  sts32(expanded + swizzle128(row, 2 * c + 1), odd);
+                } else {
+                  const uint32_t at = expanded + swizzle128(row, 2 * quarter + c / 2) + 8 * (c % 2);
+                  sts32(at, first_four(even, odd));
+                  sts32(at + 4, last_four(even, odd));
+                }
               }
             }
           }
@@ -359,7 +406,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // consumer warpgroups
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 224;");
+  if constexpr (kWideProducer) {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 216;");
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 224;");
+  }
   const int cw = warp - 4;
   const int wg = cw >> 2;
   const int wrow = wg * 128 + (cw & 3) * 16 + (lane >> 2);  // this thread's first row in the tile
@@ -377,7 +428,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int i = 0; i < kBN / 2; ++i) acc[mb][i] = 0;
     }
-    if constexpr (BITS == 4) {
+    if constexpr (A_BITS == 4) {
       // A packed slot is released one K-slice late, once wgmma instructions that consumed the
       // registers loaded from it have issued: an arrive right after the loads can overtake
       // them, and TMA then overwrites rows not yet read.
@@ -444,35 +495,50 @@ __global__ void __launch_bounds__(kThreads, 1)
         mbar_arrive(&expanded_empty[previous_expanded]);
       }
     } else {
-      int previous = 0;  // slot of the previous K-slice
+      // 8-bit A from its slot; B from its slot (8-bit weights) or from the expanded ring (W4A8).
+      int previous = 0, previous_expanded = 0;  // slots of the previous K-slice
       for (int kt = 0; kt < num_k; ++kt) {
         mbar_wait(&full[ring.slot], ring.phase);
-        const uint8_t* tile_a = smem + L::kA + ring.slot * L::kABytes + wg * 128 * L::kRowBytes;
+        const uint8_t* tile_a = smem + L::kA + ring.slot * L::kABytes + wg * 128 * L::kARowBytes;
         const uint8_t* tile_b = smem + L::kB + ring.slot * L::kBBytes;
+        if constexpr (W_BITS == 4) {
+          mbar_wait(&expanded_full[xring.slot], xring.phase);
+          tile_b = smem + L::kExpanded + xring.slot * L::kExpandedBytes;
+        }
         wgmma_fence();
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
 #pragma unroll
           for (int mb = 0; mb < 2; ++mb) {
-            wgmma_ss_n144(acc[mb], smem_desc_k128(tile_a + mb * 64 * L::kRowBytes + 32 * c),
+            wgmma_ss_n144(acc[mb], smem_desc_k128(tile_a + mb * 64 * L::kARowBytes + 32 * c),
                           smem_desc_k128(tile_b + 32 * c));
           }
         }
         wgmma_commit();
-        wgmma_wait<1>();  // the previous slice's wgmma are done: its slot can be refilled
-        if (kt > 0 && lane == 0) mbar_arrive(&empty[previous]);
+        wgmma_wait<1>();  // the previous slice's wgmma are done: its slots can be refilled
+        if (kt > 0 && lane == 0) {
+          mbar_arrive(&empty[previous]);
+          if constexpr (W_BITS == 4) mbar_arrive(&expanded_empty[previous_expanded]);
+        }
         previous = ring.slot;
         ring.advance();
+        if constexpr (W_BITS == 4) {
+          previous_expanded = xring.slot;
+          xring.advance();
+        }
       }
       wgmma_wait<0>();
-      if (lane == 0) mbar_arrive(&empty[previous]);
+      if (lane == 0) {
+        mbar_arrive(&empty[previous]);
+        if constexpr (W_BITS == 4) mbar_arrive(&expanded_empty[previous_expanded]);
+      }
     }
 #pragma unroll
     for (int mb = 0; mb < 2; ++mb) {
 #pragma unroll
       for (int i = 0; i < kBN / 2; ++i) pin_register(acc[mb][i]);
     }
-    constexpr int kShift = BITS == 4 ? 8 : 0;
+    constexpr int kShift = (A_BITS == 4 ? 4 : 0) + (W_BITS == 4 && !GROUPED ? 4 : 0);
     if constexpr (STAGED) {
       // The stage is free once this warpgroup's previous TMA store has read it; the
       // barriers order each thread's stage writes and scale reads against the others'.
@@ -504,27 +570,34 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // ---- host side ----
 
-template <int BITS, bool STAGED>
-void launch(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias, void* out,
-            Float out_dtype, int64_t m, int64_t n, int64_t k, cudaStream_t stream) {
-  using L = Layout<BITS, STAGED>;
+template <int A_BITS, int W_BITS, bool GROUPED, bool STAGED>
+void launch(const void* qa, const float* sa, const void* qw, const float* sw, const uint8_t* group_scale,
+            const float* bias, void* out, Float out_dtype, int64_t m, int64_t n, int64_t k, cudaStream_t stream) {
+  using L = Layout<A_BITS, W_BITS, STAGED>;
   // 4-bit slots are read row by row by ordinary loads (no swizzle needed: a
   // warp's 16-byte loads cover 512 contiguous bytes); 8-bit slots go to wgmma.
-  const CUtensorMapSwizzle swizzle = BITS == 4 ? CU_TENSOR_MAP_SWIZZLE_NONE : CU_TENSOR_MAP_SWIZZLE_128B;
-  const int64_t row_bytes = k * BITS / 8;
-  const CUtensorMap map_a = tensor_map(qa, 1, m, row_bytes, kBM, L::kRowBytes, swizzle);
-  const CUtensorMap map_b = tensor_map(qw, 1, n, row_bytes, kBN, L::kRowBytes, swizzle);
+  const auto swizzle = [](int bits) { return bits == 4 ? CU_TENSOR_MAP_SWIZZLE_NONE : CU_TENSOR_MAP_SWIZZLE_128B; };
+  const CUtensorMap map_a = tensor_map(qa, 1, m, k * A_BITS / 8, kBM, L::kARowBytes, swizzle(A_BITS));
+  const CUtensorMap map_b = tensor_map(qw, 1, n, k * W_BITS / 8, kBN, L::kBRowBytes, swizzle(W_BITS));
   const CUtensorMap map_out = STAGED ? tensor_map(out, 2, m, n, kBM / 2, kBN, CU_TENSOR_MAP_SWIZZLE_NONE) : map_a;
   const int tiles_m = int(ceil_div<int64_t>(m, kBM));
   const int num_tiles = tiles_m * int(ceil_div<int64_t>(n, kBN));
   const int sms = current_device().multiprocessors;
   const int grid = num_tiles < sms ? num_tiles : sms;
   const bool pairs = n % 2 == 0 && (reinterpret_cast<uintptr_t>(out) & 7) == 0;
-  auto kernel = gemm_kernel<BITS, STAGED>;
+  auto kernel = gemm_kernel<A_BITS, W_BITS, GROUPED, STAGED>;
   allow_dynamic_smem(kernel, L::kSmem);
-  kernel<<<grid, kThreads, L::kSmem, stream>>>(map_a, map_b, map_out, sa, sw, bias, out, out_dtype, int(m), int(n),
-                                               int(k), tiles_m, num_tiles, pairs);
+  kernel<<<grid, kThreads, L::kSmem, stream>>>(map_a, map_b, map_out, sa, sw, group_scale, bias, out, out_dtype,
+                                               int(m), int(n), int(k), tiles_m, num_tiles, pairs);
   check_launch("sm90 persistent gemm");
+}
+
+template <int A_BITS, int W_BITS, bool GROUPED>
+void launch_scheme(bool staged, const void* qa, const float* sa, const void* qw, const float* sw,
+                   const uint8_t* group_scale, const float* bias, void* out, Float out_dtype, int64_t m, int64_t n,
+                   int64_t k, cudaStream_t stream) {
+  if (staged) return launch<A_BITS, W_BITS, GROUPED, true>(qa, sa, qw, sw, group_scale, bias, out, out_dtype, m, n, k, stream);
+  launch<A_BITS, W_BITS, GROUPED, false>(qa, sa, qw, sw, group_scale, bias, out, out_dtype, m, n, k, stream);
 }
 
 // The TMA store needs 16-bit elements, rows a multiple of 16 bytes and a 16-byte aligned base.
@@ -534,22 +607,26 @@ bool staged_output(Float out_dtype, int64_t n, const void* out) {
 
 }  // namespace
 
-bool supports(int64_t m, int64_t n, int64_t k, int bits, const void* qa, const void* qw) {
+bool supports(int64_t m, int64_t n, int64_t k, const GemmCodes& codes, const void* qa, const void* qw) {
+  const int bits = codes.weight_bits;
   const int64_t row_bytes = k * bits / 8;
   const int64_t tiles = ceil_div<int64_t>(m, kBM) * ceil_div<int64_t>(n, kBN);
   return row_bytes > 0 && row_bytes % 16 == 0 && aligned16(qa) && aligned16(qw) && tiles < (int64_t(1) << 31) &&
-         m < (int64_t(1) << 31) && n < (int64_t(1) << 31) && (bits == 8 || k < (int64_t(1) << 17));
+         m < (int64_t(1) << 31) && n < (int64_t(1) << 31) && (bits == 8 || k < (int64_t(1) << 17)) &&
+         (!codes.grouped() || k % kWeightGroup == 0);
 }
 
 void gemm(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias, void* out,
-          Float out_dtype, int64_t m, int64_t n, int64_t k, int bits, cudaStream_t stream) {
+          Float out_dtype, int64_t m, int64_t n, int64_t k, const GemmCodes& codes, cudaStream_t stream) {
   const bool staged = staged_output(out_dtype, n, out);
-  if (bits == 4) {
-    if (staged) return launch<4, true>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);
-    return launch<4, false>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);
+  const uint8_t* gs = codes.group_scale;
+  if (codes.weight_bits == 8) return launch_scheme<8, 8, false>(staged, qa, sa, qw, sw, gs, bias, out, out_dtype, m, n, k, stream);
+  if (codes.act_bits == 8) {
+    if (codes.grouped()) return launch_scheme<8, 4, true>(staged, qa, sa, qw, sw, gs, bias, out, out_dtype, m, n, k, stream);
+    return launch_scheme<8, 4, false>(staged, qa, sa, qw, sw, gs, bias, out, out_dtype, m, n, k, stream);
   }
-  if (staged) return launch<8, true>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);
-  launch<8, false>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);
+  if (codes.grouped()) return launch_scheme<4, 4, true>(staged, qa, sa, qw, sw, gs, bias, out, out_dtype, m, n, k, stream);
+  launch_scheme<4, 4, false>(staged, qa, sa, qw, sw, gs, bias, out, out_dtype, m, n, k, stream);
 }
 
 }  // namespace convrot::cuda::sm90_persistent

@@ -23,8 +23,14 @@
 // 4t..4t+3 and high nibbles at 16+4t..16+4t+3, each as 16 * code, so the sums
 // are 256x the true ones until the epilogue's exact shift. 8-bit codes: words
 // 2c and 2c+1 of the 16 bytes feed k-step c at positions 4t.. and 16+4t...
+// W4A8 (docs/format.md): a thread's 16 weight bytes hold codes 32t..32t+31 of the slice, so it
+// takes the 32 activation bytes of those codes (two pieces a row) and splits words 2c, 2c+1
+// into their even and odd bytes, the K order of the nibbles (the sums are 16x the true ones).
+// Group-scaled weights decode to the true code x multiplier (int4_decode.cuh), the multiplier
+// of a thread's 32 codes loaded once per slice.
 #include "common.cuh"
 #include "gemm_small_m.h"
+#include "int4_decode.cuh"
 
 namespace convrot::cuda::small_m {
 namespace {
@@ -39,7 +45,10 @@ constexpr int kStages = 4;
 // With one 16-row block of activations, their two 16-byte pieces a slice ride in the ring too
 // (through L1, which every block of the SM reads them from); with more, they are __ldg'd.
 constexpr bool activations_in_ring(int mb) { return mb == 1; }
-constexpr int ring_pieces(int mb) { return kNB + (activations_in_ring(mb) ? 2 : 0); }  // 16-byte pieces a slice
+// 16-byte pieces of an activation row per thread and slice: two for W4A8, one otherwise.
+constexpr int activation_pieces(int a_bits, int w_bits) { return a_bits > w_bits ? 2 : 1; }
+// 16-byte pieces a slice in the ring.
+constexpr int ring_pieces(int mb, int ap) { return kNB + (activations_in_ring(mb) ? 2 * ap : 0); }
 
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
 __device__ __forceinline__ uint32_t low_nibbles_x16(uint32_t w) { return (w << 4) & 0xF0F0F0F0u; }
@@ -71,15 +80,20 @@ __device__ __forceinline__ uint4 lds128(uint32_t addr) {
   return v;
 }
 
-// MB: 16-row blocks of activations (1, 2 or 4).
-template <int BITS, int MB>
+// A_BITS, W_BITS: the activations' and weights' widths; GROUPED: 4-bit weights with multipliers
+// (group_scale [n, groups]); MB: 16-row blocks of activations (1, 2 or 4). row_bytes is a weight
+// row's; an activation row has kAP times as many.
+template <int A_BITS, int W_BITS, bool GROUPED, int MB>
 __global__ void __launch_bounds__(kThreads)
     gemm_kernel(const uint8_t* __restrict__ qa, const float* __restrict__ sa, const uint8_t* __restrict__ qw,
-                const float* __restrict__ sw, const float* __restrict__ bias, void* __restrict__ out, Float out_dtype,
-                int m, int n, int row_bytes) {
+                const float* __restrict__ sw, const uint8_t* __restrict__ group_scale, int groups,
+                const float* __restrict__ bias, void* __restrict__ out, Float out_dtype, int m, int n, int row_bytes) {
   __shared__ int partial[MB * kNB * 4][kWarps][32];
   constexpr bool kActivationsInRing = activations_in_ring(MB);
-  constexpr int kPieces = ring_pieces(MB);
+  constexpr int kAP = activation_pieces(A_BITS, W_BITS);
+  constexpr int kPieces = ring_pieces(MB, kAP);
+  // The epilogue's shift: 16 * code from each nibble operand expanded that way.
+  constexpr int kShift = (A_BITS == 4 ? 4 : 0) + (W_BITS == 4 && !GROUPED ? 4 : 0);
   extern __shared__ uint4 ring[];  // [kStages][kPieces][kThreads]
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   const int g = lane >> 2, quarter = lane & 3;
@@ -115,12 +129,14 @@ __global__ void __launch_bounds__(kThreads)
   };
 
   const uint8_t* w_row[kNB];
+  const uint8_t* w_group[kNB];  // this thread's first multiplier of its weight row (GROUPED)
   bool w_ok[kNB];
 #pragma unroll
   for (int nb = 0; nb < kNB; ++nb) {
     const int row = n0 + 8 * nb + g;
     w_ok[nb] = row < n;
     w_row[nb] = qw + int64_t(w_ok[nb] ? row : 0) * row_bytes + 16 * quarter;
+    w_group[nb] = GROUPED ? group_scale + int64_t(w_ok[nb] ? row : 0) * groups + quarter / 2 : nullptr;
   }
   const uint8_t* a_row[MB][2];
   bool a_ok[MB][2];
@@ -130,7 +146,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int h = 0; h < 2; ++h) {
       const int token = 16 * mb + 8 * h + g;
       a_ok[mb][h] = token < m;
-      a_row[mb][h] = qa + int64_t(a_ok[mb][h] ? token : 0) * row_bytes + 16 * quarter;
+      a_row[mb][h] = qa + int64_t(a_ok[mb][h] ? token : 0) * row_bytes * kAP + 16 * kAP * quarter;
     }
   }
 
@@ -146,7 +162,12 @@ __global__ void __launch_bounds__(kThreads)
       for (int nb = 0; nb < kNB; ++nb) copy_async16(slot(j, nb), w_row[nb] + (in ? offset : 0), in && w_ok[nb]);
       if constexpr (kActivationsInRing) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) copy_async16_l1(slot(j, kNB + h), a_row[0][h] + (in ? offset : 0), in && a_ok[0][h]);
+        for (int h = 0; h < 2; ++h) {
+#pragma unroll
+          for (int p = 0; p < kAP; ++p) {
+            copy_async16_l1(slot(j, kNB + kAP * h + p), a_row[0][h] + (in ? kAP * offset + 16 * p : 0), in && a_ok[0][h]);
+          }
+        }
       }
     }
     copy_async_commit();
@@ -159,37 +180,61 @@ __global__ void __launch_bounds__(kThreads)
   for (int j = 0; j < slices; ++j) {
     const int offset = (warp + j * kWarps) * kSliceBytes;
     const bool in = offset + 16 * quarter < row_bytes;
-    uint4 x[MB][2];
+    uint4 x[MB][2][kAP];
     if constexpr (!kActivationsInRing) {
       const uint4 zero = make_uint4(0, 0, 0, 0);
 #pragma unroll
       for (int mb = 0; mb < MB; ++mb) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          x[mb][h] = in && a_ok[mb][h] ? __ldg(reinterpret_cast<const uint4*>(a_row[mb][h] + offset)) : zero;
+#pragma unroll
+          for (int p = 0; p < kAP; ++p) {
+            x[mb][h][p] = in && a_ok[mb][h]
+                              ? __ldg(reinterpret_cast<const uint4*>(a_row[mb][h] + kAP * offset + 16 * p))
+                              : zero;
+          }
         }
       }
+    }
+    uint32_t multiplier[kNB];
+#pragma unroll
+    for (int nb = 0; nb < kNB; ++nb) {
+      multiplier[nb] = GROUPED && in && w_ok[nb] ? uint32_t(__ldg(w_group[nb] + offset / 32)) : 1u;
     }
     copy_async_wait<kStages - 1>();  // this thread's group j has landed
     if constexpr (kActivationsInRing) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) x[0][h] = lds128(slot(j, kNB + h));
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int p = 0; p < kAP; ++p) x[0][h][p] = lds128(slot(j, kNB + kAP * h + p));
+      }
     }
     uint4 w[kNB];
 #pragma unroll
     for (int nb = 0; nb < kNB; ++nb) w[nb] = lds128(slot(j, nb));
 #pragma unroll
-    for (int step = 0; step < (BITS == 4 ? 4 : 2); ++step) {
+    for (int step = 0; step < (W_BITS == 4 ? 4 : 2); ++step) {
 #pragma unroll
       for (int nb = 0; nb < kNB; ++nb) {
+        uint32_t b0 = 0, b1 = 0;
+        if constexpr (W_BITS == 4) {
+          b0 = GROUPED ? low_nibbles_scaled(word(w[nb], step), multiplier[nb]) : low_nibbles_x16(word(w[nb], step));
+          b1 = GROUPED ? high_nibbles_scaled(word(w[nb], step), multiplier[nb]) : high_nibbles_x16(word(w[nb], step));
+        }
 #pragma unroll
         for (int mb = 0; mb < MB; ++mb) {
-          const uint4 &lo = x[mb][0], &hi = x[mb][1];
-          if constexpr (BITS == 4) {
+          if constexpr (W_BITS == 4 && A_BITS == 4) {
+            const uint4 &lo = x[mb][0][0], &hi = x[mb][1][0];
             mma_s8(acc[mb][nb], low_nibbles_x16(word(lo, step)), low_nibbles_x16(word(hi, step)),
-                   high_nibbles_x16(word(lo, step)), high_nibbles_x16(word(hi, step)),
-                   low_nibbles_x16(word(w[nb], step)), high_nibbles_x16(word(w[nb], step)));
+                   high_nibbles_x16(word(lo, step)), high_nibbles_x16(word(hi, step)), b0, b1);
+          } else if constexpr (W_BITS == 4) {
+            // Codes 32t + 8 step .. + 7 of rows g and g + 8: words 2 (step % 2), + 1 of piece step / 2.
+            const uint4 &lo = x[mb][0][step / 2], &hi = x[mb][1][step / 2];
+            const int w0 = 2 * (step % 2);
+            mma_s8(acc[mb][nb], even_bytes(word(lo, w0), word(lo, w0 + 1)), even_bytes(word(hi, w0), word(hi, w0 + 1)),
+                   odd_bytes(word(lo, w0), word(lo, w0 + 1)), odd_bytes(word(hi, w0), word(hi, w0 + 1)), b0, b1);
           } else {
+            const uint4 &lo = x[mb][0][0], &hi = x[mb][1][0];
             mma_s8(acc[mb][nb], word(lo, 2 * step), word(hi, 2 * step), word(lo, 2 * step + 1),
                    word(hi, 2 * step + 1), word(w[nb], 2 * step), word(w[nb], 2 * step + 1));
           }
@@ -218,46 +263,54 @@ __global__ void __launch_bounds__(kThreads)
       int sum = 0;
 #pragma unroll
       for (int wp = 0; wp < kWarps; ++wp) sum += partial[e][wp][l];
-      float y = __fmul_rn(__fmul_rn(float(sum >> (BITS == 4 ? 8 : 0)), out_sa[i]), out_sw[i]);
+      float y = __fmul_rn(__fmul_rn(float(sum >> kShift), out_sa[i]), out_sw[i]);
       if (bias != nullptr) y = __fadd_rn(y, out_bias[i]);
       store_as(out, out_dtype, int64_t(token) * n + row, y);
     }
   }
 }
 
-template <int BITS, int MB>
-void launch(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias, void* out,
-            Float out_dtype, int64_t m, int64_t n, int64_t k, cudaStream_t stream) {
-  auto kernel = gemm_kernel<BITS, MB>;
-  constexpr size_t kRingBytes = size_t(kStages) * ring_pieces(MB) * kThreads * 16;
+template <int A_BITS, int W_BITS, bool GROUPED, int MB>
+void launch(const void* qa, const float* sa, const void* qw, const float* sw, const uint8_t* group_scale,
+            const float* bias, void* out, Float out_dtype, int64_t m, int64_t n, int64_t k, cudaStream_t stream) {
+  auto kernel = gemm_kernel<A_BITS, W_BITS, GROUPED, MB>;
+  constexpr size_t kRingBytes = size_t(kStages) * ring_pieces(MB, activation_pieces(A_BITS, W_BITS)) * kThreads * 16;
   constexpr size_t kPartialBytes = size_t(MB) * kNB * 4 * kWarps * 32 * 4;  // the kernel's static shared memory
   allow_dynamic_smem(kernel, kRingBytes + kPartialBytes);
   kernel<<<unsigned(ceil_div<int64_t>(n, 8 * kNB)), kThreads, kRingBytes, stream>>>(
-      static_cast<const uint8_t*>(qa), sa, static_cast<const uint8_t*>(qw), sw, bias, out, out_dtype, int(m), int(n),
-      int(k * BITS / 8));
+      static_cast<const uint8_t*>(qa), sa, static_cast<const uint8_t*>(qw), sw, group_scale, int(k / kWeightGroup),
+      bias, out, out_dtype, int(m), int(n), int(k * W_BITS / 8));
   check_launch("small-M gemm");
 }
 
-template <int BITS>
-void launch_bits(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias, void* out,
-                 Float out_dtype, int64_t m, int64_t n, int64_t k, cudaStream_t stream) {
-  if (m <= 16) return launch<BITS, 1>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);
-  if (m <= 32) return launch<BITS, 2>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);
-  launch<BITS, 4>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);
+template <int A_BITS, int W_BITS, bool GROUPED>
+void launch_scheme(const void* qa, const float* sa, const void* qw, const float* sw, const uint8_t* group_scale,
+                   const float* bias, void* out, Float out_dtype, int64_t m, int64_t n, int64_t k, cudaStream_t stream) {
+  if (m <= 16) return launch<A_BITS, W_BITS, GROUPED, 1>(qa, sa, qw, sw, group_scale, bias, out, out_dtype, m, n, k, stream);
+  if (m <= 32) return launch<A_BITS, W_BITS, GROUPED, 2>(qa, sa, qw, sw, group_scale, bias, out, out_dtype, m, n, k, stream);
+  launch<A_BITS, W_BITS, GROUPED, 4>(qa, sa, qw, sw, group_scale, bias, out, out_dtype, m, n, k, stream);
 }
 
 }  // namespace
 
-bool supports(int64_t m, int64_t n, int64_t k, int bits, const void* qa, const void* qw) {
+bool supports(int64_t m, int64_t n, int64_t k, const GemmCodes& codes, const void* qa, const void* qw) {
+  const int bits = codes.weight_bits;
   const int64_t row_bytes = k * bits / 8;
-  return m >= 1 && m <= kMaxM && row_bytes > 0 && row_bytes % 16 == 0 && row_bytes < (int64_t(1) << 30) &&
-         aligned16(qa) && aligned16(qw) && n < (int64_t(1) << 31) && (bits == 8 || k < (int64_t(1) << 17));
+  return m >= 1 && m <= kMaxM && row_bytes > 0 && row_bytes % 16 == 0 && row_bytes < (int64_t(1) << 29) &&
+         aligned16(qa) && aligned16(qw) && n < (int64_t(1) << 31) && (bits == 8 || k < (int64_t(1) << 17)) &&
+         (!codes.grouped() || k % kWeightGroup == 0);
 }
 
 void gemm(const void* qa, const float* sa, const void* qw, const float* sw, const float* bias, void* out,
-          Float out_dtype, int64_t m, int64_t n, int64_t k, int bits, cudaStream_t stream) {
-  if (bits == 4) return launch_bits<4>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);
-  launch_bits<8>(qa, sa, qw, sw, bias, out, out_dtype, m, n, k, stream);
+          Float out_dtype, int64_t m, int64_t n, int64_t k, const GemmCodes& codes, cudaStream_t stream) {
+  const uint8_t* gs = codes.group_scale;
+  if (codes.weight_bits == 8) return launch_scheme<8, 8, false>(qa, sa, qw, sw, gs, bias, out, out_dtype, m, n, k, stream);
+  if (codes.act_bits == 8) {
+    if (codes.grouped()) return launch_scheme<8, 4, true>(qa, sa, qw, sw, gs, bias, out, out_dtype, m, n, k, stream);
+    return launch_scheme<8, 4, false>(qa, sa, qw, sw, gs, bias, out, out_dtype, m, n, k, stream);
+  }
+  if (codes.grouped()) return launch_scheme<4, 4, true>(qa, sa, qw, sw, gs, bias, out, out_dtype, m, n, k, stream);
+  launch_scheme<4, 4, false>(qa, sa, qw, sw, gs, bias, out, out_dtype, m, n, k, stream);
 }
 
 }  // namespace convrot::cuda::small_m

@@ -42,18 +42,24 @@ def simulated_linear(
     group_size: int,
     rotation: str,
     compute_dtype: torch.dtype = torch.float64,
+    act_bits: int | None = None,
+    group_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A ConvLinear forward from its stored weights, in ``compute_dtype`` float ops.
 
-    y = (codes_x @ codes_w^T) · scale_x · scale_w + bias, as docs/format.md's
-    GEMM, with the activation rotated and quantized per token; returns x's
-    dtype and leading shape.
+    y = (codes_x @ w^T) · scale_x · scale_w + bias, as docs/format.md's GEMM, with the
+    activation rotated and quantized per token to ``act_bits`` (default ``bits``, the weights'
+    width) and w the weight codes, times their group's multiplier for group-scaled weights
+    (``group_scale`` uint8 [N, K/64]); returns x's dtype and leading shape.
     """
     weight_codes = unpack_int4(qweight) if bits == 4 else qweight
     k = weight_codes.shape[1]
+    weights = weight_codes.to(compute_dtype)
+    if group_scale is not None:
+        weights = weights * group_scale.to(compute_dtype).repeat_interleave(k // group_scale.shape[1], dim=1)
     v = rotate_groups(x.reshape(-1, k).to(compute_dtype), rotation, group_size)
-    codes, scale = quantize_rows(v, bits)
-    y = (codes @ weight_codes.to(compute_dtype).T) * scale.unsqueeze(-1) * weight_scale.to(compute_dtype)
+    codes, scale = quantize_rows(v, bits if act_bits is None else act_bits)
+    y = (codes @ weights.T) * scale.unsqueeze(-1) * weight_scale.to(compute_dtype)
     if bias is not None:
         y = y + bias.to(compute_dtype)
     return y.to(x.dtype).reshape(*x.shape[:-1], weight_codes.shape[0])
