@@ -135,7 +135,7 @@ def bench_shape(m: int, k: int, n: int, kernels: list[str], record, monitor: Gpu
             try:
                 with monitor.window() as w:
                     us = time_per_call(fn, tuples)
-            except RuntimeError as error:  # report and go on: the other rows stand without it
+            except (RuntimeError, ValueError) as error:  # report and go on: the other rows stand without it
                 print(f"{label} M={m} K={k} N={n}: {error}", flush=True)
                 del times[label]
                 continue

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -346,6 +348,37 @@ def eager_calls() -> None:
             print(f"| {m} | {k} | {n} | {auto:.1f} | {persistent:.1f} | {linear:.1f} |")
 
 
+def gemm_operands(m: int, k: int, n: int, bits: int) -> tuple:
+    """gemm's operands for random bf16 activations and weights, with a bias."""
+    activations = ck.rht_quantize(bf16(m, k), 256, bits)
+    return (*activations, *ck.rht_quantize(bf16(n, k), 256, bits), torch.randn(n, device="cuda"))
+
+
+def speed_check() -> None:
+    """The dispatcher's gemm(bits=4 / 8) on Flux.1's shapes at M = 4608, 16 and 1, and rht_quantize(bits=4) of
+    4608 rows at Flux's widths: public calls only, so that one run times two builds (before and after a change
+    of the op layer) with the same code. Writes speed_check.json to $OUT where that is set."""
+    results = {}
+    table("| case | M | K | N | us |", "lrrrr")
+    for m in (4608, 16, 1):
+        for k, n in ((3072, 3072), (3072, 12288), (12288, 3072), (15360, 3072)):
+            for bits in (4, 8):
+                one = gemm_operands(m, k, n, bits)
+                per_set = sum(t.numel() * t.element_size() for t in one)
+                sets = [one] + [gemm_operands(m, k, n, bits) for _ in range(copies_for(per_set) - 1)]
+                us = time_per_call(partial(gemm_call, bits=bits), sets)
+                results[f"gemm{bits} M={m} K={k} N={n}"] = us
+                print(f"| gemm{bits} | {m} | {k} | {n} | {us:.2f} |")
+    for k in (3072, 12288, 15360):
+        sets = [(bf16(4608, k),) for _ in range(copies_for(4608 * k * 2))]
+        us = time_per_call(lambda x: ck.rht_quantize(x, 256, 4), sets)
+        results[f"rht_quantize M=4608 K={k}"] = us
+        print(f"| rht_quantize | 4608 | {k} | | {us:.2f} |")
+    if out := os.environ.get("OUT"):
+        with open(os.path.join(out, f"speed_check_{os.environ.get('SPEED_CHECK_LABEL', 'run')}.json"), "w") as f:
+            json.dump(results, f, indent=1)
+
+
 @dataclass(frozen=True)
 class Case:
     run: Callable[[], None]
@@ -363,6 +396,7 @@ CASES = {
     "gemm-k-sweep": Case(gemm_k_sweep),
     "gemm-text-stream": Case(gemm_text_stream),
     "eager-calls": Case(eager_calls),
+    "speed-check": Case(speed_check),
 }
 
 
