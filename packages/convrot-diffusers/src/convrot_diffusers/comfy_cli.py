@@ -21,7 +21,7 @@ def _config_for(config: str | None):
 def convert(source: str, destination: str, config: str | None = None, progress: bool = True) -> str:
     """Converts between a ComfyUI file and a convrot-diffusers directory, whichever ``source`` is; returns a summary."""
     from .checkpoint import describe, is_quantized_save, load_quantized, save_quantized
-    from .diffusers_integration import ConvRotConfig
+    from .diffusers_integration import ConvRotConfig, attach_quantizer
 
     if is_comfy_file(source):
         if os.path.isfile(destination):
@@ -31,13 +31,10 @@ def convert(source: str, destination: str, config: str | None = None, progress: 
         kinds = {layer.bits for layer in layers}
         groups = sorted({layer.group_size for layer in layers})
         # The file's own layer list is what loads; the preset and group size are recorded for information.
-        transformer.register_to_config(
-            quantization_config=ConvRotConfig(
-                preset="w4a4" if kinds == {4} else "mix",
-                group_size=groups[-1] if groups else 256,
-                base_model=None,
-            )
+        recorded = ConvRotConfig(
+            preset="w4a4" if kinds == {4} else "mix", group_size=groups[-1] if groups else 256, base_model=None
         )
+        attach_quantizer(transformer, recorded)  # save_pretrained then writes the ConvRot format
         save_quantized(transformer, destination)
         summary = describe(destination)
         return (
