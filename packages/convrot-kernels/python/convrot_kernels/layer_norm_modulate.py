@@ -3,7 +3,7 @@
 diffusers' AdaLayerNormZero(Single) computes ``norm(x) * (1 + scale[:, None]) + shift[:, None]``
 with ``norm`` a ``torch.nn.LayerNorm(elementwise_affine=False)``; in Flux's single blocks
 ``x`` is ``cat([text, image], 1)``. Under torch.compile that became one inductor reduction
-that reads each row twice and ran near 1 TB/s on the H200 (docs/benchmarks.md). Here each row
+that reads each row twice and ran near 1 TB/s on the H200 (docs/benchmarks.md of 8b40706). Here each row
 is read once, from either part (the joint sequence is never concatenated), and written once.
 The contract is docs/format.md, "layer_norm_modulate".
 """

@@ -10,7 +10,7 @@
 //     piece reads it, so the ring needs no barrier, and the loads in flight hold
 //     no registers. (Loading into registers instead, as an earlier version did,
 //     left HBM idle between each warp's rounds of loads: 1 x 12288 x 3072 took
-//     10.6 us against 7.3 on the H200, docs/benchmarks.md.) With more activation
+//     10.6 us against 7.3 on the H200, docs/benchmarks.md of 8b40706.) With more activation
 //     rows they come from __ldg, L1/L2-resident;
 //   - weights and activations go from the ring into mma.sync m16n8k32 fragments;
 //   - the warps' int32 partial sums meet in shared memory, and the fp32
@@ -40,7 +40,7 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kSliceBytes = 64;  // bytes of a row per warp and slice: four threads x 16 bytes
 constexpr int kNB = 2;           // 8-row blocks of weights per block: 16 rows
 // Slices each thread has in flight. Against 6 on the H200, 4 was faster at 11 of 12 shapes
-// and within 0.5% at the last (docs/benchmarks.md).
+// and within 0.5% at the last (docs/benchmarks.md of 8b40706).
 constexpr int kStages = 4;
 // With one 16-row block of activations, their two 16-byte pieces a slice ride in the ring too
 // (through L1, which every block of the SM reads them from); with more, they are __ldg'd.
