@@ -83,7 +83,10 @@ def _room_for_every_case():
 def run(model, name: str, batch: int, mode: str) -> torch.Tensor:
     if mode == "compiled":
         model = copy.deepcopy(model)
-        model.compile_repeated_blocks(fullgraph=True)
+        if model._repeated_blocks:  # diffusers names Flux's blocks; PixArt and SD3 compile whole
+            model.compile_repeated_blocks(fullgraph=True)
+        else:
+            model.compile(fullgraph=True)
     return model(**inputs(name, batch))[0].float()
 
 

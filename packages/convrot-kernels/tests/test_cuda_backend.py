@@ -160,7 +160,7 @@ def gemm_into(y, qa, sa, qw, sw, bias, bits):
     k = qa.shape[1] * (2 if bits == 4 else 1)
     bias_ptr = 0 if bias is None else bias.data_ptr()
     pointers = (qa.data_ptr(), sa.data_ptr(), qw.data_ptr(), sw.data_ptr(), bias_ptr, y.data_ptr())
-    _C.gemm(*pointers, FLOAT_CODES[y.dtype], m, n, k, bits, device(), stream())
+    _C.gemm(*pointers, FLOAT_CODES[y.dtype], m, n, k, bits, bits, 0, device(), stream())
 
 
 def cuda_gemm(qa, sa, qw, sw, bias, bits, out_dtype):

@@ -59,7 +59,7 @@ def gemm_into(y, qa, sa, qw, sw, bias, bits) -> None:
     k = qa.shape[1] * (2 if bits == 4 else 1)
     pointers = (qa.data_ptr(), sa.data_ptr(), qw.data_ptr(), sw.data_ptr(), 0 if bias is None else bias.data_ptr())
     stream = torch.cuda.current_stream().cuda_stream
-    _C.gemm(*pointers, y.data_ptr(), FLOAT_CODES[y.dtype], m, n, k, bits, y.device.index, stream)
+    _C.gemm(*pointers, y.data_ptr(), FLOAT_CODES[y.dtype], m, n, k, bits, bits, 0, y.device.index, stream)
 
 
 def run_gemm(qa, sa, qw, sw, bias, bits, out_dtype) -> torch.Tensor:
