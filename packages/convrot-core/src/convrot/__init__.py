@@ -5,7 +5,14 @@ See docs/method.md in the repository for the method and the policy format.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .checkpoint import CheckpointError, install_skeletons, load_quantized, read_layer_specs, save_quantized
+from .checkpoint import (
+    CheckpointError,
+    install_skeletons,
+    load_quantized,
+    read_layer_specs,
+    save_quantized,
+    verify_checkpoint,
+)
 from .hadamard import ROTATIONS, regular_hadamard, resolve_group_size, rotate_groups, sylvester_hadamard
 from .linear import ConvLinear, ConvLinear4bit, ConvLinear8bit
 from .model import quantize_model, set_simulation
@@ -36,4 +43,5 @@ __all__ = [
     "set_simulation",
     "simulated_linear",
     "sylvester_hadamard",
+    "verify_checkpoint",
 ]
