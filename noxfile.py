@@ -2,6 +2,9 @@
 
 The torch requirement comes from CONVROT_TORCH (default: the CPU build that
 these machines install locally); a CUDA user sets e.g. CONVROT_TORCH="torch".
+The kernels' build options (CONVROT_CUDA, CONVROT_CUDA_ARCHS) come from the
+environment too: by default the CUDA backend is compiled only where nvcc and a
+GPU are present, and .ci/run sets CONVROT_CUDA=ON so that CI compiles it.
 """
 
 from __future__ import annotations
@@ -54,10 +57,10 @@ def kernels_wheel(session: nox.Session) -> Path:
 
 
 def install_packages(session: nox.Session) -> None:
-    """torch first (so nothing pulls another build), then the three packages with their test extras,
-    the kernels from the shared wheel."""
-    session.install(TORCH)
-    session.install(f"{kernels_wheel(session)}[test]", *(f"./packages/{name}[test]" for name in PACKAGES[1:]))
+    """The three packages with their test extras (the kernels from the shared wheel), in one pip
+    run with the torch requirement, so that nothing pulls another torch build."""
+    wheel = kernels_wheel(session)
+    session.install(TORCH, f"{wheel}[test]", *(f"./packages/{name}[test]" for name in PACKAGES[1:]))
 
 
 @nox.session(default=True)
