@@ -12,9 +12,8 @@ REGISTERED = "from diffusers.quantizers import auto\nprint('convrot' in auto.AUT
 @pytest.mark.parametrize(
     "imports",
     [
-        "import convrot_diffusers\nimport diffusers",
+        "import convrot_diffusers\nfrom diffusers.models import FluxTransformer2DModel",  # diffusers via a submodule
         "import diffusers\nimport convrot_diffusers",
-        "import convrot_diffusers\nfrom diffusers.models import FluxTransformer2DModel",
     ],
 )
 def test_registered_in_either_order(imports):
