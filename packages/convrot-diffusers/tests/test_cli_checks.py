@@ -299,3 +299,16 @@ def test_a_run_shows_no_third_party_notices(tmp_path):
 )
 def test_number_types_accept_what_is_in_range(parse, text, value):
     assert parse(text) == value
+
+
+@pytest.mark.parametrize("command", ["quantize", "generate", "compare", "info"])
+def test_help_describes_every_argument(command, capsys):
+    with pytest.raises(SystemExit) as exit_status:
+        main([command, "--help"])
+    assert exit_status.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    if command == "info":
+        assert "DIRECTORY a directory written by `convrot quantize`" in text
+    else:
+        assert "W8A8" in text and "bf16" in text  # what mix keeps at higher precision
+        assert "cpu, cuda or cuda:N" in text

@@ -316,9 +316,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 PRESET_HELP = (
-    "mix (default): W4A4, with the attention output projections (and Flux's single-block value projections, "
-    "PixArt's cross-attention values) in W8A8 and the last block's output and FFN down-projections in bf16; "
-    "w4a4: every Linear of the blocks in W4A4. Both keep the embedders and the final layers in bf16"
+    "mix (default): W4A4 except the image attention output projections in W8A8 (PixArt: the cross-attention's "
+    "output and values; Flux: also the single blocks' value projections) and the last block's FFN down-projection "
+    "in bf16 (Flux: also its text FFN's and the last single block's output projection); w4a4: every Linear of the "
+    "blocks in W4A4. Both keep the embedders and the final layers in bf16"
 )
 
 
