@@ -60,16 +60,21 @@ def install_packages(session: nox.Session) -> None:
     """The three packages with their test extras (the kernels from the shared wheel), in one pip
     run with the torch requirement, so that nothing pulls another torch build."""
     wheel = kernels_wheel(session)
-    session.install(TORCH, f"{wheel}[test]", *(f"./packages/{name}[test]" for name in PACKAGES[1:]))
+    packages = (f"{wheel}[test]", *(f"./packages/{name}[test]" for name in PACKAGES[1:]))
+    session.install(TORCH, *packages, "pytest-xdist>=3.5")
 
 
 @nox.session(default=True)
 def tests(session: nox.Session) -> None:
     """CPU tests of every package (GPU tests are skipped here)."""
     install_packages(session)
-    # One pytest run per package: each package's tests import its own helpers.
+    # One pytest run per package: each package's tests import its own helpers. A worker per core,
+    # each given whole test files (module fixtures are built once): the tiny models' tests are mostly
+    # single-threaded Python, which one process cannot spread over the cores. `nox -- -n 0` runs serially.
     for name in PACKAGES:
-        session.run("pytest", f"packages/{name}/tests", "-m", "not gpu", *session.posargs)
+        session.run(
+            "pytest", f"packages/{name}/tests", "-m", "not gpu", "-n", "auto", "--dist", "loadfile", *session.posargs
+        )
 
 
 @nox.session(default=True)
