@@ -148,7 +148,8 @@ def check_generate(args) -> None:
         except UsageError as error:
             if args.base_model is not None:
                 raise
-            raise UsageError("--base-model", f"MODEL records base model {error.problem}; pass another") from None
+            problem = f"the base model that MODEL records: {error.problem}; pass --base-model"
+            raise UsageError("--base-model", problem) from None
         if base_source.kind == "quantized":
             raise UsageError("--base-model", f"{base} is a quantized save, not a pipeline")
         check_steps_for("--steps", args.steps, base_source)
