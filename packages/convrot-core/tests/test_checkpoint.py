@@ -387,3 +387,52 @@ def test_bad_scheme_data_raises_and_leaves_the_model_unchanged(saved_schemes, ch
     with pytest.raises(CheckpointError, match=message):
         convrot.load_quantized(target, path)
     assert all(torch.equal(target.state_dict()[key], tensor) for key, tensor in before.items())
+
+
+# Damage that the file shows on its own (the rest of BAD_FILES is a mismatch with a model).
+DAMAGE_WITHOUT_A_MODEL = {
+    "truncated data": (lambda p: truncate(p, -100), r"truncated: \d+ of \d+ bytes \(100 missing\)"),
+    "truncated header": (lambda p: truncate(p, 30), r"truncated: 30 bytes, its header alone claims \d+"),
+    "truncated to nothing": (lambda p: truncate(p, 3), "truncated: 3 bytes, shorter than a safetensors header"),
+    "corrupted data": (flip_last_byte, r"1 of \d+ tensors corrupted \(checksum mismatch\): '"),
+    "corrupted header": (lambda p: header_text_replace(p, b'"layers"', b'"layerz"'), "damaged metadata header"),
+    "wrong version": BAD_FILES["wrong version"],
+    "not convrot": BAD_FILES["not convrot"],
+    "bad kind": BAD_FILES["bad kind"],
+    "tensor without checksum": (
+        lambda p: rewrite(p, change_tensors=lambda t: t.update({"stray": torch.zeros(3)})),
+        r"tensor\(s\) 'stray' have no checksum",
+    ),
+    "checksum without tensor": (
+        lambda p: rewrite(p, change_tensors=lambda t: t.pop("blocks.1.norm.bias")),
+        r"tensor\(s\) 'blocks.1.norm.bias' have a checksum but are not in the file",
+    ),
+}
+
+
+def test_verify_checkpoint_of_a_sound_file(saved):
+    model, path = saved
+    specs = convrot.verify_checkpoint(path)
+    assert specs == convrot.read_layer_specs(path)
+    assert set(specs) == {name for name, m in model.named_modules() if isinstance(m, convrot.ConvLinear)}
+
+
+@pytest.mark.parametrize("problem", sorted(DAMAGE_WITHOUT_A_MODEL))
+def test_verify_checkpoint_says_what_is_wrong(saved, problem):
+    _, path = saved
+    damage, message = DAMAGE_WITHOUT_A_MODEL[problem]
+    damage(path)
+    with pytest.raises(CheckpointError, match=message):
+        convrot.verify_checkpoint(path)
+
+
+def test_verify_checkpoint_names_every_corrupted_tensor(saved):
+    _, path = saved
+    data = bytearray(path.read_bytes())
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:header_end])
+    for key in ("embed.qweight", "proj_out.weight"):  # one bit of each tensor's first byte
+        data[header_end + header[key]["data_offsets"][0]] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"2 of \d+ tensors corrupted .*'embed.qweight', 'proj_out.weight'"):
+        convrot.verify_checkpoint(path)

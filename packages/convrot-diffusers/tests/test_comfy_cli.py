@@ -60,12 +60,15 @@ def test_convert_refuses_what_it_cannot_do(tmp_path, capsys):
     comfy = tmp_path / "kitchen.safetensors"
     write_comfy_file(tiny_sd3(), comfy)
     # SD3 configs are inferred; a Flux with 64-wide heads would need --config.
-    assert main(["convert", str(tmp_path / "nothing"), str(tmp_path / "out")]) == 1
-    assert "neither a ComfyUI ConvRot file" in capsys.readouterr().err
+    # Argument mistakes are refused before any work: one line naming the argument, exit status 2.
+    assert main(["convert", str(tmp_path / "nothing"), str(tmp_path / "out")]) == 2
+    assert "argument IN" in capsys.readouterr().err
     assert main(["convert", str(comfy), str(tmp_path / "out"), "--config", str(tmp_path / "missing")]) == 1
     assert "--config" in capsys.readouterr().err
-    assert main(["generate", str(comfy), "--prompt", "x", "--out", str(tmp_path / "x.png")]) == 1
+    assert main(["generate", str(comfy), "--prompt", "x", "--out", str(tmp_path / "x.png")]) == 2
     assert "pass --base-model" in capsys.readouterr().err
+    assert main(["convert", str(comfy), str(tmp_path / "out.safetensors")]) == 2
+    assert "argument OUT" in capsys.readouterr().err
     assert main(["convert", str(comfy), str(tmp_path / "inferred")]) == 0
     layers = [m for m in load_quantized(tmp_path / "inferred").modules() if isinstance(m, convrot.ConvLinear)]
     assert len(layers) == 29  # q, k and v apart in diffusers

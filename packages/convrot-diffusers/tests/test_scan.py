@@ -53,4 +53,5 @@ def test_scan_on_the_demo_writes_a_policy_within_budget(tmp_path, capsys):
     assert list(policy)[-1] == "*" and set(policy.values()) <= set(convrot.KINDS)
     transformer = flux_transformer()
     convrot.quantize_model(transformer, policy=policy, progress=False)
-    assert main([*args, "--out", str(out)]) == 1  # no budget given
+    assert main([*args, "--out", str(out), "--overwrite"]) == 2  # no budget given: refused before any work
+    assert "give one budget" in capsys.readouterr().err

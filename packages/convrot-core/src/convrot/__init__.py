@@ -17,6 +17,7 @@ from .checkpoint import (
     read_layer_specs,
     save_quantized,
     tensor_checksum,
+    verify_checkpoint,
 )
 from .hadamard import ROTATIONS, regular_hadamard, resolve_group_size, rotate_groups, sylvester_hadamard
 from .linear import ConvLinear, ConvLinear4bit, ConvLinear8bit
@@ -54,4 +55,5 @@ __all__ = [
     "simulated_linear",
     "sylvester_hadamard",
     "tensor_checksum",
+    "verify_checkpoint",
 ]

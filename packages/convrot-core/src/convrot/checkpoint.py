@@ -348,6 +348,54 @@ def read_layer_specs(path: str | os.PathLike) -> dict[str, dict]:
         raise CheckpointError(str(error)) from None
 
 
+def _check_file_length(path: str) -> None:
+    """A file shorter than its safetensors header says (8-byte little-endian header length, JSON
+    header, then the tensors' bytes at the header's data_offsets) is reported as truncated."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: truncated: {size} bytes, shorter than a safetensors header")
+        header_length = int.from_bytes(prefix, "little")
+        if 8 + header_length > size:
+            raise CheckpointError(f"{path}: truncated: {size} bytes, its header alone claims {8 + header_length}")
+        try:
+            header = json.loads(f.read(header_length))
+            tensors = [entry for key, entry in header.items() if key != "__metadata__"]
+            data_end = max((entry["data_offsets"][1] for entry in tensors), default=0)
+        except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError, IndexError, AttributeError):
+            raise CheckpointError(f"{path}: damaged safetensors header (not the JSON table of tensors)") from None
+    expected = 8 + header_length + data_end
+    if size < expected:
+        raise CheckpointError(f"{path}: truncated: {size} of {expected} bytes ({expected - size} missing)")
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict[str, dict]:
+    """Checks a save_quantized file without a model: its length against its safetensors header,
+    the format, version and layer list, and every tensor's CRC-32 (each tensor is read once).
+    Returns the layer list (as read_layer_specs); raises CheckpointError saying what is wrong."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    _check_file_length(path)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            layers, checksums = _read_header(handle, path)
+            keys = set(handle.keys())
+            if unlisted := keys - checksums.keys():
+                raise CheckpointError(f"{path}: tensor(s) {_listing(unlisted)} have no checksum in the header")
+            if absent := checksums.keys() - keys:
+                raise CheckpointError(f"{path}: tensor(s) {_listing(absent)} have a checksum but are not in the file")
+            corrupted = [key for key in sorted(keys) if checksums[key] != tensor_checksum(handle.get_tensor(key))]
+    except SafetensorError as error:
+        raise CheckpointError(f"{path}: unreadable safetensors file, truncated or corrupted ({error})") from None
+    if corrupted:
+        raise CheckpointError(
+            f"{path}: {len(corrupted)} of {len(keys)} tensors corrupted (checksum mismatch): {_listing(corrupted)}"
+        )
+    return layers
+
+
 def install_skeletons(model: nn.Module, layers: Mapping[str, dict]) -> None:
     """Replaces each listed layer of the model (by name) with an empty ConvLinear on
     the meta device, built from its spec (as read_layer_specs returns); layers that

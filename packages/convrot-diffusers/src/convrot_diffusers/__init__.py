@@ -8,23 +8,53 @@
     convrot_diffusers.save_quantized(pipe, "flux-convrot")
     transformer = convrot_diffusers.load_quantized("flux-convrot", device="cuda")
 
-Importing the package registers ``ConvRotConfig`` with diffusers, so that
-``<Transformer>.from_pretrained(..., quantization_config=ConvRotConfig())`` and
-``<Transformer>.from_pretrained(saved_directory)`` work.
+Importing the package registers ``ConvRotConfig`` with diffusers (when diffusers is imported,
+before or after), so that ``<Transformer>.from_pretrained(..., quantization_config=ConvRotConfig())``
+and ``<Transformer>.from_pretrained(saved_directory)`` work.
 """
 
+import importlib
 from importlib.metadata import PackageNotFoundError, version
 
-from .activation_fusion import fuse_activations, unfuse_activations
-from .checkpoint import load_quantized, save_quantized
-from .detect import ARCHITECTURES, UnsupportedModelError, architecture_of
-from .diffusers_integration import ConvRotConfig, register
-from .fusion import fuse_qkv_projections, unfuse_qkv_projections
-from .pipeline import quantize_pipeline, quantize_transformer
-from .presets import PRESET_NAMES, PRESETS, policy_for
-from .qk_norm_rope import fuse_qk_norm_rope, unfuse_qk_norm_rope
+from .registration_hook import register_when_diffusers_is_imported
 
-register()
+# Public name -> the submodule defining it, imported on first use: importing the package (and
+# so the `convrot` command) loads neither torch nor diffusers until something needs them.
+_EXPORTS = {
+    "ARCHITECTURES": "detect",
+    "PRESETS": "presets",
+    "PRESET_NAMES": "presets",
+    "ConvRotConfig": "diffusers_integration",
+    "UnsupportedModelError": "detect",
+    "architecture_of": "detect",
+    "fuse_activations": "activation_fusion",
+    "fuse_qk_norm_rope": "qk_norm_rope",
+    "fuse_qkv_projections": "fusion",
+    "load_quantized": "checkpoint",
+    "policy_for": "presets",
+    "quantize_pipeline": "pipeline",
+    "quantize_transformer": "pipeline",
+    "register": "diffusers_integration",
+    "save_quantized": "checkpoint",
+    "unfuse_activations": "activation_fusion",
+    "unfuse_qk_norm_rope": "qk_norm_rope",
+    "unfuse_qkv_projections": "fusion",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+register_when_diffusers_is_imported()
 
 try:
     __version__ = version("convrot-diffusers")

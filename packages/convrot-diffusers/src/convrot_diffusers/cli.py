@@ -1,38 +1,63 @@
-"""The ``convrot`` command: quantize, generate, compare, scan, info.
+"""The ``convrot`` command: quantize, generate, compare, scan, info, convert.
 
-MODEL is a local diffusers pipeline directory or a hub id; without MODEL the
-commands use the embedded demo (a small Flux pipeline with RANDOM weights,
+MODEL is a local diffusers pipeline directory or a hub id (``generate`` also takes a
+quantized directory or a ComfyUI ConvRot file); without MODEL the commands use the
+embedded demo (a small Flux pipeline with RANDOM weights,
 built offline), and ``demo:pixart-sigma``, ``demo:pixart-alpha``, ``demo:sd3``
 pick the other demos.
+
+Each subcommand has a check (cli_checks.py: every argument, before any model is
+loaded; a problem is one line and exit status 2) and a run (exit status 1 for a
+failure during the work). Nothing heavy is imported before the check needs it,
+so ``--help`` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+from collections import Counter
 from pathlib import Path
 
+from .cli_checks import (
+    USAGE_EXIT,
+    UsageError,
+    check_device,
+    check_group_size,
+    check_model,
+    check_output_directory,
+    check_output_file,
+    check_steps_for,
+    image_extensions,
+    integer,
+    real,
+)
+from .presets import DEFAULT_PRESET, PRESET_NAMES
+from .third_party_notices import silence_known_notices
+
 EXIT_ERROR = 1
-
-
-class CliError(Exception):
-    """An error shown to the user as one line."""
-
-
-def _device(requested: str | None) -> str:
-    import torch
-
-    if requested:
-        if requested.startswith("cuda") and not torch.cuda.is_available():
-            raise CliError(f"--device {requested}: no CUDA device is available")
-        return requested
-    return "cuda" if torch.cuda.is_available() else "cpu"
+DEFAULT_GROUP_SIZE = 256
+SAVE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+COMPARE_FILES = ("bf16.png", "quantized.png", "side_by_side.png", "layer_sqnr.csv", "layer_sqnr.png", "summary.json")
+# A preset rule's kind, as the report words it ("skip" keeps the layer in bf16).
+PRECISION_WORDS = {"w4a4": "W4A4", "w8a8": "W8A8", "skip": "bf16"}
 
 
 def _say(message: str) -> None:
     print(f"convrot: {message}", file=sys.stderr)
+
+
+def _say_device(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        _say(f"running on {device} ({torch.cuda.get_device_name(device)}), convrot-kernels' CUDA backend")
+        return
+    why = ""
+    if torch.cuda.is_available():
+        why = "; a GPU is visible but convrot-kernels has no CUDA backend (reinstall it with CONVROT_CUDA=ON)"
+    _say(f"running on the CPU ({torch.get_num_threads()} threads), convrot-kernels' CPU backend{why}")
 
 
 def _announce(loaded) -> None:
@@ -59,11 +84,35 @@ def _generate(loaded, prompt: str, args):
     return loaded.pipe(prompt, **_call_kwargs(loaded, args)).images[0]
 
 
+def _is_inside(path: Path, directory: str) -> bool:
+    directory = Path(directory).expanduser().resolve()
+    return path.resolve() == directory or directory in path.resolve().parents
+
+
+# --- quantize -------------------------------------------------------------------------------------
+
+
+def check_quantize(args) -> None:
+    from .checkpoint import is_quantized_save
+
+    args.out = check_output_directory("--out", args.out, SAVE_FILES, args.overwrite)
+    if args.overwrite and any((args.out / name).exists() for name in SAVE_FILES) and not is_quantized_save(args.out):
+        raise UsageError("--out", f"{args.out} holds a {SAVE_FILES[0]} that is not a ConvRot save's; choose another")
+    check_group_size("--group-size", args.group_size)
+    args.device = check_device("--device", args.device)
+    args.source = check_model("MODEL", args.model)
+    if args.source.kind in ("quantized", "comfy"):
+        raise UsageError("MODEL", f"{args.model} is already quantized (`convrot info {args.model}` describes it)")
+    if args.source.kind == "pipeline" and Path(args.model).expanduser().is_dir() and _is_inside(args.out, args.model):
+        raise UsageError("--out", f"{args.out} is inside the model directory {args.model}; choose another")
+
+
 def cmd_quantize(args) -> None:
     from .checkpoint import describe, save_quantized
     from .sources import load_transformer_quantized
 
-    transformer, base = load_transformer_quantized(args.model, args.preset, args.group_size, _device(args.device))
+    _say_device(args.device)
+    transformer, base = load_transformer_quantized(args.model, args.preset, args.group_size, args.device)
     transformer.config.quantization_config.base_model = base
     save_quantized(transformer, args.out)
     summary = describe(args.out)
@@ -73,24 +122,99 @@ def cmd_quantize(args) -> None:
     )
 
 
+# --- generate -------------------------------------------------------------------------------------
+
+
+def check_generate(args) -> None:
+    args.out = check_output_file("--out", args.out, image_extensions(), args.overwrite, "image")
+    if args.group_size is not None:
+        check_group_size("--group-size", args.group_size)
+    args.device = check_device("--device", args.device)
+    args.source = check_model("MODEL", args.model)
+    if args.source.kind == "comfy":
+        for option, value in (("--preset", args.preset), ("--group-size", args.group_size)):
+            if value is not None:
+                raise UsageError(option, f"MODEL {args.model} is a ComfyUI file and runs as stored; omit {option}")
+        if args.base_model is None:
+            raise UsageError("--base-model", f"MODEL {args.model} is a ComfyUI file: pass --base-model, the pipeline "
+                             "that supplies VAE and text encoders")  # fmt: skip
+        base_source = check_model("--base-model", args.base_model)
+        if base_source.kind in ("quantized", "comfy"):
+            raise UsageError("--base-model", f"{args.base_model} is quantized, not a pipeline")
+        check_steps_for("--steps", args.steps, base_source)
+        return
+    if args.source.kind == "quantized":
+        saved = args.source.saved_quantization
+        given = (("--preset", args.preset, "preset"), ("--group-size", args.group_size, "group_size"))
+        for option, value, key in given:
+            if value is not None and value != saved.get(key):
+                raise UsageError(
+                    option,
+                    f"{value}: MODEL {args.model} is a quantized save ({key} {saved.get(key)}) and runs as saved; "
+                    f"omit {option}, or quantize its base model again",
+                )
+        if args.base_model is None and not saved.get("base_model"):
+            raise UsageError("--base-model", f"MODEL {args.model} records no base model: pass its pipeline")
+        base = args.base_model or saved["base_model"]
+        try:
+            base_source = check_model("--base-model", base)
+        except UsageError as error:
+            if args.base_model is not None:
+                raise
+            problem = f"the base model that MODEL records: {error.problem}; pass --base-model"
+            raise UsageError("--base-model", problem) from None
+        if base_source.kind == "quantized":
+            raise UsageError("--base-model", f"{base} is a quantized save, not a pipeline")
+        check_steps_for("--steps", args.steps, base_source)
+        return
+    if args.base_model is not None:
+        model = args.model or "the demo"
+        raise UsageError("--base-model", f"only for a quantized directory or ComfyUI file as MODEL; {model} is neither")
+    check_steps_for("--steps", args.steps, args.source)
+    args.preset = args.preset or DEFAULT_PRESET
+    if args.preset == "bf16" and args.group_size is not None:
+        raise UsageError("--group-size", "has no effect with --preset bf16 (nothing is quantized)")
+    args.group_size = args.group_size or DEFAULT_GROUP_SIZE
+
+
 def cmd_generate(args) -> None:
-    from . import comfy_cli
-    from .checkpoint import is_quantized_save
     from .sources import load_pipeline, load_saved_pipeline
 
-    device = _device(args.device)
-    preset = None if args.preset == "bf16" else args.preset
-    if args.model and comfy_cli.is_comfy_file(args.model):
-        loaded = comfy_cli.load_pipeline(args.model, args.base_model, device)
-    elif args.model and os.path.isdir(args.model) and is_quantized_save(args.model):
-        loaded = load_saved_pipeline(args.model, args.base_model, device)
+    _say_device(args.device)
+    if args.source.kind == "comfy":
+        from . import comfy_cli
+
+        loaded = comfy_cli.load_pipeline(args.model, args.base_model, args.device)
+    elif args.source.kind == "quantized":
+        loaded = load_saved_pipeline(args.model, args.base_model, args.device)
     else:
-        loaded = load_pipeline(args.model, preset, args.group_size, device)
+        preset = None if args.preset == "bf16" else args.preset
+        loaded = load_pipeline(args.model, preset, args.group_size, args.device)
     _announce(loaded)
     image = _generate(loaded, args.prompt, args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     image.save(args.out)
     print(f"wrote {args.out} ({loaded.description})")
+
+
+# --- compare --------------------------------------------------------------------------------------
+
+
+def check_compare(args) -> None:
+    args.out_dir = check_output_directory("--out-dir", args.out_dir, COMPARE_FILES, args.overwrite)
+    check_group_size("--group-size", args.group_size)
+    args.device = check_device("--device", args.device)
+    args.source = check_model("MODEL", args.model)
+    if args.source.kind == "comfy":
+        raise UsageError("MODEL", f"{args.model} is a ComfyUI file; compare starts from the bf16 pipeline")
+    if args.source.kind == "quantized":
+        base = args.source.saved_quantization.get("base_model")
+        raise UsageError(
+            "MODEL",
+            f"{args.model} is a quantized save; compare starts from the bf16 pipeline"
+            + (f" (this one was made from {base})" if base else ""),
+        )
+    check_steps_for("--steps", args.steps, args.source)
 
 
 def cmd_compare(args) -> None:
@@ -101,9 +225,9 @@ def cmd_compare(args) -> None:
     from .side_by_side import side_by_side
     from .sources import load_pipeline
 
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    loaded = load_pipeline(args.model, None, device=_device(args.device))
+    out = args.out_dir
+    _say_device(args.device)
+    loaded = load_pipeline(args.model, None, device=args.device)
     _announce(loaded)
     transformer = loaded.pipe.transformer
     policy = policy_for(transformer, args.preset)
@@ -112,7 +236,11 @@ def cmd_compare(args) -> None:
     with sensitivity.ActivationRecorder(transformer, rows_per_layer=args.rows_per_layer) as recorder:
         reference = _generate(loaded, args.prompt, args)
     layers = sensitivity.layer_sensitivity(
-        transformer, recorder.samples, lambda name: layer_kind(policy, name), args.group_size, progress=True
+        transformer,
+        recorder.samples,
+        lambda name: PRECISION_WORDS[layer_kind(policy, name)].lower(),
+        args.group_size,
+        progress=True,
     )
     del recorder
 
@@ -120,6 +248,7 @@ def cmd_compare(args) -> None:
     _say(f"ConvRot {args.preset} run")
     quantized = _generate(loaded, args.prompt, args)
 
+    out.mkdir(parents=True, exist_ok=True)
     scores = {"psnr_db": psnr(reference, quantized), "ssim": ssim(reference, quantized)}
     reference.save(out / "bf16.png")
     quantized.save(out / "quantized.png")
@@ -139,20 +268,93 @@ def cmd_compare(args) -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     print(f"PSNR {scores['psnr_db']:.2f} dB, SSIM {scores['ssim']:.4f} (bf16 vs {args.preset}, seed {args.seed})")
-    print("lowest W4A4 SQNR layers:")
+    print(f"lowest W4A4 SQNR layers (each layer alone in W4A4 / W8A8; what the {args.preset} preset runs it in):")
     for row in sorted(layers, key=lambda r: r.sqnr_w4a4_db)[:5]:
         sqnrs = f"{row.sqnr_w4a4_db:6.2f} dB (W8A8 {row.sqnr_w8a8_db:6.2f} dB)"
-        print(f"  {row.layer:50s} {sqnrs}, preset: {row.precision}")
+        print(f"  {row.layer:50s} {sqnrs}, {args.preset}: {row.precision}")
     print(f"wrote {out}/side_by_side.png, bf16.png, quantized.png, layer_sqnr.csv, layer_sqnr.png, summary.json")
+
+
+# --- info -----------------------------------------------------------------------------------------
+
+
+def check_info(args) -> None:
+    from .checkpoint import NotAQuantizedSaveError, read_config
+
+    if args.directory.endswith(".safetensors"):
+        check_model("PATH", args.directory)  # a ComfyUI ConvRot file, or a one-line error
+        return
+    directory = Path(args.directory).expanduser()
+    if not directory.is_dir():
+        problem = "not a directory" if directory.exists() else "no such directory"
+        raise UsageError("PATH", f"{args.directory}: {problem}")
+    try:
+        read_config(directory)
+    except NotAQuantizedSaveError as error:
+        raise UsageError("PATH", str(error)) from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UsageError("PATH", f"{args.directory}: its config.json is not valid JSON") from None
+
+
+def _group_sizes(layers: dict, requested: int) -> str:
+    """The group sizes the layers use: the requested one, or less where it does not divide a layer's width."""
+    sizes = Counter(spec["group_size"] for spec in layers.values())
+    if set(sizes) <= {requested}:
+        return str(requested)
+    found = ", ".join(f"{size} in {n} layers" for size, n in sorted(sizes.items()))
+    why = "a layer whose width it does not divide uses the largest power of 4 that does"
+    return f"{found} ({requested} requested; {why})"
+
+
+def cmd_info(args) -> None:
+    import convrot
+
+    from .checkpoint import WEIGHTS_NAME, describe
+
+    if args.directory.endswith(".safetensors"):
+        from . import comfy_cli
+
+        print("\n".join(comfy_cli.info_lines(args.directory)))
+        return
+
+    layers = convrot.verify_checkpoint(Path(args.directory) / WEIGHTS_NAME)
+    summary = describe(args.directory)
+    quantization = summary.config["quantization_config"]
+    print(f"transformer:   {summary.config['_class_name']}")
+    print(f"preset:        {quantization['preset']} ({quantization['rotation']} rotation)")
+    print(f"group size:    {_group_sizes(layers, quantization['group_size'])}")
+    print(f"base model:    {quantization.get('base_model') or 'not recorded'}")
+    counts = ", ".join(f"{n} {kind.upper()}" for kind, n in sorted(summary.layers.items()))
+    print(f"layers:        {counts}")
+    weights = ", ".join(f"{kind.upper()} {n / 1e6:.1f}M" for kind, n in summary.parameters.items())
+    print(f"weights:       {weights}")
+    print(f"size:          {summary.file_bytes / 2**20:.1f} MiB ({summary.ratio:.2f}x smaller than bf16)")
+    print("checksums:     every tensor matches its CRC-32")
+    versions = ", ".join(f"{name} {v}" for name, v in sorted(quantization.get("versions", {}).items()))
+    print(f"made with:     {versions}")
+
+
+# --- scan -----------------------------------------------------------------------------------------
+
+
+def check_scan(args) -> None:
+    if (args.max_bytes is None) == (args.max_ratio is None):
+        raise UsageError("--max-bytes", "give one budget: --max-bytes or --max-ratio")
+    args.out = check_output_file("--out", args.out, (".json",), args.overwrite, "policy")
+    check_group_size("--group-size", args.group_size)
+    args.device = check_device("--device", args.device)
+    args.source = check_model("MODEL", args.model)
+    if args.source.kind in ("quantized", "comfy"):
+        raise UsageError("MODEL", f"{args.model} is quantized already; scan measures a bf16 pipeline")
+    check_steps_for("--steps", args.steps, args.source)
 
 
 def cmd_scan(args) -> None:
     from . import scan, sensitivity
     from .sources import load_pipeline
 
-    if (args.max_bytes is None) == (args.max_ratio is None):
-        raise CliError("give one budget: --max-bytes or --max-ratio")
-    loaded = load_pipeline(args.model, None, device=_device(args.device))
+    _say_device(args.device)
+    loaded = load_pipeline(args.model, None, device=args.device)
     _announce(loaded)
     transformer = loaded.pipe.transformer
     _say("bf16 run (recording each Linear's inputs)")
@@ -163,11 +365,9 @@ def cmd_scan(args) -> None:
     full = scan.bf16_bytes(layers)
     budget = args.max_bytes if args.max_bytes is not None else args.max_ratio * full
     policy, total = scan.policy_under_budget(layers, budget)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(policy, indent=1) + "\n")
-    counts = {}
-    for kind in list(policy.values())[:-1]:
-        counts[kind] = counts.get(kind, 0) + 1
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(policy, indent=1) + "\n")
+    counts = Counter(list(policy.values())[:-1])
     spread = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
     print(
         f"wrote {args.out}: {len(layers)} Linear layers ({spread}), {total / 2**20:.1f} MiB of weights, "
@@ -176,26 +376,21 @@ def cmd_scan(args) -> None:
     )
 
 
-def cmd_info(args) -> None:
-    from . import comfy_cli
-    from .checkpoint import describe
+# --- convert --------------------------------------------------------------------------------------
 
-    if comfy_cli.is_comfy_file(args.directory):
-        print("\n".join(comfy_cli.info_lines(args.directory)))
+
+def check_convert(args) -> None:
+    source = check_model("IN", args.source)
+    if source.kind == "comfy":
+        if args.destination.endswith(".safetensors"):
+            raise UsageError("OUT", f"{args.destination}: a ComfyUI file converts to a directory, not to a file")
+        args.destination = str(check_output_directory("OUT", args.destination, SAVE_FILES, args.overwrite))
         return
-    summary = describe(args.directory)
-    quantization = summary.config["quantization_config"]
-    print(f"transformer:   {summary.config['_class_name']}")
-    group = f"group size {quantization['group_size']}, {quantization['rotation']} rotation"
-    print(f"preset:        {quantization['preset']} ({group})")
-    print(f"base model:    {quantization.get('base_model') or 'not recorded'}")
-    counts = ", ".join(f"{n} {kind.upper()}" for kind, n in sorted(summary.layers.items()))
-    print(f"layers:        {counts}")
-    weights = ", ".join(f"{kind.upper()} {n / 1e6:.1f}M" for kind, n in summary.parameters.items())
-    print(f"weights:       {weights}")
-    print(f"size:          {summary.file_bytes / 2**20:.1f} MiB ({summary.ratio:.2f}x smaller than bf16)")
-    versions = ", ".join(f"{name} {v}" for name, v in sorted(quantization.get("versions", {}).items()))
-    print(f"made with:     {versions}")
+    if source.kind != "quantized":
+        raise UsageError("IN", f"{args.source}: neither a ComfyUI ConvRot file nor a quantized directory")
+    if args.config is not None:
+        raise UsageError("--config", "is for a ComfyUI IN; a quantized directory holds its config")
+    args.destination = str(check_output_file("OUT", args.destination, (".safetensors",), args.overwrite, "ComfyUI"))
 
 
 def cmd_convert(args) -> None:
@@ -204,84 +399,144 @@ def cmd_convert(args) -> None:
     print(convert(args.source, args.destination, args.config))
 
 
-def _parser() -> argparse.ArgumentParser:
-    from .presets import DEFAULT_PRESET, PRESET_NAMES
+# --- the parser -----------------------------------------------------------------------------------
 
-    parser = argparse.ArgumentParser(
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (unknown option, missing or malformed value) as one-line UsageErrors."""
+
+    def error(self, message: str):
+        raise UsageError(None, f"{message} (see `{self.prog} --help`)")
+
+
+PRESET_HELP = (
+    "mix (default): W4A4 except the image attention output projections in W8A8 (PixArt: the cross-attention's "
+    "output and values; Flux: also the single blocks' value projections) and the last block's FFN down-projection "
+    "in bf16 (Flux: also its text FFN's and the last single block's output projection); w4a4: every Linear of the "
+    "blocks in W4A4. Both keep the embedders and the final layers in bf16"
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
         prog="convrot",
         description="ConvRot W4A4 for diffusers pipelines (Flux, PixArt, SD3). Without MODEL, commands run an "
         "embedded demo pipeline with RANDOM weights (demo:flux; also demo:pixart-sigma, demo:pixart-alpha, demo:sd3).",
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def model_argument(p, help_text="local pipeline directory or hub id (default: the random-weight demo)"):
         p.add_argument("model", nargs="?", default=None, metavar="MODEL", help=help_text)
 
-    def quant_options(p, presets=PRESET_NAMES):
-        p.add_argument("--preset", choices=presets, default=DEFAULT_PRESET, help="default: %(default)s")
-        p.add_argument("--group-size", type=int, default=256, help="default: %(default)s")
+    def group_size_option(p, default):
+        p.add_argument(
+            "--group-size",
+            type=int,
+            default=default,
+            help="rotation group: 4, 16, 64, 256 or 1024 (default 256); a layer whose width it does not divide "
+            "uses the largest of these that does",
+        )
+
+    def device_option(p, what):
+        p.add_argument("--device", help=f"{what}: cpu, cuda or cuda:N (default: cuda when available)")
+
+    def overwrite_option(p, what):
+        p.add_argument("--overwrite", action="store_true", help=f"replace {what}")
 
     def sampling_options(p):
         p.add_argument("--prompt", required=True)
-        p.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
-        p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
-        p.add_argument("--height", type=int)
-        p.add_argument("--width", type=int)
-        p.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's)")
-        p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+        p.add_argument("--steps", type=integer(1, 1000), help="denoising steps, 1-1000 (default: the pipeline's)")
+        p.add_argument("--seed", type=integer(0, 2**64 - 1), default=0, help="default: %(default)s")
+        size = integer(16, 8192, multiple=16)
+        p.add_argument("--height", type=size, help="pixels, a multiple of 16 (default: the pipeline's)")
+        p.add_argument("--width", type=size, help="pixels, a multiple of 16 (default: the pipeline's)")
+        p.add_argument("--guidance", type=real(0), help="guidance scale, >= 0 (default: the pipeline's)")
 
     p = commands.add_parser("quantize", help="quantize a pipeline's transformer and save it")
     model_argument(p)
-    p.add_argument("--out", required=True, help="directory to write")
-    quant_options(p)
-    p.add_argument("--device", help="where to quantize: cuda or cpu (default: cuda when available)")
-    p.set_defaults(run=cmd_quantize)
+    p.add_argument("--out", required=True, help="directory to write the quantized transformer to")
+    p.add_argument("--preset", choices=PRESET_NAMES, default=DEFAULT_PRESET, help=PRESET_HELP)
+    group_size_option(p, DEFAULT_GROUP_SIZE)
+    device_option(p, "where to quantize")
+    overwrite_option(p, "a save already in --out")
+    p.set_defaults(check=check_quantize, run=cmd_quantize)
 
     p = commands.add_parser("generate", help="generate an image")
-    model_argument(p, "a quantized directory, a pipeline directory or hub id (default: the random-weight demo)")
-    sampling_options(p)
-    p.add_argument("--out", required=True, help="PNG to write")
-    quant_options(p, (*PRESET_NAMES, "bf16"))
-    p.add_argument(
-        "--base-model", "--base", help="for a quantized directory or ComfyUI file: where the other components are"
+    model_argument(
+        p, "a quantized directory, a ComfyUI ConvRot file, a pipeline directory or hub id (default: the demo)"
     )
-    p.set_defaults(run=cmd_generate)
+    sampling_options(p)
+    p.add_argument("--out", required=True, help="image file to write (.png, .jpg, ...)")
+    p.add_argument(
+        "--preset",
+        choices=(*PRESET_NAMES, "bf16"),
+        help=f"how to quantize MODEL on the fly, or bf16 for none (not for a quantized directory, which runs as "
+        f"saved). {PRESET_HELP}",
+    )
+    group_size_option(p, None)
+    p.add_argument(
+        "--base-model",
+        "--base",
+        help="for a quantized directory or a ComfyUI file: the pipeline its other components come from (a quantized "
+        "directory's default: the one it records)",
+    )
+    device_option(p, "where to run")
+    overwrite_option(p, "an existing --out")
+    p.set_defaults(check=check_generate, run=cmd_generate)
 
     p = commands.add_parser("compare", help="bf16 vs quantized: images, PSNR/SSIM, per-layer SQNR")
-    model_argument(p)
+    model_argument(p, "a pipeline directory or hub id, in bf16 (default: the random-weight demo)")
     sampling_options(p)
-    quant_options(p)
-    p.add_argument("--out-dir", default="convrot-compare", help="default: %(default)s")
-    p.add_argument("--rows-per-layer", type=int, default=256, help="activation rows sampled per layer")
-    p.set_defaults(run=cmd_compare)
+    p.add_argument("--preset", choices=PRESET_NAMES, default=DEFAULT_PRESET, help=PRESET_HELP)
+    group_size_option(p, DEFAULT_GROUP_SIZE)
+    device_option(p, "where to run")
+    p.add_argument("--out-dir", default="convrot-compare", help="where the results go (default: %(default)s)")
+    overwrite_option(p, "the results of an earlier compare in --out-dir")
+    p.add_argument(
+        "--rows-per-layer", type=integer(1), default=256, help="activation rows sampled per layer (default: 256)"
+    )
+    p.set_defaults(check=check_compare, run=cmd_compare)
 
     p = commands.add_parser("scan", help="a per-layer policy for this model and prompt under a size budget")
-    model_argument(p)
+    model_argument(p, "a pipeline directory or hub id, in bf16 (default: the random-weight demo)")
     sampling_options(p)
-    p.add_argument("--group-size", type=int, default=256, help="default: %(default)s")
-    p.add_argument("--max-bytes", type=float, help="budget for the transformer's Linear weights, in bytes")
-    p.add_argument("--max-ratio", type=float, help="budget as a fraction of those weights' bf16 bytes")
-    p.add_argument("--rows-per-layer", type=int, default=256, help="activation rows sampled per layer")
+    group_size_option(p, DEFAULT_GROUP_SIZE)
+    p.add_argument("--max-bytes", type=real(0), help="budget for the transformer's Linear weights, in bytes")
+    p.add_argument("--max-ratio", type=real(0), help="budget as a fraction of those weights' bf16 bytes")
+    p.add_argument(
+        "--rows-per-layer", type=integer(1), default=256, help="activation rows sampled per layer (default: 256)"
+    )
     p.add_argument("--out", default="convrot-policy.json", help="policy JSON to write (default: %(default)s)")
-    p.set_defaults(run=cmd_scan)
+    device_option(p, "where to run")
+    overwrite_option(p, "an existing --out")
+    p.set_defaults(check=check_scan, run=cmd_scan)
 
-    p = commands.add_parser("info", help="describe a quantized directory or a ComfyUI ConvRot file")
-    p.add_argument("directory", metavar="PATH", help="a quantized directory or a ComfyUI .safetensors file")
-    p.set_defaults(run=cmd_info)
+    p = commands.add_parser("info", help="describe a quantized directory or a ComfyUI ConvRot file, verifying it")
+    p.add_argument("directory", metavar="PATH", help="a directory written by `convrot quantize`, or a ComfyUI file")
+    p.set_defaults(check=check_info, run=cmd_info)
 
     p = commands.add_parser("convert", help="convert between a quantized directory and a ComfyUI ConvRot file")
     p.add_argument("source", metavar="IN", help="a ComfyUI .safetensors file or a quantized directory")
     p.add_argument("destination", metavar="OUT", help="a directory (from a ComfyUI file) or a .safetensors file")
     p.add_argument("--config", help="for a ComfyUI IN: its diffusers transformer config (directory or hub id)")
-    p.set_defaults(run=cmd_convert)
+    overwrite_option(p, "an existing OUT")
+    p.set_defaults(check=check_convert, run=cmd_convert)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Before diffusers/transformers are imported: their import-time notices are noise here.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    args = _parser().parse_args(argv)
+    silence_known_notices()
+    try:
+        args = _parser().parse_args(argv)
+        args.check(args)
+    except UsageError as error:
+        _say(f"error: {error}")
+        return USAGE_EXIT
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 130
+
+    from safetensors import SafetensorError
 
     from .checkpoint import NotAQuantizedSaveError
     from .detect import UnsupportedModelError
@@ -289,13 +544,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.run(args)
-    except (CliError, SourceError, UnsupportedModelError, NotAQuantizedSaveError) as error:
+    except (SourceError, UnsupportedModelError, NotAQuantizedSaveError) as error:
         _say(f"error: {error}")
         return EXIT_ERROR
     except FileNotFoundError as error:
         _say(f"error: {error.strerror or error}: {error.filename or ''}".rstrip(": "))
         return EXIT_ERROR
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, SafetensorError) as error:
         _say(f"error: {str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}")
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -22,11 +22,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
-
-import convrot
-
 from .detect import Architecture, architecture_of
+
+# torch and convrot are imported where they are used: the `convrot` command reads the preset
+# names for its --help before anything heavy is loaded.
 
 PRESET_NAMES = ("mix", "w4a4", "w4a8", "w4a8g64", "w4a4g64")
 DEFAULT_PRESET = "mix"
@@ -192,6 +191,10 @@ def policy_for(transformer, preset: str = DEFAULT_PRESET) -> dict[str, str]:
 
     Rules that decide no layer of this model (e.g. SD3.5's attn2 on SD3-medium) are left out.
     """
+    from torch import nn
+
+    import convrot
+
     rules = preset_rules(architecture_of(transformer), preset, transformer.config)
     policy = {rule.pattern: rule.kind for rule in rules}
     linears = [name for name, module in transformer.named_modules() if isinstance(module, nn.Linear)]
@@ -201,4 +204,6 @@ def policy_for(transformer, preset: str = DEFAULT_PRESET) -> dict[str, str]:
 
 def layer_kind(policy: dict[str, str], name: str) -> str:
     """The kind the policy gives the module ``name``."""
+    import convrot
+
     return convrot.policy.layer_kind(name, policy)[0]

@@ -27,7 +27,7 @@ class LayerSensitivity:
     in_features: int
     out_features: int
     group_size: int
-    precision: str  # what the preset being compared assigns to the layer
+    precision: str  # what the preset being compared runs the layer in: "w4a4", "w8a8" or "bf16"
     sqnr_w4a4_db: float
     sqnr_w8a8_db: float
     sqnr_w4a8_db: float
@@ -139,7 +139,7 @@ def write_csv(results: list[LayerSensitivity], path: Path) -> None:
             writer.writerow(values)
 
 
-_COLORS = {"w4a4": "tab:blue", "w8a8": "tab:orange", "skip": "tab:gray"}
+_COLORS = {"w4a4": "tab:blue", "w8a8": "tab:orange", "bf16": "tab:gray"}
 
 
 def plot(results: list[LayerSensitivity], path: Path, title: str, lowest: int = 6) -> None:
@@ -155,7 +155,7 @@ def plot(results: list[LayerSensitivity], path: Path, title: str, lowest: int = 
     for precision, color in _COLORS.items():
         points = [(i, r.sqnr_w4a4_db) for i, r in enumerate(results) if r.precision == precision]
         if points:
-            label = f"W4A4 SQNR, preset: {precision}"
+            label = f"W4A4 SQNR; the preset runs it in {precision.upper() if precision != 'bf16' else precision}"
             ax.scatter(*zip(*points, strict=True), s=14, color=color, label=label, zorder=3)
     finite = [r for r in results if math.isfinite(r.sqnr_w4a4_db)]
     for r in sorted(finite, key=lambda r: r.sqnr_w4a4_db)[:lowest]:

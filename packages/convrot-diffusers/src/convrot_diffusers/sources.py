@@ -36,15 +36,20 @@ def _check_local_or_hub(model: str) -> None:
         raise SourceError(f"no such directory: {model} (and it is not a hub id of the form org/name)")
 
 
-def transformer_class_of(model: str) -> str:
-    """The transformer class a pipeline declares in its model_index.json, read before any weight."""
+def pipeline_index(model: str) -> dict:
+    """The model_index.json of a local pipeline directory or hub id (fetched alone), before any weight."""
     from diffusers import DiffusionPipeline
 
     _check_local_or_hub(model)
     try:
-        index = DiffusionPipeline.load_config(os.path.expanduser(model))
+        return DiffusionPipeline.load_config(os.path.expanduser(model))
     except (OSError, ValueError) as error:
         raise SourceError(f"cannot read the pipeline {model}: {_first_line(error)}") from None
+
+
+def transformer_class_of(model: str) -> str:
+    """The transformer class a pipeline declares in its model_index.json, read before any weight."""
+    index = pipeline_index(model)
     if "transformer" not in index:
         raise SourceError(
             f"{model} ({index.get('_class_name', 'unknown pipeline')}) has no transformer; "
