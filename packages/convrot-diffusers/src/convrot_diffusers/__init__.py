@@ -1,4 +1,5 @@
-"""ConvRot W4A4 quantization for diffusers pipelines: Flux, PixArt-Σ/α, SD3/3.5.
+"""ConvRot W4A4 quantization for diffusers pipelines: Flux, PixArt-Σ/α, SD3/3.5 through their presets,
+any other diffusers DiT (Flux.2, Qwen-Image, Wan, LTX-2 tested) through the generic role-based policy.
 
     import convrot_diffusers
     pipe = convrot_diffusers.quantize_pipeline(pipe, preset="mix")
@@ -17,11 +18,11 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .activation_fusion import fuse_activations, unfuse_activations
 from .checkpoint import load_quantized, save_quantized
-from .detect import ARCHITECTURES, UnsupportedModelError, architecture_of
+from .detect import ARCHITECTURES, GENERIC_TESTED, UnsupportedModelError, architecture_of
 from .diffusers_integration import ConvRotConfig, register
 from .fusion import fuse_qkv_projections, unfuse_qkv_projections
 from .pipeline import quantize_pipeline, quantize_transformer
-from .presets import PRESET_NAMES, PRESETS, policy_for
+from .presets import PRESET_NAMES, PRESETS, generic_rules, policy_for
 from .qk_norm_rope import fuse_qk_norm_rope, unfuse_qk_norm_rope
 
 register()
@@ -33,6 +34,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "ARCHITECTURES",
+    "GENERIC_TESTED",
     "PRESETS",
     "PRESET_NAMES",
     "ConvRotConfig",
@@ -41,6 +43,7 @@ __all__ = [
     "fuse_activations",
     "fuse_qk_norm_rope",
     "fuse_qkv_projections",
+    "generic_rules",
     "load_quantized",
     "policy_for",
     "quantize_pipeline",
