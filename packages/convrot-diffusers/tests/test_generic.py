@@ -162,6 +162,25 @@ def test_a_layer_that_cannot_be_quantized_is_named_before_any_is_converted():
     assert getattr(model.config, "quantization_config", None) is None
 
 
+def test_quantize_on_load_names_a_layer_that_cannot_be_quantized_before_reading_weights(tmp_path, monkeypatch):
+    import convrot_diffusers.diffusers_integration as integration
+
+    model = _untested_model(hidden=130)
+    model.save_pretrained(tmp_path)
+    read = []
+    original = integration.ConvRotQuantizer.create_quantized_param
+    monkeypatch.setattr(
+        integration.ConvRotQuantizer,
+        "create_quantized_param",
+        lambda self, *a, **k: read.append(1) or original(self, *a, **k),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=r"layer 'blocks.0.mlp.2' cannot be quantized"):
+            type(model).from_pretrained(tmp_path, quantization_config=ConvRotConfig(preset="w4a4"))
+    assert not read
+
+
 def test_a_model_without_block_lists_is_refused():
     from diffusers import ModelMixin
 
