@@ -145,7 +145,8 @@ def build(class_name: str, seed: int, real: bool = False, device: str = "cpu", *
 
     torch.manual_seed(seed)
     config = (REAL if real else TINY)[class_name]
-    model = getattr(diffusers, class_name)(**config).to(device=device, dtype=DTYPE).eval()
+    with torch.device(device):  # initialised where it runs: the real-width models are billions of weights
+        model = getattr(diffusers, class_name)(**config).to(dtype=DTYPE).eval()
 
     def inputs(generator):
         return INPUTS[class_name](model.config, generator, **input_sizes)
