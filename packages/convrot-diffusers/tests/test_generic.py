@@ -17,7 +17,7 @@ from tiny_dits import BUILDERS, DTYPE, build, run, sqnr_pair
 from torch import nn
 
 import convrot
-from convrot_diffusers import ConvRotConfig, quantize_pipeline, quantize_transformer
+from convrot_diffusers import ConvRotConfig, load_quantized, quantize_pipeline, quantize_transformer
 from convrot_diffusers.detect import GENERIC_TESTED, UnsupportedModelError
 from convrot_diffusers.presets import layer_kind, policy_for
 
@@ -69,7 +69,7 @@ def test_all_4bit_weight_presets_quantize_every_block_linear(preset):
     assert all(kind == "skip" for name, kind in kinds.items() if not name.startswith("blocks."))
 
 
-def test_save_and_load_round_trip(tmp_path, seed):
+def test_save_and_load_round_trip(tmp_path, seed):  # save_pretrained, then from_pretrained and load_quantized
     from diffusers import WanTransformer3DModel
 
     model, make_inputs = build("WanTransformer3DModel", seed)
@@ -83,6 +83,7 @@ def test_save_and_load_round_trip(tmp_path, seed):
         isinstance(m, convrot.ConvLinear) for m in quantized.modules()
     )
     assert torch.equal(run(loaded, inputs), expected)
+    assert torch.equal(run(load_quantized(tmp_path), inputs), expected)
 
 
 def test_quantize_on_load_matches_quantize_in_memory(tmp_path, seed):
