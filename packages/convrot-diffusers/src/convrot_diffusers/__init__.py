@@ -1,4 +1,5 @@
-"""ConvRot W4A4 quantization for diffusers pipelines: Flux, PixArt-Σ/α, SD3/3.5.
+"""ConvRot W4A4 quantization for diffusers pipelines: Flux, PixArt-Σ/α, SD3/3.5 through their presets,
+any other diffusers DiT (Flux.2, Qwen-Image, Wan, LTX-2 tested) through the generic role-based policy.
 
     import convrot_diffusers
     pipe = convrot_diffusers.quantize_pipeline(pipe, preset="mix")
@@ -25,11 +26,13 @@ _EXPORTS = {
     "PRESETS": "presets",
     "PRESET_NAMES": "presets",
     "ConvRotConfig": "diffusers_integration",
+    "GENERIC_TESTED": "detect",
     "UnsupportedModelError": "detect",
     "architecture_of": "detect",
     "fuse_activations": "activation_fusion",
     "fuse_qk_norm_rope": "qk_norm_rope",
     "fuse_qkv_projections": "fusion",
+    "generic_rules": "presets",
     "load_quantized": "checkpoint",
     "policy_for": "presets",
     "quantize_pipeline": "pipeline",
@@ -63,6 +66,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "ARCHITECTURES",
+    "GENERIC_TESTED",
     "PRESETS",
     "PRESET_NAMES",
     "ConvRotConfig",
@@ -71,6 +75,7 @@ __all__ = [
     "fuse_activations",
     "fuse_qk_norm_rope",
     "fuse_qkv_projections",
+    "generic_rules",
     "load_quantized",
     "policy_for",
     "quantize_pipeline",

@@ -21,7 +21,7 @@ import torch
 
 import convrot
 
-from .detect import architecture_for_class, transformer_of
+from .detect import check_diffusers_transformer_class, denoiser_of
 from .diffusers_integration import QUANT_METHOD, ConvRotQuantizer
 
 CONFIG_NAME = "config.json"
@@ -36,7 +36,7 @@ class NotAQuantizedSaveError(ValueError):
 def save_quantized(pipe_or_transformer, directory: str | os.PathLike) -> Path:
     """Writes the quantized transformer of a pipeline (or the transformer itself) to ``directory``:
     ``transformer.save_pretrained(directory)``. Fused q/k/v projections are saved as separate layers."""
-    transformer = transformer_of(pipe_or_transformer)
+    transformer = denoiser_of(pipe_or_transformer)
     if not isinstance(getattr(transformer, "hf_quantizer", None), ConvRotQuantizer):
         raise ValueError("the transformer is not quantized: call quantize_pipeline (or quantize_transformer) first")
     transformer.save_pretrained(directory)
@@ -91,7 +91,7 @@ def load_quantized(directory: str | os.PathLike, device: str | torch.device = "c
     ``Pipeline.from_pretrained(base_model, transformer=loaded)``.
     """
     config = read_config(directory)
-    architecture_for_class(config["_class_name"])
+    check_diffusers_transformer_class(config.get("_class_name"))
     for path in weight_files(directory):
         convrot.read_header(path)
     transformer_class = getattr(diffusers, config["_class_name"])

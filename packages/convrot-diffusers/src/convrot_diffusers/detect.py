@@ -3,6 +3,11 @@
 The architecture is read from the class name of the denoising transformer, so
 that a model is recognised from its ``model_index.json`` or ``config.json``
 before any weight is loaded.
+
+Flux.1, PixArt and SD3 have presets of their own (``ARCHITECTURES``); any other diffusers
+transformer goes through the generic, role-based policy (presets.generic_rules). The
+transformers that policy is tested on are ``GENERIC_TESTED``; any other one quantizes with a
+warning that it is untested.
 """
 
 from __future__ import annotations
@@ -44,6 +49,16 @@ ARCHITECTURES: tuple[Architecture, ...] = (
 )
 
 
+# Transformer class -> model family, for the architectures the generic policy is tested on
+# (tests/test_generic.py: tiny configs on the CPU, SQNR in docs/diffusers.md).
+GENERIC_TESTED: dict[str, str] = {
+    "Flux2Transformer2DModel": "Flux.2",
+    "QwenImageTransformer2DModel": "Qwen-Image",
+    "WanTransformer3DModel": "Wan 2.x",
+    "LTX2VideoTransformer3DModel": "LTX-2",
+}
+
+
 class UnsupportedModelError(ValueError):
     """The model is not one of the supported architectures."""
 
@@ -65,8 +80,7 @@ def architecture_of(transformer) -> Architecture:
     return architecture_for_class(type(transformer).__name__)
 
 
-def transformer_of(pipe_or_transformer):
-    """The denoising transformer of a pipeline, or the argument itself if it is a transformer."""
+def _transformer_or_self(pipe_or_transformer):
     transformer = getattr(pipe_or_transformer, "transformer", None)
     if transformer is None:
         if hasattr(pipe_or_transformer, "unet"):
@@ -74,5 +88,46 @@ def transformer_of(pipe_or_transformer):
                 f"{type(pipe_or_transformer).__name__} denoises with a UNet; supported: {supported_summary()}"
             )
         transformer = pipe_or_transformer
+    return transformer
+
+
+def transformer_of(pipe_or_transformer):
+    """The denoising transformer of a pipeline, or the argument itself if it is a transformer
+    of one of ``ARCHITECTURES`` (what the Flux fusions and other per-architecture code accept)."""
+    transformer = _transformer_or_self(pipe_or_transformer)
     architecture_of(transformer)
+    return transformer
+
+
+def is_preset_class(class_name: str) -> bool:
+    """Whether ``class_name`` is the transformer of an architecture with presets of its own."""
+    return any(arch.transformer_class == class_name for arch in ARCHITECTURES)
+
+
+def check_diffusers_transformer_class(class_name: str) -> None:
+    """Raises UnsupportedModelError unless ``class_name`` is a diffusers model class (e.g. from a config.json)."""
+    if is_preset_class(class_name):
+        return
+    import diffusers
+    from diffusers import ModelMixin
+
+    cls = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, ModelMixin)):
+        raise UnsupportedModelError(
+            f"{class_name!r} is not a diffusers model class; quantizable: any diffusers transformer "
+            f"(presets of their own: {supported_summary()})"
+        )
+
+
+def denoiser_of(pipe_or_transformer):
+    """The denoising transformer of a pipeline, or the argument itself: any diffusers model
+    (``ModelMixin``), quantized through its preset or through the generic policy."""
+    from diffusers import ModelMixin
+
+    transformer = _transformer_or_self(pipe_or_transformer)
+    if not isinstance(transformer, ModelMixin):
+        raise UnsupportedModelError(
+            f"{type(transformer).__name__} is not a diffusers model; quantizable: any diffusers transformer "
+            f"(presets of their own: {supported_summary()})"
+        )
     return transformer

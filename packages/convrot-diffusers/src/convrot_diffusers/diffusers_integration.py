@@ -62,7 +62,8 @@ def _versions() -> dict[str, str]:
 
 
 class ConvRotConfig(QuantizationConfigMixin):
-    """ConvRot W4A4 quantization of a diffusers transformer (Flux, PixArt, SD3).
+    """ConvRot W4A4 quantization of a diffusers transformer (Flux.1, PixArt and SD3 through their presets,
+    any other through the generic role-based rules of convrot_diffusers.presets).
 
     Args:
         preset: "mix" (default: mixed W4A4/W8A8/bf16), "w4a4", "w4a8", "w4a8g64" or "w4a4g64"; see
@@ -250,9 +251,10 @@ class ConvRotQuantizer(DiffusersQuantizer):
             convrot.check_layout(model, self.layers, self.stored, sources)
             convrot.install_skeletons(model, self.layers)
         else:
-            from .presets import policy_for
+            from .presets import check_layers, policy_for
 
             policy = policy_for(model, self.quantization_config.preset)
+            check_layers(model, policy, self.quantization_config.group_size)
             for name, module in model.named_modules():
                 if isinstance(module, torch.nn.Linear):
                     kind = convrot.policy.layer_kind(name, policy)[0]

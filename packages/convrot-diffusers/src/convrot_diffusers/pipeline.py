@@ -4,24 +4,30 @@ from __future__ import annotations
 
 import convrot
 
-from .detect import transformer_of
+from .detect import denoiser_of
 from .diffusers_integration import ConvRotConfig, attach_quantizer
-from .presets import DEFAULT_PRESET, check_preset, policy_for
+from .presets import DEFAULT_PRESET, check_layers, check_preset, policy_for
 
 
 def quantize_transformer(
     transformer, preset: str = DEFAULT_PRESET, group_size: int = 256, progress: bool = True, base_model=None
 ):
-    """Quantizes a Flux / PixArt / SD3 transformer in place with ``preset``; returns it.
+    """Quantizes a diffusers transformer in place with ``preset``; returns it.
+
+    Flux.1, PixArt and SD3 use their own presets; any other transformer the generic role-based
+    rules of the same name (presets.generic_rules; a warning says when its architecture is untested).
+    A layer that cannot be quantized is named in a ValueError before any is converted.
 
     The preset and group size are recorded in ``transformer.config.quantization_config``
     (a ConvRotConfig), and the transformer gets its ConvRotQuantizer, so that
     ``transformer.save_pretrained(directory)`` writes a ConvRot checkpoint.
     """
     check_preset(preset)
+    transformer = denoiser_of(transformer)
     if getattr(transformer.config, "quantization_config", None) is not None:
         raise ValueError("the transformer is already quantized")
     policy = policy_for(transformer, preset)
+    check_layers(transformer, policy, group_size)
     convrot.quantize_model(transformer, policy=policy, group_size=group_size, progress=progress)
     attach_quantizer(transformer, ConvRotConfig(preset=preset, group_size=group_size, base_model=base_model))
     return transformer
@@ -30,11 +36,13 @@ def quantize_transformer(
 def quantize_pipeline(pipe, preset: str = DEFAULT_PRESET, group_size: int = 256, progress: bool = True):
     """Quantizes ``pipe.transformer`` in place (W4A4 / W8A8 per ``preset``) and returns the pipeline.
 
-    Supported: FluxPipeline, PixArtSigmaPipeline, PixArtAlphaPipeline, StableDiffusion3Pipeline.
+    Any pipeline with a diffusers ``transformer``: FluxPipeline, PixArtSigma/AlphaPipeline and
+    StableDiffusion3Pipeline through their presets; Flux2Pipeline, QwenImagePipeline, WanPipeline,
+    LTX2Pipeline (tested) and others through the generic rules.
     ``group_size`` falls back, per layer, to the largest power of 4 that divides
     its in_features (e.g. 64 for PixArt's 1152 and SD3.5-large's 2432).
     """
-    transformer = transformer_of(pipe)
+    transformer = denoiser_of(pipe)
     if transformer is pipe:
         raise TypeError("quantize_pipeline expects a pipeline; use quantize_transformer for a bare transformer")
     quantize_transformer(transformer, preset, group_size, progress, base_model=pipe.name_or_path or None)

@@ -13,6 +13,14 @@ catch-all "skip": the embedders (x_embedder, context_embedder /
 caption_projection, time/text embedders, PixArt's adaln_single) and the final
 norm_out/proj_out stay in bf16.
 
+Any other diffusers transformer gets the generic preset of the same name (``generic_rules``),
+derived from the roles every DiT's modules have rather than from names: the blocks are the
+transformer's ``nn.ModuleList`` children holding Linear layers; everything outside them
+(patch/text/time embedders, a global AdaLN modulation as Flux.2's or Wan's, the final
+norm_out/proj_out) stays in bf16 for the catch-all's reason; inside them every Linear (per-block
+AdaLN included) is W4A4, and mix adds what the three presets' mix tables share: attention output
+projections at W8A8 and the last block's feed-forward down-projections in bf16.
+
 The measurements quoted in the reasons come from the tiny random-weight demo
 models (docs/diffusers.md has the tables and how to reproduce them); they are
 weak evidence for trained checkpoints, where outliers drive sensitivity.
@@ -20,9 +28,10 @@ weak evidence for trained checkpoints, where outliers drive sensitivity.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
-from .detect import Architecture, architecture_of
+from .detect import GENERIC_TESTED, Architecture, UnsupportedModelError, architecture_of, is_preset_class
 
 # torch and convrot are imported where they are used: the `convrot` command reads the preset
 # names for its --help before anything heavy is loaded.
@@ -186,8 +195,126 @@ def preset_rules(architecture: Architecture, preset: str, config) -> list[Rule]:
     return rules
 
 
+def block_lists(transformer) -> list[str]:
+    """The names of the transformer's block lists: its ``nn.ModuleList`` children holding Linear layers."""
+    from torch import nn
+
+    return [
+        name
+        for name, child in transformer.named_children()
+        if isinstance(child, nn.ModuleList) and any(isinstance(m, nn.Linear) for m in child.modules())
+    ]
+
+
+def _attention_outputs(block) -> list[str]:
+    """Names (in the block) of its attention modules' output projections: ``to_out.0`` or a Linear ``to_out``."""
+    from torch import nn
+
+    found = []
+    for name, module in block.named_modules():
+        to_out = getattr(module, "to_out", None)
+        if isinstance(to_out, nn.Linear):
+            found.append(f"{name}.to_out")
+        elif isinstance(to_out, (nn.ModuleList, nn.Sequential)) and len(to_out) and isinstance(to_out[0], nn.Linear):
+            found.append(f"{name}.to_out.0")
+    return found
+
+
+def _feed_forward_outputs(block) -> list[str]:
+    """Names (in the block) of its feed-forward down-projections: the last Linear of each child that holds
+    two or more Linear layers and no attention (``ff.net.2``, Flux.2's ``ff.linear_out``, Wan's ``ffn.net.2``)."""
+    from torch import nn
+
+    found = []
+    for child_name, child in block.named_children():
+        linears = [name for name, m in child.named_modules() if isinstance(m, nn.Linear)]
+        has_attention = any(hasattr(m, "to_out") for m in child.modules())
+        if len(linears) >= 2 and not has_attention:
+            found.append(f"{child_name}.{linears[-1]}")
+    return found
+
+
+_GENERIC_BLOCKS = "every Linear of the blocks, per-block AdaLN modulation included (" + _ADALN_W4A4 + ")"
+_GENERIC_ATTENTION_OUT = (
+    "as the W8A8 attention outputs of the Flux, PixArt and SD3 mix tables: the attention output projection, "
+    "the most sensitive class in PixArt's class ablation (47.1 dB) and 4th of 18 in SD3's (41.7 dB)"
+)
+_GENERIC_LAST_FF = (
+    "as the bf16 set of the Flux, PixArt and SD3 mix tables: the last block's feed-forward down-projection, "
+    "the lowest per-layer SQNR class and the last write into the residual stream"
+)
+
+
+def generic_rules(transformer, preset: str = DEFAULT_PRESET) -> list[Rule]:
+    """The role-based rules of ``preset`` for a diffusers transformer without a preset of its own."""
+    check_preset(preset)
+    lists = block_lists(transformer)
+    if not lists:
+        raise UnsupportedModelError(
+            f"{type(transformer).__name__} has no block list (an nn.ModuleList of blocks holding Linear layers): "
+            "the generic policy cannot tell its blocks from its embedders; pass a convrot policy to "
+            "convrot.quantize_model instead"
+        )
+    rules = []
+    if preset == "mix":
+        for list_name in lists:
+            blocks = getattr(transformer, list_name)
+            last = len(blocks) - 1
+            rules += [
+                Rule(f"{list_name}.{last}.{name}", "skip", _GENERIC_LAST_FF)
+                for name in _feed_forward_outputs(blocks[last])
+            ]
+        for list_name in lists:
+            blocks = getattr(transformer, list_name)
+            outputs = dict.fromkeys(name for block in blocks for name in _attention_outputs(block))
+            rules += [Rule(f"{list_name}.*.{name}", "w8a8", _GENERIC_ATTENTION_OUT) for name in outputs]
+    kind = "w4a4" if preset == "mix" else preset
+    reason = _GENERIC_BLOCKS if kind == "w4a4" else f"{_GENERIC_BLOCKS}; {_SCHEME_REASONS[kind]}"
+    rules += [Rule(f"{list_name}.*", kind, reason) for list_name in lists]
+    rules.append(_KEEP_REST)
+    return rules
+
+
+def _rules_for(transformer, preset: str) -> list[Rule]:
+    class_name = type(transformer).__name__
+    if is_preset_class(class_name):
+        return preset_rules(architecture_of(transformer), preset, transformer.config)
+    rules = generic_rules(transformer, preset)
+    if class_name not in GENERIC_TESTED:
+        warnings.warn(
+            f"{class_name} is untested with ConvRot: it is quantized through the generic role-based policy "
+            f"(blocks: {', '.join(block_lists(transformer))}); tested: {', '.join(GENERIC_TESTED)} and the "
+            "Flux.1 / PixArt / SD3 presets. Compare its output with the unquantized model's",
+            stacklevel=3,
+        )
+    return rules
+
+
+def check_layers(transformer, policy: dict[str, str], group_size: int) -> None:
+    """Raises a ValueError naming the first Linear the policy quantizes that cannot be (in_features no
+    multiple of 4, or of 64 for group-scaled weights), before any weight is read or converted."""
+    from torch import nn
+
+    import convrot
+
+    for name, module in transformer.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        kind = layer_kind(policy, name)
+        if kind == "skip":
+            continue
+        try:
+            convrot.resolve_group_size(module.in_features, group_size)
+            cls, act_bits, weight_group_size = convrot.linear.SCHEMES[kind]
+            convrot.linear.check_scheme(kind, cls.bits, act_bits, weight_group_size, module.in_features)
+        except ValueError as error:
+            raise ValueError(f"layer {name!r} cannot be quantized to {kind}: {error}") from None
+
+
 def policy_for(transformer, preset: str = DEFAULT_PRESET) -> dict[str, str]:
-    """The convrot-core policy (pattern -> kind, first match wins) of ``preset`` for this transformer.
+    """The convrot-core policy (pattern -> kind, first match wins) of ``preset`` for this transformer:
+    its architecture's preset, or for any other diffusers transformer the generic role-based rules
+    (with a warning when the architecture is not one of detect.GENERIC_TESTED).
 
     Rules that decide no layer of this model (e.g. SD3.5's attn2 on SD3-medium) are left out.
     """
@@ -195,7 +322,7 @@ def policy_for(transformer, preset: str = DEFAULT_PRESET) -> dict[str, str]:
 
     import convrot
 
-    rules = preset_rules(architecture_of(transformer), preset, transformer.config)
+    rules = _rules_for(transformer, preset)
     policy = {rule.pattern: rule.kind for rule in rules}
     linears = [name for name, module in transformer.named_modules() if isinstance(module, nn.Linear)]
     deciding = {convrot.policy.layer_kind(name, policy)[1] for name in linears}
