@@ -106,8 +106,10 @@ def assert_close_to_float64_reference(y, layer, x):
     flips = (near_tie @ w_codes.abs().T) * scale[:, None] * w_scale
     error = (y.to(torch.float64).cpu() - expected).abs()
     assert (error <= rounding + flips).all(), f"max excess {(error - rounding - flips).max().item()}"
-    # Only a sliver of the codes get the looser bound; every other code is held exactly.
-    assert near_tie.mean().item() < 1e-3
+    # Only a sliver of the codes get the looser bound; every other code is held exactly. Uniform
+    # fractional parts put 2 * tie of them there on average (8-bit: 3.8e-4, a few in a small
+    # layer), so the bound leaves room for that count's spread.
+    assert near_tie.mean().item() < max(1e-3, 20 * tie)
 
 
 @pytest.mark.parametrize("cls", LAYER_CLASSES)
