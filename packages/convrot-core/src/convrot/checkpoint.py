@@ -114,7 +114,12 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
             tensor = tensor.clone()
         storages.add(tensor.untyped_storage().data_ptr())
         tensors[key] = tensor
-    metadata = checkpoint_metadata(quantized_layers(model), tensors)
+    write_safetensors(tensors, path, checkpoint_metadata(quantized_layers(model), tensors))
+
+
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """Writes a safetensors file beside ``path`` and renames it into place, so that an interrupted
+    write never leaves a file that looks complete."""
     path = os.fspath(path)
     partial = f"{path}.partial"
     try:

@@ -256,9 +256,10 @@ class ConvLinear(nn.Module):
         The kernels (``convrot_kernels.linear``) check the input; the float simulation checks it here.
         """
         if self.simulation_dtype is None and x.numel():
-            weights = (self.qweight, self.weight_scale, self.bias)
-            scheme = {"act_bits": self.act_bits, "group_scale": self.weight_group_scale}
-            return linear_forward(x, *weights, self.bits, self.group_size, self.rotation, x2, self.gelu_from, **scheme)
+            return linear_forward(
+                x, self.qweight, self.weight_scale, self.bias, self.bits, self.group_size, self.rotation, x2,
+                self.gelu_from, self.act_bits, self.weight_group_scale,
+            )  # fmt: skip
         self._check_input(x, x2)
         if not x.numel():
             return self._empty_output(x)

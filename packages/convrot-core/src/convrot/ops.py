@@ -73,15 +73,16 @@ def linear_forward(
     Given in parts, the input is ``cat([x, x2], -1)`` with GELU from column ``gelu_from``
     on, built by the quantization kernel as it loads the rows (fused_input.py).
     """
-    scheme = {"bits": bits, "act_bits": act_bits, "group_scale": group_scale}
     if rotation == "sylvester":
         rows = _sylvester_rows(x, x2, gelu_from, group_size)
-        y = convrot_kernels.linear(rows, qweight, weight_scale, bias, group_size=0, **scheme)
+        y = convrot_kernels.linear(
+            rows, qweight, weight_scale, bias, bits=bits, group_size=0, act_bits=act_bits, group_scale=group_scale
+        )
         return y.to(x.dtype).view(*x.shape[:-1], qweight.shape[0])
-    group = _kernel_group(group_size, rotation)
     return convrot_kernels.linear(
-        x, qweight, weight_scale, bias, group_size=group, x2=x2, gelu_from=gelu_from, **scheme
-    )
+        x, qweight, weight_scale, bias, bits=bits, group_size=_kernel_group(group_size, rotation), x2=x2,
+        gelu_from=gelu_from, act_bits=act_bits, group_scale=group_scale,
+    )  # fmt: skip
 
 
 def shared_input_forward(

@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 import convrot
@@ -471,14 +470,7 @@ def save_comfy(transformer, path: str | os.PathLike, progress: bool = True) -> N
         if fused:
             fuse_qkv_projections(transformer)
     metadata = {QUANT_METADATA_KEY: json.dumps({"format_version": "1.0", "layers": layers})}
-    path = os.fspath(path)
-    partial = f"{path}.partial"
-    try:
-        save_file(tensors, partial, metadata=metadata)
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    convrot.checkpoint.write_safetensors(tensors, path, metadata)
 
 
 def _original_tensors(transformer, original: OriginalFormat, progress: bool):
