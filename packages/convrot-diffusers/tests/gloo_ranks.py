@@ -3,6 +3,7 @@
 One group does every two-rank check, so that the suite pays for starting the processes once:
 - data parallel: each rank loads the 4-bit checkpoint, makes its share of the prompts, rank 0 gathers;
   rank 0 then makes every image alone, in this process, as the one-process reference;
+- the same through ``convrot generate``, which finds the group's environment (as under torchrun);
 - context parallel (Ulysses 2, diffusers' native attention, gloo's all_to_all): a ConvRot Flux
   transformer with every fusion, fused before and after enable_parallelism, against its own output
   before parallelism was enabled.
@@ -15,8 +16,10 @@ import os
 
 import torch
 
-PROMPTS = ("a red fox", "a lighthouse at dusk", "a bowl of pears", "an owl", "a mountain lake")
-CALL = {"height": 32, "width": 32, "num_inference_steps": 2, "max_sequence_length": 16, "guidance_scale": 3.5}
+PROMPTS = ("a red fox", "a lighthouse at dusk", "a bowl of pears")
+# What `convrot generate --steps 2 --height 32 --width 32` runs on the demo (its max_sequence_length and guidance).
+CALL = {"height": 32, "width": 32, "num_inference_steps": 2, "max_sequence_length": 64, "guidance_scale": 3.5}
+CLI_OPTIONS = ["--steps", "2", "--height", "32", "--width", "32"]
 
 
 def flux_inputs(config, seed: int, side: int = 4, text: int = 6) -> dict:
@@ -97,5 +100,11 @@ def main(rank: int, world_size: int, port: int, saved: str, out_dir: str, seed: 
     found["ulysses_fused_after"] = _context_parallel(saved, seed, fuse_first=False)
     if me.is_main:
         torch.save(found, os.path.join(out_dir, "rank0.pt"))
+    # the command, which sees the launcher's environment set above: rank 0 writes cli-000.png, ...
+    from convrot_diffusers.cli import main as convrot
+
+    prompts = [word for prompt in PROMPTS for word in ("--prompt", prompt)]
+    out = os.path.join(out_dir, "cli.png")
+    assert convrot(["generate", saved, *prompts, "--seed", str(seed), "--out", out, *CLI_OPTIONS]) == 0
     dist.barrier()
     dist.destroy_process_group()

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from PIL import Image
 from conftest import build
 
 import convrot_diffusers
@@ -35,7 +36,8 @@ def two_ranks(tmp_path_factory):
     pipe = quantize_pipeline(build("flux"), "w4a4", progress=False)
     saved = save_quantized(pipe, root / "flux-w4a4")
     mp.spawn(gloo_ranks.main, args=(2, _free_port(), str(saved), str(root), seed), nprocs=2, join=True)
-    return torch.load(root / "rank0.pt", weights_only=False), seed
+    found = torch.load(root / "rank0.pt", weights_only=False)
+    return {**found, "out_dir": root}, seed
 
 
 def test_data_parallel_images_equal_one_process_bit_for_bit(two_ranks):
@@ -46,6 +48,15 @@ def test_data_parallel_images_equal_one_process_bit_for_bit(two_ranks):
         assert np.array_equal(shared, alone), f"image {i} (seed {seed + i}) differs from the one-process run"
     # the images are the prompts' own, not one image repeated
     assert not np.array_equal(found["data_parallel"][0], found["data_parallel"][1])
+
+
+def test_convrot_generate_under_a_launcher_writes_every_image_on_rank_0(two_ranks):
+    found, seed = two_ranks
+    root = found["out_dir"]
+    written = sorted(path.name for path in root.glob("cli*"))
+    assert written == [f"cli-{i:03d}.png" for i in range(len(gloo_ranks.PROMPTS))]
+    for i, alone in enumerate(found["one_process"]):
+        assert np.array_equal(np.asarray(Image.open(root / written[i])), alone), f"image {i} (seed {seed + i})"
 
 
 @pytest.mark.parametrize("order", ["ulysses_fused_first", "ulysses_fused_after"])
