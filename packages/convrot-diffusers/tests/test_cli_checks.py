@@ -116,7 +116,11 @@ CASES = {
         "--prompt-file",
         "holds no prompt",
     ),
-    "generate numbered clobber": ([*G, "--prompt", "y", "--out", "x.png"], "--out", "x-001.png exist; pass --overwrite"),
+    "generate numbered clobber": (
+        [*G, "--prompt", "y", "--out", "x.png"],
+        "--out",
+        "x-001.png exist; pass --overwrite",
+    ),
     "generate seeds past 2**64": ([*G, "--prompt", "y", "--seed", str(2**64 - 1), "--out", "y.png"], "--seed", "2**64"),
     "generate preset of a save": (
         ["generate", "SAVE", "--prompt", "x", "--out", "x.png", "--preset", "mix"],

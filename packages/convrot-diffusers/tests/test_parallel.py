@@ -1,41 +1,38 @@
 """convrot_diffusers.parallel: data-parallel generation and diffusers' context parallelism with ConvRot layers.
 
-The two-process checks run in one gloo group on the CPU (gloo_ranks.py, started once for the module);
+The two-process checks run in one gloo group on the CPU (parallel_ranks.py, started once for the module);
 the two-GPU ones are in test_parallel_gpu.py.
 """
 
 from __future__ import annotations
 
-import socket
-
-import gloo_ranks
 import numpy as np
+import parallel_ranks
 import pytest
 import torch
 import torch.multiprocessing as mp
-from PIL import Image
 from conftest import build
+from PIL import Image
 
 import convrot_diffusers
 from convrot_diffusers import parallel, quantize_pipeline, save_quantized
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    """What rank 0 of a two-process gloo group found (gloo_ranks.main), with the seed it used."""
+    """What rank 0 of a two-process gloo group found (parallel_ranks.main), with the seed it used."""
     import random
 
     seed = random.randrange(2**31)
     root = tmp_path_factory.mktemp("two-ranks")
     pipe = quantize_pipeline(build("flux"), "w4a4", progress=False)
     saved = save_quantized(pipe, root / "flux-w4a4")
-    mp.spawn(gloo_ranks.main, args=(2, _free_port(), str(saved), str(root), seed), nprocs=2, join=True)
+    mp.spawn(
+        parallel_ranks.main,
+        args=(2, parallel_ranks.free_port(), str(saved), str(root), seed, "cpu"),
+        nprocs=2,
+        join=True,
+    )
     found = torch.load(root / "rank0.pt", weights_only=False)
     return {**found, "out_dir": root}, seed
 
@@ -43,7 +40,7 @@ def two_ranks(tmp_path_factory):
 def test_data_parallel_images_equal_one_process_bit_for_bit(two_ranks):
     found, seed = two_ranks
     assert found["world_size"] == 2
-    assert len(found["data_parallel"]) == len(gloo_ranks.PROMPTS)
+    assert len(found["data_parallel"]) == len(parallel_ranks.PROMPTS)
     for i, (shared, alone) in enumerate(zip(found["data_parallel"], found["one_process"], strict=True)):
         assert np.array_equal(shared, alone), f"image {i} (seed {seed + i}) differs from the one-process run"
     # the images are the prompts' own, not one image repeated
@@ -54,7 +51,7 @@ def test_convrot_generate_under_a_launcher_writes_every_image_on_rank_0(two_rank
     found, seed = two_ranks
     root = found["out_dir"]
     written = sorted(path.name for path in root.glob("cli*"))
-    assert written == [f"cli-{i:03d}.png" for i in range(len(gloo_ranks.PROMPTS))]
+    assert written == [f"cli-{i:03d}.png" for i in range(len(parallel_ranks.PROMPTS))]
     for i, alone in enumerate(found["one_process"]):
         assert np.array_equal(np.asarray(Image.open(root / written[i])), alone), f"image {i} (seed {seed + i})"
 
@@ -79,7 +76,7 @@ def test_share_gives_every_index_once():
 
 def test_one_process_generates_every_prompt_with_its_own_seed(seed):
     pipe = build("flux")
-    call = gloo_ranks.CALL
+    call = parallel_ranks.CALL
     images = parallel.generate_data_parallel(pipe, ["a", "b"], seed=seed, **call)
     again = pipe("b", generator=torch.Generator("cpu").manual_seed(seed + 1), **call).images[0]
     assert len(images) == 2 and np.array_equal(np.asarray(images[1]), np.asarray(again))

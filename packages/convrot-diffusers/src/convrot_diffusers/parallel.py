@@ -36,7 +36,7 @@ not would attend to its own rank's tokens only).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -99,8 +99,12 @@ def current_rank() -> Rank:
         return Rank(0, 1, 0, torch.device("cpu"))
     local_rank = launched_local_rank()
     has_cuda = "nccl" in str(dist.get_backend()) and torch.cuda.is_available()
-    return Rank(dist.get_rank(), dist.get_world_size(), local_rank, torch.device("cuda", local_rank) if has_cuda
-                else torch.device("cpu"))  # fmt: skip
+    return Rank(
+        dist.get_rank(),
+        dist.get_world_size(),
+        local_rank,
+        torch.device("cuda", local_rank) if has_cuda else torch.device("cpu"),
+    )
 
 
 def share(count: int, rank: int, world_size: int) -> range:
@@ -110,18 +114,22 @@ def share(count: int, rank: int, world_size: int) -> range:
     return range(rank, count, world_size)
 
 
-def generate_data_parallel(pipe, prompts: Sequence[str], seed: int = 0, progress: bool = True, **call_kwargs):
+def generate_data_parallel(pipe, prompts: Sequence[str | Mapping], seed: int = 0, progress: bool = True, **call_kwargs):
     """Images for ``prompts``, the group's ranks sharing them: a list in prompt order on rank 0, None elsewhere.
 
     Image ``i`` is ``pipe(prompts[i], generator=torch.Generator("cpu").manual_seed(seed + i), **call_kwargs)``
-    whichever rank makes it. Without a process group, this process makes them all. The pipeline's progress bar
-    shows on rank 0 only (``progress=False``: nowhere). Every rank must call it with the same arguments.
+    whichever rank makes it; a prompt may also be a dict of the pipeline's per-image arguments (e.g.
+    ``{"prompt_embeds": ..., "pooled_prompt_embeds": ...}``), passed as keywords. Without a process group,
+    this process makes them all. The pipeline's progress bar shows on rank 0 only (``progress=False``:
+    nowhere). Every rank must call it with the same arguments.
     """
     if isinstance(prompts, str):
         raise TypeError("prompts must be a sequence of strings, not one string")
     prompts = list(prompts)
     if not prompts:
         raise ValueError("prompts is empty")
+    if not all(isinstance(prompt, (str, Mapping)) for prompt in prompts):
+        raise TypeError("each prompt must be a string or a dict of the pipeline's per-image arguments")
     if "generator" in call_kwargs or "prompt" in call_kwargs:
         raise TypeError("pass the prompts as prompts and the base seed as seed (each image gets seed + its index)")
     if not 0 <= seed <= 2**64 - len(prompts):
@@ -131,7 +139,8 @@ def generate_data_parallel(pipe, prompts: Sequence[str], seed: int = 0, progress
     made = {}
     for i in share(len(prompts), me.rank, me.world_size):
         generator = torch.Generator("cpu").manual_seed(seed + i)
-        made[i] = pipe(prompts[i], generator=generator, **call_kwargs).images[0]
+        per_image = {"prompt": prompts[i]} if isinstance(prompts[i], str) else dict(prompts[i])
+        made[i] = pipe(**per_image, generator=generator, **call_kwargs).images[0]
     if me.world_size == 1:
         return [made[i] for i in range(len(prompts))]
     gathered = [None] * me.world_size if me.is_main else None
@@ -162,8 +171,11 @@ def check_context_parallel(pipe_or_transformer) -> None:
             raise ValueError(
                 f"{name}: its attention processor {type(module.processor).__name__} takes no parallel config, so under "
                 "context parallelism it would attend to its own rank's tokens only"
-                + (" (convrot_diffusers.unfuse_qkv_projections gives it the unfused one back)"
-                   if hasattr(module, "_convrot_fused") else "")  # fmt: skip
+                + (
+                    " (convrot_diffusers.unfuse_qkv_projections gives it the unfused one back)"
+                    if hasattr(module, "_convrot_fused")
+                    else ""
+                )
             )
 
 

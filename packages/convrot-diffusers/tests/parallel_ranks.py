@@ -1,18 +1,21 @@
-"""What each rank of test_parallel.py's two-process group does (spawned processes import it by name).
+"""What each rank of a two-process group does for test_parallel.py (gloo, CPU) and test_parallel_gpu.py
+(NCCL, cuda:RANK); the spawned processes import it by name.
 
-One group does every two-rank check, so that the suite pays for starting the processes once:
+One group does every two-rank check, so that a run pays for starting the processes once:
 - data parallel: each rank loads the 4-bit checkpoint, makes its share of the prompts, rank 0 gathers;
   rank 0 then makes every image alone, in this process, as the one-process reference;
 - the same through ``convrot generate``, which finds the group's environment (as under torchrun);
-- context parallel (Ulysses 2, diffusers' native attention, gloo's all_to_all): a ConvRot Flux
-  transformer with every fusion, fused before and after enable_parallelism, against its own output
-  before parallelism was enabled.
+- context parallel: a ConvRot Flux transformer with every fusion, fused before and after
+  enable_parallelism, against the same transformer in this process alone; Ulysses 2 with diffusers'
+  native attention (on the CPU through gloo's all_to_all), and on GPUs ring 2 with "_native_flash"
+  (ring needs the attention's log-sum-exp, which no CPU backend of diffusers returns).
 Rank 0 writes what it found to ``out_dir`` (torch.save); a failure on any rank is raised there.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 
@@ -20,6 +23,12 @@ PROMPTS = ("a red fox", "a lighthouse at dusk", "a bowl of pears")
 # What `convrot generate --steps 2 --height 32 --width 32` runs on the demo (its max_sequence_length and guidance).
 CALL = {"height": 32, "width": 32, "num_inference_steps": 2, "max_sequence_length": 64, "guidance_scale": 3.5}
 CLI_OPTIONS = ["--steps", "2", "--height", "32", "--width", "32"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def flux_inputs(config, seed: int, side: int = 4, text: int = 6) -> dict:
@@ -40,8 +49,9 @@ def flux_inputs(config, seed: int, side: int = 4, text: int = 6) -> dict:
 
 
 def _forward(transformer, inputs) -> torch.Tensor:
+    device = next(transformer.parameters()).device
     with torch.no_grad():
-        return transformer(**inputs, return_dict=False)[0].float()
+        return transformer(**{k: v.to(device) for k, v in inputs.items()}, return_dict=False)[0].float().cpu()
 
 
 def _fuse_all(transformer) -> None:
@@ -52,31 +62,35 @@ def _fuse_all(transformer) -> None:
     assert convrot_diffusers.fuse_qk_norm_rope(transformer) > 0
 
 
-def _context_parallel(saved: str, seed: int, fuse_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(output in this process alone, output under Ulysses 2) of the saved transformer with every fusion,
-    fused before enable_parallelism or after it."""
+def _context_parallel(saved: str, seed: int, device, mode: str, fuse_first: bool) -> tuple[torch.Tensor, ...]:
+    """(output in this process alone, output under ``mode`` of degree 2) of the saved transformer with
+    every fusion, fused before enable_parallelism or after it."""
     from convrot_diffusers import load_quantized, parallel
 
-    alone = load_quantized(saved)
+    backend = {"ulysses": "native", "ring": "_native_flash"}[mode]
+    alone = load_quantized(saved, device=device)
+    alone.set_attention_backend(backend)
     inputs = flux_inputs(alone.config, seed)
     _fuse_all(alone)
-    sharded = load_quantized(saved)
+    sharded = load_quantized(saved, device=device)
+    sharded.set_attention_backend(backend)
     if fuse_first:
         _fuse_all(sharded)
-    parallel.enable_context_parallel(sharded, ulysses_degree=2)
+    parallel.enable_context_parallel(sharded, **{f"{mode}_degree": 2})
     if not fuse_first:
         _fuse_all(sharded)
     return _forward(alone, inputs), _forward(sharded, inputs)
 
 
-def main(rank: int, world_size: int, port: int, saved: str, out_dir: str, seed: int) -> None:
+def main(rank: int, world_size: int, port: int, saved: str, out_dir: str, seed: int, device_type: str = "cpu") -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
     )
     torch.set_num_threads(1)
-    # diffusers 0.42's enable_parallelism places each rank on accelerator (rank % device count), which is
-    # a division by zero on a machine without one; one "device" stands for the CPU here.
-    torch.accelerator.device_count = lambda: 1
+    if device_type == "cpu":
+        # diffusers 0.42's enable_parallelism places each rank on accelerator (rank % device count), which
+        # is a division by zero on a machine without one; one "device" stands for the CPU here.
+        torch.accelerator.device_count = lambda: 1
 
     import numpy as np
     import torch.distributed as dist
@@ -84,9 +98,9 @@ def main(rank: int, world_size: int, port: int, saved: str, out_dir: str, seed: 
     from convrot_diffusers import parallel
     from convrot_diffusers.sources import load_saved_pipeline
 
-    me = parallel.init_process_group("cpu")
-    found = {"rank": me.rank, "world_size": me.world_size}
-    pipe = load_saved_pipeline(saved).pipe
+    me = parallel.init_process_group(device_type)
+    found = {"rank": me.rank, "world_size": me.world_size, "device": str(me.device)}
+    pipe = load_saved_pipeline(saved, device=str(me.device)).pipe
     images = parallel.generate_data_parallel(pipe, PROMPTS, seed=seed, **CALL)
     if me.is_main:
         found["data_parallel"] = [np.asarray(image) for image in images]
@@ -96,8 +110,11 @@ def main(rank: int, world_size: int, port: int, saved: str, out_dir: str, seed: 
         ]
     else:
         found["data_parallel"] = images
-    found["ulysses_fused_first"] = _context_parallel(saved, seed, fuse_first=True)
-    found["ulysses_fused_after"] = _context_parallel(saved, seed, fuse_first=False)
+    for mode in ("ulysses", "ring") if device_type == "cuda" else ("ulysses",):
+        for fuse_first in (True, False):
+            found[f"{mode}_fused_{'first' if fuse_first else 'after'}"] = _context_parallel(
+                saved, seed, me.device, mode, fuse_first
+            )
     if me.is_main:
         torch.save(found, os.path.join(out_dir, "rank0.pt"))
     # the command, which sees the launcher's environment set above: rank 0 writes cli-000.png, ...
@@ -105,6 +122,7 @@ def main(rank: int, world_size: int, port: int, saved: str, out_dir: str, seed: 
 
     prompts = [word for prompt in PROMPTS for word in ("--prompt", prompt)]
     out = os.path.join(out_dir, "cli.png")
-    assert convrot(["generate", saved, *prompts, "--seed", str(seed), "--out", out, *CLI_OPTIONS]) == 0
+    device = ["--device", "cuda"] if device_type == "cuda" else []
+    assert convrot(["generate", saved, *prompts, "--seed", str(seed), "--out", out, *device, *CLI_OPTIONS]) == 0
     dist.barrier()
     dist.destroy_process_group()
