@@ -8,7 +8,9 @@ One group does every two-rank check, so that a run pays for starting the process
 - context parallel: a ConvRot Flux transformer with every fusion, fused before and after
   enable_parallelism, against the same transformer in this process alone; Ulysses 2 with diffusers'
   native attention (on the CPU through gloo's all_to_all), and on GPUs ring 2 with "_native_flash"
-  (ring needs the attention's log-sum-exp, which no CPU backend of diffusers returns).
+  (ring needs the attention's log-sum-exp, which no CPU backend of diffusers returns); and the tiny
+  Flux.2, Qwen-Image and Wan transformers of tiny_dits.py, quantized through the generic policy,
+  under Ulysses 2.
 Rank 0 writes what it found to ``out_dir`` (torch.save); a failure on any rank is raised there.
 """
 
@@ -82,6 +84,28 @@ def _context_parallel(saved: str, seed: int, device, mode: str, fuse_first: bool
     return _forward(alone, inputs), _forward(sharded, inputs)
 
 
+# LTX-2 is left out: with these inputs diffusers 0.42.1's LTX-2 plan fails under Ulysses 2 unquantized too
+# (a broadcast of [1, 1, 32, 8] against [1, 2, 32, 8] in its attention).
+GENERIC = ("Flux2Transformer2DModel", "QwenImageTransformer2DModel", "WanTransformer3DModel")
+
+
+def _generic_context_parallel(class_name: str, seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output in this process alone, output under Ulysses 2) of a tiny DiT quantized through the generic policy."""
+    import tiny_dits
+
+    from convrot_diffusers import parallel, quantize_transformer
+
+    models = []
+    for _ in range(2):
+        model, make_inputs = tiny_dits.build(class_name, seed, device=str(device))
+        models.append(quantize_transformer(model, "w4a4", progress=False))
+    parallel.enable_context_parallel(models[1], ulysses_degree=2)
+    inputs = make_inputs(torch.Generator().manual_seed(seed))
+    if class_name == "Flux2Transformer2DModel":  # the pipeline's [batch, tokens, 4] ids, which diffusers' plan splits
+        inputs["img_ids"], inputs["txt_ids"] = inputs["img_ids"][None], inputs["txt_ids"][None]
+    return tiny_dits.run(models[0], inputs), tiny_dits.run(models[1], inputs)
+
+
 def main(rank: int, world_size: int, port: int, saved: str, out_dir: str, seed: int, device_type: str = "cpu") -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
@@ -115,6 +139,8 @@ def main(rank: int, world_size: int, port: int, saved: str, out_dir: str, seed: 
             found[f"{mode}_fused_{'first' if fuse_first else 'after'}"] = _context_parallel(
                 saved, seed, me.device, mode, fuse_first
             )
+    for class_name in GENERIC:
+        found[f"ulysses_{class_name}"] = _generic_context_parallel(class_name, seed, me.device)
     if me.is_main:
         torch.save(found, os.path.join(out_dir, "rank0.pt"))
     # the command, which sees the launcher's environment set above: rank 0 writes cli-000.png, ...

@@ -123,3 +123,10 @@ def test_a_processor_without_parallel_config_is_refused():
 def test_context_parallel_needs_a_process_group():
     with pytest.raises(RuntimeError, match="init_process_group"):
         parallel.enable_context_parallel(build("flux"), ulysses_degree=2)
+
+
+@pytest.mark.parametrize("class_name", parallel_ranks.GENERIC)
+def test_ulysses_on_a_dit_of_the_generic_policy_matches_one_process(two_ranks, class_name):
+    (alone, sharded), seed = two_ranks[0][f"ulysses_{class_name}"], two_ranks[1]
+    assert sharded.shape == alone.shape and torch.isfinite(sharded).all()
+    torch.testing.assert_close(sharded, alone, atol=1e-2, rtol=1e-2, msg=lambda m: f"seed {seed}: {m}")

@@ -55,3 +55,10 @@ def test_context_parallel_matches_one_gpu(two_gpus, case):
     (alone, sharded), seed = two_gpus[0][case], two_gpus[1]
     assert torch.isfinite(sharded).all()
     torch.testing.assert_close(sharded, alone, atol=1e-2, rtol=1e-2, msg=lambda m: f"seed {seed}: {m}")
+
+
+@pytest.mark.parametrize("class_name", parallel_ranks.GENERIC)
+def test_ulysses_on_a_dit_of_the_generic_policy_matches_one_gpu(two_gpus, class_name):
+    (alone, sharded), seed = two_gpus[0][f"ulysses_{class_name}"], two_gpus[1]
+    assert sharded.shape == alone.shape and torch.isfinite(sharded).all()
+    torch.testing.assert_close(sharded, alone, atol=1e-2, rtol=1e-2, msg=lambda m: f"seed {seed}: {m}")
