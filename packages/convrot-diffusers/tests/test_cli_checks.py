@@ -200,6 +200,15 @@ def test_bad_arguments_are_one_line_naming_the_argument(argv, argument, message,
     assert err.startswith("convrot: error:") and argument in err and message in err, err
 
 
+@pytest.mark.parametrize("command", ["quantize", "compare", "scan", "info", "convert"])
+def test_only_generate_runs_under_a_launcher(command, monkeypatch, no_model_loads, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = {"info": ["info", "x"], "convert": ["convert", "a", "b"], "quantize": ["quantize", "--out", "q"]}
+    assert main(argv.get(command, [command, "--prompt", "x"])) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{command} runs in one process" in err and len(err.splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     "argv",
     [

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -620,6 +621,8 @@ def main(argv: list[str] | None = None) -> int:
     silence_known_notices()
     try:
         args = _parser().parse_args(argv)
+        if args.command != "generate" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError(None, f"{args.command} runs in one process; under torchrun only generate shares its work")
         args.check(args)
     except UsageError as error:
         _say(f"error: {error}")
