@@ -29,6 +29,8 @@ def place(tmp_path, saved, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a-file").write_text("not a directory")
     (tmp_path / "exists.png").write_bytes(b"an earlier image")
+    (tmp_path / "x-001.png").write_bytes(b"an earlier second image")
+    (tmp_path / "blank.txt").write_text("\n   \n")
     (tmp_path / "old-compare").mkdir()
     (tmp_path / "old-compare" / "bf16.png").write_bytes(b"an earlier result")
     (tmp_path / "other-config").mkdir()
@@ -104,6 +106,22 @@ CASES = {
     "generate no extension": ([*G, "--out", "picture"], "--out", "no image extension"),
     "generate unknown extension": ([*G, "--out", "x.pgn"], "--out", "unknown image extension '.pgn'"),
     "generate out under a file": ([*G, "--out", "a-file/x.png"], "--out", "is a file, not a directory"),
+    "generate prompt file missing": (
+        ["generate", "--prompt-file", "no-such.txt", "--out", "x.png"],
+        "--prompt-file",
+        "no-such.txt: no such file",
+    ),
+    "generate blank prompt file": (
+        ["generate", "--prompt-file", "blank.txt", "--out", "x.png"],
+        "--prompt-file",
+        "holds no prompt",
+    ),
+    "generate numbered clobber": (
+        [*G, "--prompt", "y", "--out", "x.png"],
+        "--out",
+        "x-001.png exist; pass --overwrite",
+    ),
+    "generate seeds past 2**64": ([*G, "--prompt", "y", "--seed", str(2**64 - 1), "--out", "y.png"], "--seed", "2**64"),
     "generate preset of a save": (
         ["generate", "SAVE", "--prompt", "x", "--out", "x.png", "--preset", "mix"],
         "--preset",
@@ -180,6 +198,15 @@ def test_bad_arguments_are_one_line_naming_the_argument(argv, argument, message,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert err.startswith("convrot: error:") and argument in err and message in err, err
+
+
+@pytest.mark.parametrize("command", ["quantize", "compare", "scan", "info", "convert"])
+def test_only_generate_runs_under_a_launcher(command, monkeypatch, no_model_loads, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = {"info": ["info", "x"], "convert": ["convert", "a", "b"], "quantize": ["quantize", "--out", "q"]}
+    assert main(argv.get(command, [command, "--prompt", "x"])) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{command} runs in one process" in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -125,11 +126,71 @@ def cmd_quantize(args) -> None:
 # --- generate -------------------------------------------------------------------------------------
 
 
+def _read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompt_file is not None:
+        path = Path(args.prompt_file).expanduser()
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise UsageError("--prompt-file", f"{args.prompt_file}: no such file") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise UsageError("--prompt-file", f"{args.prompt_file}: cannot read it ({error})") from None
+        from_file = [line.strip() for line in lines if line.strip()]
+        if not from_file:
+            raise UsageError("--prompt-file", f"{args.prompt_file} holds no prompt (one a line)")
+        prompts += from_file
+    if not prompts:
+        raise UsageError("--prompt", "is required (repeat it for several images, or pass --prompt-file)")
+    if args.seed + len(prompts) - 1 > 2**64 - 1:
+        raise UsageError("--seed", f"{args.seed}: image i uses seed + i, and {len(prompts)} images pass 2**64 - 1")
+    return prompts
+
+
+def _numbered_outputs(out: Path, count: int, overwrite: bool) -> list[Path]:
+    """--out itself for one image, else OUT-000.png, OUT-001.png... beside it."""
+    if count == 1:
+        return [out]
+    digits = max(3, len(str(count - 1)))
+    paths = [out.with_name(f"{out.stem}-{i:0{digits}d}{out.suffix}") for i in range(count)]
+    present = [path for path in paths if path.exists()]
+    if present and not overwrite:
+        more = f" and {len(present) - 1} more" if len(present) > 1 else ""
+        raise UsageError("--out", f"{present[0]}{more} exist; pass --overwrite to replace them")
+    return paths
+
+
+def _check_ranks(args) -> None:
+    """Under torchrun (or accelerate launch), each process gets cuda:LOCAL_RANK, or the CPU."""
+    from .parallel import launched_local_rank, launched_world_size
+
+    args.world_size = launched_world_size()
+    if args.world_size == 1:
+        return
+    if args.device.startswith("cuda:"):
+        raise UsageError(
+            "--device",
+            f"{args.device}: under torchrun each of the {args.world_size} processes runs on cuda:LOCAL_RANK; "
+            "pass --device cuda (or leave it out)",
+        )
+    if args.device == "cuda":
+        import torch
+
+        local_rank = launched_local_rank()
+        if local_rank >= torch.cuda.device_count():
+            raise UsageError("--device", f"local rank {local_rank} has no GPU (this node has "
+                             f"{torch.cuda.device_count()}); start at most that many processes per node")  # fmt: skip
+        args.device = f"cuda:{local_rank}"
+
+
 def check_generate(args) -> None:
+    args.prompts = _read_prompts(args)
     args.out = check_output_file("--out", args.out, image_extensions(), args.overwrite, "image")
+    args.outs = _numbered_outputs(args.out, len(args.prompts), args.overwrite)
     if args.group_size is not None:
         check_group_size("--group-size", args.group_size)
     args.device = check_device("--device", args.device)
+    _check_ranks(args)
     args.source = check_model("MODEL", args.model)
     if args.source.kind == "comfy":
         for option, value in (("--preset", args.preset), ("--group-size", args.group_size)):
@@ -178,23 +239,45 @@ def check_generate(args) -> None:
 
 
 def cmd_generate(args) -> None:
+    from . import parallel
     from .sources import load_pipeline, load_saved_pipeline
 
-    _say_device(args.device)
-    if args.source.kind == "comfy":
-        from . import comfy_cli
+    main_rank, joined = True, False
+    if args.world_size > 1:
+        import torch.distributed as dist
 
-        loaded = comfy_cli.load_pipeline(args.model, args.base_model, args.device)
-    elif args.source.kind == "quantized":
-        loaded = load_saved_pipeline(args.model, args.base_model, args.device)
-    else:
-        preset = None if args.preset == "bf16" else args.preset
-        loaded = load_pipeline(args.model, preset, args.group_size, args.device)
-    _announce(loaded)
-    image = _generate(loaded, args.prompt, args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(args.out)
-    print(f"wrote {args.out} ({loaded.description})")
+        joined = not dist.is_initialized()  # a caller's own group is left to it
+        rank = parallel.init_process_group("cuda" if args.device.startswith("cuda") else "cpu")
+        main_rank = rank.is_main
+    try:
+        if main_rank:
+            _say_device(args.device)
+            if args.world_size > 1:
+                _say(f"{args.world_size} processes share {len(args.prompts)} images (each loads the model once)")
+        if args.source.kind == "comfy":
+            from . import comfy_cli
+
+            loaded = comfy_cli.load_pipeline(args.model, args.base_model, args.device)
+        elif args.source.kind == "quantized":
+            loaded = load_saved_pipeline(args.model, args.base_model, args.device)
+        else:
+            preset = None if args.preset == "bf16" else args.preset
+            loaded = load_pipeline(args.model, preset, args.group_size, args.device, progress=main_rank)
+        if main_rank:
+            _announce(loaded)
+        kwargs = _call_kwargs(loaded, args)
+        del kwargs["generator"]  # image i is made with seed + i, on whichever rank
+        images = parallel.generate_data_parallel(loaded.pipe, args.prompts, seed=args.seed, **kwargs)
+        if not main_rank:
+            return
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        for image, path in zip(images, args.outs, strict=True):
+            image.save(path)
+        written = str(args.out) if len(images) == 1 else f"{len(images)} images, {args.outs[0]} to {args.outs[-1].name}"
+        print(f"wrote {written} ({loaded.description})")
+    finally:
+        if joined:
+            dist.destroy_process_group()
 
 
 # --- compare --------------------------------------------------------------------------------------
@@ -443,8 +526,16 @@ def _parser() -> argparse.ArgumentParser:
     def overwrite_option(p, what):
         p.add_argument("--overwrite", action="store_true", help=f"replace {what}")
 
-    def sampling_options(p):
-        p.add_argument("--prompt", required=True)
+    def sampling_options(p, several_prompts=False):
+        if several_prompts:
+            p.add_argument(
+                "--prompt",
+                action="append",
+                help="repeat it for several images (image i uses seed + i; under torchrun the processes share them)",
+            )
+            p.add_argument("--prompt-file", help="a text file of prompts, one a line, after any --prompt")
+        else:
+            p.add_argument("--prompt", required=True)
         p.add_argument("--steps", type=integer(1, 1000), help="denoising steps, 1-1000 (default: the pipeline's)")
         p.add_argument("--seed", type=integer(0, 2**64 - 1), default=0, help="default: %(default)s")
         size = integer(16, 8192, multiple=16)
@@ -465,8 +556,10 @@ def _parser() -> argparse.ArgumentParser:
     model_argument(
         p, "a quantized directory, a ComfyUI ConvRot file, a pipeline directory or hub id (default: the demo)"
     )
-    sampling_options(p)
-    p.add_argument("--out", required=True, help="image file to write (.png, .jpg, ...)")
+    sampling_options(p, several_prompts=True)
+    p.add_argument(
+        "--out", required=True, help="image file to write (.png, .jpg, ...); for several images OUT-000.png, ..."
+    )
     p.add_argument(
         "--preset",
         choices=(*PRESET_NAMES, "bf16"),
@@ -528,6 +621,8 @@ def main(argv: list[str] | None = None) -> int:
     silence_known_notices()
     try:
         args = _parser().parse_args(argv)
+        if args.command != "generate" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError(None, f"{args.command} runs in one process; under torchrun only generate shares its work")
         args.check(args)
     except UsageError as error:
         _say(f"error: {error}")

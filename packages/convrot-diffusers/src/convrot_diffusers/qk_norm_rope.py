@@ -175,16 +175,25 @@ class FluxNormRopeAttnProcessor:
         return hidden_states.flatten(2, 3).to(query.dtype)
 
 
+def _replace_processor(module, processor) -> None:
+    """Gives ``module`` ``processor`` with the attention backend and parallel config of the one it replaces:
+    a transformer under context parallelism (diffusers' enable_parallelism) keeps attending across ranks."""
+    processor._attention_backend = module.processor._attention_backend
+    processor._parallel_config = module.processor._parallel_config
+    module.set_processor(processor)
+
+
 def fuse_qk_norm_rope(pipe_or_transformer) -> int:
     """Gives every Flux attention module with diffusers' stock processor the fused one.
 
-    Returns how many modules changed. Works on quantized and bf16 transformers alike;
+    Returns how many modules changed. Works on quantized and bf16 transformers alike, before or after
+    ``enable_parallelism`` (the processor keeps the attention backend and parallel config);
     call it before torch.compile or CUDA-graph capture. ``unfuse_qk_norm_rope`` undoes it.
     """
     fused = 0
     for module in transformer_of(pipe_or_transformer).modules():
         if isinstance(module, FluxAttention) and type(module.processor) is FluxAttnProcessor:
-            module.set_processor(FluxNormRopeAttnProcessor())
+            _replace_processor(module, FluxNormRopeAttnProcessor())
             fused += 1
     return fused
 
@@ -194,6 +203,6 @@ def unfuse_qk_norm_rope(pipe_or_transformer) -> int:
     restored = 0
     for module in transformer_of(pipe_or_transformer).modules():
         if isinstance(module, FluxAttention) and isinstance(module.processor, FluxNormRopeAttnProcessor):
-            module.set_processor(FluxAttnProcessor())
+            _replace_processor(module, FluxAttnProcessor())
             restored += 1
     return restored
