@@ -1,5 +1,5 @@
 """ComfyUI files written the way ComfyUI's converters write them: comfy-kitchen's own quantizers on the
-original (BFL / MMDiT) tensors of tiny random transformers."""
+original (BFL / MMDiT / Wan) tensors of tiny random transformers."""
 
 from __future__ import annotations
 
@@ -57,6 +57,13 @@ def tiny_sd3(seed: int = 0):
     return torch.nn.Module.to(model, torch.bfloat16).eval()
 
 
+def tiny_dit(class_name: str):
+    """A builder of the tiny Flux.2 / Qwen-Image / Wan transformer of tiny_dits (width 64)."""
+    import tiny_dits
+
+    return lambda seed=0: tiny_dits.build(class_name, seed)[0]
+
+
 def original_state_dict(model) -> dict[str, torch.Tensor]:
     """The float model's tensors under their original names (checked against diffusers' converter)."""
     original = format_for_class(type(model).__name__)
@@ -76,16 +83,22 @@ def write_comfy_file(
     model,
     path,
     int8_layers=("img_attn.proj", "x_block.attn.proj"),
-    group_size: int = 256,
+    group_size: int | None = None,
     prefix: str = "",
     as_header: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Quantizes every block Linear with comfy-kitchen (int8 convrot for names containing one of
-    ``int8_layers``, convrot_w4a4 otherwise) and writes the file; returns its tensors (unprefixed)."""
+    ``int8_layers``, convrot_w4a4 otherwise) and writes the file; returns its tensors (unprefixed).
+    ``group_size`` None: ComfyUI's 256, or the largest power of 4 dividing every quantized layer's width."""
     tensors: dict[str, torch.Tensor] = {}
     layers = {}
+    state = original_state_dict(model)
+    if group_size is None:
+        group_size = 256
+        while any(v.shape[1] % group_size for k, v in state.items() if is_block_linear(k, v)):
+            group_size //= 4
     with ck.registry.use_backend("eager"):
-        for name, value in original_state_dict(model).items():
+        for name, value in state.items():
             if not is_block_linear(name, value):
                 tensors[name] = value
                 continue
