@@ -295,6 +295,57 @@ def test_config_is_inferred_from_a_flux_file_with_128_wide_heads(tmp_path):
     assert tuple(loaded.config["axes_dims_rope"]) == (16, 56, 56)
 
 
+# Released widths but one of each block and few heads: the file's shapes say the rest (128-wide heads).
+RELEASED_LIKE = {
+    "Flux2Transformer2DModel": dict(
+        in_channels=128,
+        num_layers=1,
+        num_single_layers=1,
+        num_attention_heads=2,
+        joint_attention_dim=96,
+        timestep_guidance_channels=64,
+        guidance_embeds=False,
+    ),
+    "QwenImageTransformer2DModel": dict(
+        in_channels=64, out_channels=16, num_layers=1, num_attention_heads=2, joint_attention_dim=96
+    ),
+    "WanTransformer3DModel": dict(
+        in_channels=48,
+        out_channels=48,
+        num_attention_heads=2,
+        text_dim=96,
+        freq_dim=64,
+        ffn_dim=512,
+        num_layers=1,
+        image_dim=80,
+        added_kv_proj_dim=256,
+    ),
+}
+
+
+@pytest.mark.parametrize("class_name", RELEASED_LIKE)
+def test_config_is_inferred_from_flux2_qwen_image_and_wan_files(class_name, tmp_path):
+    import diffusers
+
+    torch.manual_seed(0)
+    model = torch.nn.Module.to(getattr(diffusers, class_name)(**RELEASED_LIKE[class_name]), torch.bfloat16)
+    write_comfy_file(model, tmp_path / "model.safetensors")
+    loaded = load_comfy(tmp_path / "model.safetensors")
+    assert type(loaded) is type(model)
+    normal = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    differing = {
+        key: (normal(loaded.config[key]), normal(value))
+        for key, value in model.config.items()
+        if not key.startswith("_") and normal(loaded.config[key]) != normal(value)
+    }
+    # out_channels None means "as in_channels", which the file says explicitly.
+    assert differing in ({}, {"out_channels": (model.config.in_channels, None)}), differing
+    kwargs = inputs(model, 0)
+    # A wrong width, head split or rotary axes would make this an unrelated output.
+    y, reference = forward(loaded, kwargs), forward(take_buffers(model, loaded), kwargs)
+    assert (y - reference).norm() < 0.5 * reference.norm()
+
+
 def test_describe_reads_the_header(tmp_path):
     model = tiny_flux()
     write_comfy_file(model, tmp_path / "model.safetensors")
