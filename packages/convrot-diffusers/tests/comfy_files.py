@@ -16,6 +16,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 import convrot  # noqa: E402
 from convrot_diffusers.comfy_keys import format_for_class, original_rows  # noqa: E402
+from convrot_kernels import unpack_int4  # noqa: E402
 
 
 def tiny_flux(width: int = 256, head_dim: int = 64, double: int = 1, single: int = 1, seed: int = 0):
@@ -175,9 +176,62 @@ class KitchenLinear(torch.nn.Module):
             )
 
 
-def run_on_kitchen(model) -> None:
-    """Replaces every ConvLinear of the model in place by a KitchenLinear on the same tensors."""
+def hadamard64(n: int) -> torch.Tensor:
+    """The normalized regular Hadamard matrix of order n (a power of 4) in float64, built here from H4."""
+    h4 = torch.tensor([[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]], dtype=torch.float64)
+    h = h4
+    while h.shape[0] < n:
+        h = torch.kron(h, h4)
+    return h / n**0.5
+
+
+def convrot_w4a4_in_steps(x, codes, weight_scale, bias, group_size: int, rounded: torch.dtype | None):
+    """The ConvRot W4A4 linear written out step by step, each step's result rounded to ``rounded``.
+
+    ``torch.bfloat16``: what comfy-kitchen's eager ``convrot_w4a4_linear`` does with bf16 input (it computes
+    in the input's dtype): the rotated activation, the scale absmax/7, the quotient x/scale before rounding,
+    and in the epilogue the accumulator, its product by each scale (the weight scale itself cast to bf16)
+    and the bias sum. None: every step in fp32 and one rounding of the output to x's dtype, as our kernels
+    do. ``codes``: the weight's int4 codes as int8 [N, K]. Returns (output, activation codes)."""
+    k = x.shape[-1]
+    x2d = x.reshape(-1, k)
+
+    def r(t):
+        return t if rounded is None else t.to(rounded).float()
+
+    h = hadamard64(group_size).float()
+    v = r((x2d.float().reshape(-1, k // group_size, group_size) @ h).reshape(-1, k))
+    scale = r(v.abs().amax(-1, keepdim=True).clamp(min=1e-10) / 7)
+    q = r(v / scale).round().clamp(-7, 7)  # round(): half to even, as both do
+    acc = r(q.double() @ codes.double().t()).float()  # exact integers, then (comfy) rounded
+    sw = r(weight_scale.float().reshape(1, -1))
+    y = r(r(acc * scale) * sw)
+    if bias is not None:
+        y = r(y + r(bias.float()))
+    return y.to(x.dtype).reshape(*x.shape[:-1], codes.shape[0]), q
+
+
+class StepsLinear(torch.nn.Module):
+    """A ConvLinear4bit's codes run by ``convrot_w4a4_in_steps`` with the given rounding."""
+
+    def __init__(self, layer: convrot.ConvLinear, rounded: torch.dtype | None):
+        super().__init__()
+        self.layer, self.rounded = layer, rounded
+        self.codes = unpack_int4(layer.qweight)
+
+    def forward(self, x):
+        layer = self.layer
+        return convrot_w4a4_in_steps(x, self.codes, layer.weight_scale, layer.bias, layer.group_size, self.rounded)[0]
+
+
+def replace_convlinears(model, wrap) -> None:
+    """Replaces every ConvLinear of the model in place by ``wrap(layer)`` (a module on the same tensors)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, convrot.ConvLinear):
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, KitchenLinear(module))
+            setattr(model.get_submodule(parent), child, wrap(module))
+
+
+def run_on_kitchen(model) -> None:
+    """Replaces every ConvLinear of the model in place by a KitchenLinear on the same tensors."""
+    replace_convlinears(model, KitchenLinear)

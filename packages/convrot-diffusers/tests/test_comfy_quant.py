@@ -3,10 +3,16 @@ import json
 import pytest
 import torch
 from comfy_files import (
+    KitchenLinear,
+    StepsLinear,
+    TensorCoreConvRotW4A4Layout,
     ck,
     comfy_dequantize,
+    convrot_w4a4_in_steps,
+    hadamard64,
     is_block_linear,
     original_state_dict,
+    replace_convlinears,
     run_on_kitchen,
     tiny_dit,
     tiny_flux,
@@ -22,7 +28,7 @@ import convrot_diffusers
 from convrot.quantizer.dequantize import dequantize_weight
 from convrot_diffusers.comfy_keys import diffusers_rows, format_for_class
 from convrot_diffusers.comfy_quant import ComfyQuantError, describe_comfy, is_comfy_file, load_comfy, save_comfy
-from convrot_kernels import gemm, rht_quantize
+from convrot_kernels import gemm, rht_quantize, unpack_int4
 
 MODELS = {
     "flux": tiny_flux,
@@ -194,21 +200,86 @@ def test_model_output_matches_comfy_kitchens_eager_path(name, build, seed, tmp_p
     )
 
 
+def _float64_method(x, codes, weight_scale, bias, group_size):
+    """The W4A4 layer of docs/format.md in float64 on the same weight codes: (output, activation codes)."""
+    k = x.shape[-1]
+    v = (x.double().reshape(-1, k // group_size, group_size) @ hadamard64(group_size)).reshape(-1, k)
+    scale = v.abs().amax(-1, keepdim=True) / 7
+    q = torch.round(v / scale).clamp(-7, 7)
+    return (q @ codes.double().t()) * scale * weight_scale.double() + bias.double(), q
+
+
+@pytest.mark.parametrize("n, k, group", [(256, 256, 256), (3072, 3072, 256), (128, 64, 64)])
+def test_in_bf16_comfy_kitchens_layer_is_the_method_with_four_steps_rounded_to_bf16(n, k, group, seed):
+    """With bf16 input comfy-kitchen's eager convrot_w4a4_linear rounds four steps to bf16 (the rotated
+    activation, the scale, the quotient before rounding, each product and sum of the epilogue); our kernels
+    keep them in fp32. Both are reproduced bit for bit by the method written out step by step, with and
+    without those roundings: they are the whole difference. The bf16 quotient, scale and rotation move
+    about 0.5% of the activation codes off the float64 method's (measured: 0.53-0.95%), ours none, so
+    comfy-kitchen's output is 0.18-0.23 of the layer's quantization error from the float64 method's, ours
+    0.008-0.011 (its output's rounding to bf16)."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(n, k, generator=generator) * 0.02).to(torch.bfloat16)
+    bias = (torch.randn(n, generator=generator) * 0.01).to(torch.bfloat16)
+    x = torch.randn(128, k, generator=generator).to(torch.bfloat16)
+    with ck.registry.use_backend("eager"):
+        packed, params = TensorCoreConvRotW4A4Layout.quantize(weight, convrot_groupsize=group)
+        weight_scale = params.scale
+        kitchen = ck.convrot_w4a4_linear(x, packed, weight_scale, bias, convrot_groupsize=group)
+    codes = unpack_int4(packed.view(torch.uint8))
+    qa, sa = rht_quantize(x, group, 4)
+    ours = gemm(qa, sa, packed.view(torch.uint8), weight_scale.float(), bias.float(), bits=4, out_dtype=torch.bfloat16)
+    kitchen_steps, kitchen_codes = convrot_w4a4_in_steps(x, codes, weight_scale, bias, group, torch.bfloat16)
+    our_steps, our_codes = convrot_w4a4_in_steps(x, codes, weight_scale, bias, group, None)
+    assert torch.equal(kitchen_steps, kitchen) and torch.equal(our_steps, ours)
+    assert torch.equal(unpack_int4(qa).float(), our_codes)
+
+    exact, exact_codes = _float64_method(x, codes, weight_scale, bias, group)
+    error = (exact - (x.double() @ weight.double().t() + bias.double())).norm()  # the layer's quantization error
+    assert (our_codes != exact_codes).sum() <= 1e-4 * exact_codes.numel()  # fp32 rounding ties only
+    assert 1e-3 < (kitchen_codes != exact_codes).float().mean() < 0.02
+    assert (ours.double() - exact).norm() <= 1.5 * (exact.to(torch.bfloat16).double() - exact).norm()
+    assert (ours.double() - exact).norm() < 0.05 * error < (kitchen.double() - exact).norm()
+
+
 @pytest.mark.parametrize("name", MODELS)
-def test_in_bf16_our_error_is_no_larger_than_comfy_kitchens(name, seed, tmp_path):
-    """In bf16 comfy-kitchen's eager path rounds the rotation, the scale, the quotient and the GEMM's epilogue
-    to bf16, ours keeps them in fp32; on these random models bf16 alone moves the output 0.4-2.5x as far as
-    quantization does, so the two paths differ by about half the quantization error (0.5x measured) while
-    their errors against the bf16 model are within 1% of each other."""
+def test_in_bf16_our_model_is_the_float64_method_and_comfy_kitchens_its_bf16_rounding(name, seed, tmp_path):
+    """The issue's criterion with bf16 activations, stated as measured, over six inputs: against the float64
+    simulation of the method on the file's codes our model is at most a quarter of the quantization error
+    away, comfy-kitchen's eager model farther; its outputs are exactly the method with its four bf16
+    roundings (the layer test above), ours exactly the method without them. Those roundings compound
+    through the blocks to about half the quantization error between the two models (0.48-0.65 measured).
+    Ours equals the float64 simulation bit for bit on most inputs; where one output lands within fp32
+    rounding of a bf16 tie, that one ulp moves later activation codes and the input's gap reaches
+    0.1-0.36 (SD3: 6 inputs in 40), hence the six."""
     model = MODELS[name](seed=seed % 1000)
-    write_comfy_file(model, tmp_path / "model.safetensors")
-    kwargs = inputs(model, seed)
-    reference = forward(model, kwargs)
-    ours = load_comfy(tmp_path / "model.safetensors", model.config)
-    y_ours = forward(ours, kwargs)
-    run_on_kitchen(ours)
-    y_kitchen = forward(ours, kwargs)
-    assert 0 < (y_ours - reference).norm() <= 1.05 * (y_kitchen - reference).norm()
+    write_comfy_file(model, tmp_path / "model.safetensors", int8_layers=())  # every layer convrot_w4a4
+    loaded = load_comfy(tmp_path / "model.safetensors", model.config)
+    take_buffers(model, loaded)
+    variants = {}
+    for what, wrap in (
+        ("kitchen", KitchenLinear),
+        ("kitchen steps", lambda layer: StepsLinear(layer, torch.bfloat16)),
+        ("our steps", lambda layer: StepsLinear(layer, None)),
+        ("float64", lambda layer: convrot.set_simulation(layer, torch.float64)),
+    ):
+        variants[what] = load_comfy(tmp_path / "model.safetensors", model.config)
+        replace_convlinears(variants[what], wrap)
+    squares = {"error": 0.0, "ours": 0.0, "kitchen": 0.0}
+    for i in range(6):
+        kwargs = inputs(model, seed + i)
+        reference, exact, ours = forward(model, kwargs), forward(variants["float64"], kwargs), forward(loaded, kwargs)
+        kitchen = forward(variants["kitchen"], kwargs)
+        if i == 0:
+            assert torch.equal(forward(variants["kitchen steps"], kwargs), kitchen)
+            assert torch.equal(forward(variants["our steps"], kwargs), ours)
+        squares["error"] += (exact - reference).square().sum().item()
+        squares["ours"] += (ours - exact).square().sum().item()
+        squares["kitchen"] += (kitchen - exact).square().sum().item()
+        assert (exact - reference).norm() < 0.5 * reference.norm()
+    error, ours, kitchen = (squares[k] ** 0.5 for k in ("error", "ours", "kitchen"))
+    assert 0 < error and ours <= 0.25 * error, f"ours {ours / error:.3f} of the quantization error"
+    assert ours < kitchen, f"ours {ours / error:.3f}, comfy-kitchen {kitchen / error:.3f} of the error"
 
 
 @pytest.mark.parametrize(
