@@ -119,7 +119,7 @@ def write_comfy_file(
     metadata = None
     if as_header:
         metadata = {"_quantization_metadata": json.dumps({"layers": {prefix + k: v for k, v in layers.items()}})}
-    save_file({prefix + k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    save_file({prefix + k: v.cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
     return tensors
 
 

@@ -173,16 +173,17 @@ def _fp32(kwargs):
 @pytest.mark.parametrize(
     "name, build",
     [
-        ("flux", tiny_flux),
-        ("sd3", tiny_sd3),
+        *MODELS.items(),
         # Real width: Flux.1's 3072 (24 heads of 128), one block of each kind (about a minute, 3.5 GB).
         ("flux-3072", lambda seed: tiny_flux(width=3072, head_dim=128, seed=seed)),
     ],
+    ids=[*MODELS, "flux-3072"],
 )
 def test_model_output_matches_comfy_kitchens_eager_path(name, build, seed, tmp_path):
     """The file's codes run by our kernels and by comfy-kitchen's eager ConvRot linears, activations in fp32:
     the outputs differ by at most a quarter of the quantized model's error against the bf16 model (its
-    weights, evaluated in fp32). Measured: 1e-5 of it on the tiny models, 0.002 at width 3072."""
+    weights, evaluated in fp32). Measured: 1e-5 of it on the tiny models, 0.002 at width 3072 (Flux.2,
+    Qwen-Image and Wan at width 3072: test_comfy_quant_gpu.py)."""
     model = build(seed=seed % 1000)
     write_comfy_file(model, tmp_path / "model.safetensors")
     kwargs = _fp32(inputs(model, seed))
