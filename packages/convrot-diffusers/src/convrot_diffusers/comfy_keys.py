@@ -1,7 +1,7 @@
 """Tensor names of a model's original checkpoint (what ComfyUI files use) and of its diffusers transformer.
 
-Original to diffusers is diffusers' own single-file conversion
-(``diffusers.loaders.single_file_utils``), run once on *row tags* instead of
+Original to diffusers is diffusers' own single-file conversion (the one
+``from_single_file`` runs for the class), run once on *row tags* instead of
 weights: every row of every tensor of the file becomes an int64 that names its
 tensor and row, so the converted state dict says, for each diffusers tensor,
 which rows of which file tensors it is made of (fused q/k/v and Flux's linear1
@@ -14,6 +14,8 @@ diffusers has no conversion back, so the original tensor names of each
 architecture are written here once, as data (``OriginalFormat.layout``: which
 diffusers tensors each original tensor holds); the row order within each comes
 from diffusers' converter, and a layout that disagrees with it is refused.
+Qwen-Image's original checkpoints use diffusers' own names (its converter is
+the identity), so it has no layout.
 """
 
 from __future__ import annotations
