@@ -1,5 +1,5 @@
 """ComfyUI files written the way ComfyUI's converters write them: comfy-kitchen's own quantizers on the
-original (BFL / MMDiT) tensors of tiny random transformers."""
+original (BFL / MMDiT / Wan) tensors of tiny random transformers."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 import convrot  # noqa: E402
 from convrot_diffusers.comfy_keys import format_for_class, original_rows  # noqa: E402
+from convrot_kernels import unpack_int4  # noqa: E402
 
 
 def tiny_flux(width: int = 256, head_dim: int = 64, double: int = 1, single: int = 1, seed: int = 0):
@@ -57,6 +58,13 @@ def tiny_sd3(seed: int = 0):
     return torch.nn.Module.to(model, torch.bfloat16).eval()
 
 
+def tiny_dit(class_name: str):
+    """A builder of the tiny Flux.2 / Qwen-Image / Wan transformer of tiny_dits (width 64)."""
+    import tiny_dits
+
+    return lambda seed=0: tiny_dits.build(class_name, seed)[0]
+
+
 def original_state_dict(model) -> dict[str, torch.Tensor]:
     """The float model's tensors under their original names (checked against diffusers' converter)."""
     original = format_for_class(type(model).__name__)
@@ -76,16 +84,22 @@ def write_comfy_file(
     model,
     path,
     int8_layers=("img_attn.proj", "x_block.attn.proj"),
-    group_size: int = 256,
+    group_size: int | None = None,
     prefix: str = "",
     as_header: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Quantizes every block Linear with comfy-kitchen (int8 convrot for names containing one of
-    ``int8_layers``, convrot_w4a4 otherwise) and writes the file; returns its tensors (unprefixed)."""
+    ``int8_layers``, convrot_w4a4 otherwise) and writes the file; returns its tensors (unprefixed).
+    ``group_size`` None: ComfyUI's 256, or the largest power of 4 dividing every quantized layer's width."""
     tensors: dict[str, torch.Tensor] = {}
     layers = {}
+    state = original_state_dict(model)
+    if group_size is None:
+        group_size = 256
+        while any(v.shape[1] % group_size for k, v in state.items() if is_block_linear(k, v)):
+            group_size //= 4
     with ck.registry.use_backend("eager"):
-        for name, value in original_state_dict(model).items():
+        for name, value in state.items():
             if not is_block_linear(name, value):
                 tensors[name] = value
                 continue
@@ -105,7 +119,7 @@ def write_comfy_file(
     metadata = None
     if as_header:
         metadata = {"_quantization_metadata": json.dumps({"layers": {prefix + k: v for k, v in layers.items()}})}
-    save_file({prefix + k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    save_file({prefix + k: v.cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
     return tensors
 
 
@@ -162,9 +176,62 @@ class KitchenLinear(torch.nn.Module):
             )
 
 
-def run_on_kitchen(model) -> None:
-    """Replaces every ConvLinear of the model in place by a KitchenLinear on the same tensors."""
+def hadamard64(n: int) -> torch.Tensor:
+    """The normalized regular Hadamard matrix of order n (a power of 4) in float64, built here from H4."""
+    h4 = torch.tensor([[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]], dtype=torch.float64)
+    h = h4
+    while h.shape[0] < n:
+        h = torch.kron(h, h4)
+    return h / n**0.5
+
+
+def convrot_w4a4_in_steps(x, codes, weight_scale, bias, group_size: int, rounded: torch.dtype | None):
+    """The ConvRot W4A4 linear written out step by step, each step's result rounded to ``rounded``.
+
+    ``torch.bfloat16``: what comfy-kitchen's eager ``convrot_w4a4_linear`` does with bf16 input (it computes
+    in the input's dtype): the rotated activation, the scale absmax/7, the quotient x/scale before rounding,
+    and in the epilogue the accumulator, its product by each scale (the weight scale itself cast to bf16)
+    and the bias sum. None: every step in fp32 and one rounding of the output to x's dtype, as our kernels
+    do. ``codes``: the weight's int4 codes as int8 [N, K]. Returns (output, activation codes)."""
+    k = x.shape[-1]
+    x2d = x.reshape(-1, k)
+
+    def r(t):
+        return t if rounded is None else t.to(rounded).float()
+
+    h = hadamard64(group_size).float()
+    v = r((x2d.float().reshape(-1, k // group_size, group_size) @ h).reshape(-1, k))
+    scale = r(v.abs().amax(-1, keepdim=True).clamp(min=1e-10) / 7)
+    q = r(v / scale).round().clamp(-7, 7)  # round(): half to even, as both do
+    acc = r(q.double() @ codes.double().t()).float()  # exact integers, then (comfy) rounded
+    sw = r(weight_scale.float().reshape(1, -1))
+    y = r(r(acc * scale) * sw)
+    if bias is not None:
+        y = r(y + r(bias.float()))
+    return y.to(x.dtype).reshape(*x.shape[:-1], codes.shape[0]), q
+
+
+class StepsLinear(torch.nn.Module):
+    """A ConvLinear4bit's codes run by ``convrot_w4a4_in_steps`` with the given rounding."""
+
+    def __init__(self, layer: convrot.ConvLinear, rounded: torch.dtype | None):
+        super().__init__()
+        self.layer, self.rounded = layer, rounded
+        self.codes = unpack_int4(layer.qweight)
+
+    def forward(self, x):
+        layer = self.layer
+        return convrot_w4a4_in_steps(x, self.codes, layer.weight_scale, layer.bias, layer.group_size, self.rounded)[0]
+
+
+def replace_convlinears(model, wrap) -> None:
+    """Replaces every ConvLinear of the model in place by ``wrap(layer)`` (a module on the same tensors)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, convrot.ConvLinear):
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, KitchenLinear(module))
+            setattr(model.get_submodule(parent), child, wrap(module))
+
+
+def run_on_kitchen(model) -> None:
+    """Replaces every ConvLinear of the model in place by a KitchenLinear on the same tensors."""
+    replace_convlinears(model, KitchenLinear)

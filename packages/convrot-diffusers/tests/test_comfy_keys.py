@@ -100,6 +100,54 @@ def test_sd3_row_map_moves_tensors_as_diffusers_converter_does():
         assert torch.equal(torch.cat([tensors[run.key][run.start : run.stop] for run in runs]), expected[key]), key
 
 
+def meta(class_name, **config):
+    import diffusers
+    from tiny_dits import TINY
+
+    with torch.device("meta"):
+        return getattr(diffusers, class_name)(**(TINY[class_name] | config))
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        meta("Flux2Transformer2DModel"),
+        meta("Flux2Transformer2DModel", guidance_embeds=False),
+        meta("QwenImageTransformer2DModel"),
+        meta("WanTransformer3DModel"),
+        meta("WanTransformer3DModel", image_dim=96, added_kv_proj_dim=64, qk_norm=None),
+    ],
+    ids=["flux2", "flux2-klein", "qwen-image", "wan", "wan-i2v"],
+)
+def test_flux2_qwen_image_and_wan_layouts_agree_with_diffusers_converters(model):
+    original = format_for_class(type(model).__name__)
+    rows, inverse = original_rows(original, model.config, shapes(model))
+    assert format_for_keys(rows) is original
+    forward = diffusers_rows(original, rows)
+    assert forward.keys() == model.state_dict().keys()
+    assert all(
+        len(pieces) == 1 or name.endswith(("qkv.weight", "adaLN_modulation.1.weight"))
+        for name, pieces in inverse.items()
+    )
+    if type(model).__name__ == "QwenImageTransformer2DModel":  # diffusers' single-file names are its own
+        assert all(
+            runs == [Rows(key, 0, shapes(model)[key][0] if shapes(model)[key] else 1)] for key, runs in forward.items()
+        )
+    if type(model).__name__ == "WanTransformer3DModel":  # Wan's cross-attention norm is its norm3
+        assert forward["blocks.1.norm2.weight"] == [Rows("blocks.1.norm3.weight", 0, 64)]
+        assert forward["blocks.0.attn1.to_out.0.weight"] == [Rows("blocks.0.self_attn.o.weight", 0, 64)]
+
+
+def test_flux1_and_flux2_files_are_told_apart():
+    flux1, flux2 = (format_for_class(c) for c in ("FluxTransformer2DModel", "Flux2Transformer2DModel"))
+    rows1, _ = original_rows(flux1, flux().config, shapes(flux()))
+    rows2, _ = original_rows(flux2, meta("Flux2Transformer2DModel").config, shapes(meta("Flux2Transformer2DModel")))
+    assert "double_blocks.0.img_attn.qkv.weight" in rows1.keys() & rows2.keys()
+    assert format_for_keys(rows1) is flux1 and format_for_keys(rows2) is flux2
+    with pytest.raises(KeyMapError, match="fit several architectures"):
+        format_for_keys({*rows1, *rows2})
+
+
 def test_config_is_inferred_from_original_shapes():
     for model in (flux(1024, 128, 2, 3), sd3()):
         original = format_for_class(type(model).__name__)

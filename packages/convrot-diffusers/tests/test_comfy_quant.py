@@ -3,16 +3,23 @@ import json
 import pytest
 import torch
 from comfy_files import (
+    KitchenLinear,
+    StepsLinear,
+    TensorCoreConvRotW4A4Layout,
     ck,
     comfy_dequantize,
+    convrot_w4a4_in_steps,
+    hadamard64,
     is_block_linear,
     original_state_dict,
+    replace_convlinears,
     run_on_kitchen,
+    tiny_dit,
     tiny_flux,
     tiny_sd3,
     write_comfy_file,
 )
-from diffusers import FluxTransformer2DModel
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -21,9 +28,15 @@ import convrot_diffusers
 from convrot.quantizer.dequantize import dequantize_weight
 from convrot_diffusers.comfy_keys import diffusers_rows, format_for_class
 from convrot_diffusers.comfy_quant import ComfyQuantError, describe_comfy, is_comfy_file, load_comfy, save_comfy
-from convrot_kernels import gemm, rht_quantize
+from convrot_kernels import gemm, rht_quantize, unpack_int4
 
-MODELS = {"flux": tiny_flux, "sd3": tiny_sd3}
+MODELS = {
+    "flux": tiny_flux,
+    "sd3": tiny_sd3,
+    "flux2": tiny_dit("Flux2Transformer2DModel"),
+    "qwen-image": tiny_dit("QwenImageTransformer2DModel"),
+    "wan": tiny_dit("WanTransformer3DModel"),
+}
 
 
 def inputs(model, seed: int, tokens: int = 16, text: int = 8):
@@ -40,12 +53,28 @@ def inputs(model, seed: int, tokens: int = 16, text: int = 8):
             txt_ids=torch.zeros(text, 3),
             guidance=torch.full((1,), 3.5),
         )
-    return dict(
-        hidden_states=randn(1, config.in_channels, 8, 8),
-        encoder_hidden_states=randn(1, text, config.joint_attention_dim),
-        pooled_projections=randn(1, config.pooled_projection_dim),
-        timestep=torch.full((1,), 500.0),
-    )
+    if isinstance(model, SD3Transformer2DModel):
+        return dict(
+            hidden_states=randn(1, config.in_channels, 8, 8),
+            encoder_hidden_states=randn(1, text, config.joint_attention_dim),
+            pooled_projections=randn(1, config.pooled_projection_dim),
+            timestep=torch.full((1,), 500.0),
+        )
+    import tiny_dits
+
+    sample = tiny_dits.INPUTS[type(model).__name__](config, generator, text=text)
+    return {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in sample.items()}
+
+
+def take_buffers(model, loaded):
+    """Gives ``model`` the non-persistent buffers of ``loaded`` (Wan's rotary tables). They are not in the file:
+    a loaded model builds them in fp32, as from_pretrained does, where a model cast whole has them in bf16."""
+    persistent = loaded.state_dict().keys()
+    for name, buffer in loaded.named_buffers():
+        if name not in persistent:
+            module, _, attr = name.rpartition(".")
+            model.get_submodule(module).register_buffer(attr, buffer.clone(), persistent=False)
+    return model
 
 
 @torch.no_grad()
@@ -130,7 +159,7 @@ def test_layer_outputs_equal_our_kernels_on_the_file_codes(name, seed, tmp_path)
             sa,
             codes.view(torch.uint8) if layer.bits == 4 else codes,
             scale,
-            float_tensors[f"{source}.bias"][rows].float(),
+            float_tensors[f"{source}.bias"][rows].float() if f"{source}.bias" in float_tensors else None,
             bits=layer.bits,
             out_dtype=torch.bfloat16,
         )
@@ -144,16 +173,17 @@ def _fp32(kwargs):
 @pytest.mark.parametrize(
     "name, build",
     [
-        ("flux", tiny_flux),
-        ("sd3", tiny_sd3),
+        *MODELS.items(),
         # Real width: Flux.1's 3072 (24 heads of 128), one block of each kind (about a minute, 3.5 GB).
         ("flux-3072", lambda seed: tiny_flux(width=3072, head_dim=128, seed=seed)),
     ],
+    ids=[*MODELS, "flux-3072"],
 )
 def test_model_output_matches_comfy_kitchens_eager_path(name, build, seed, tmp_path):
     """The file's codes run by our kernels and by comfy-kitchen's eager ConvRot linears, activations in fp32:
     the outputs differ by at most a quarter of the quantized model's error against the bf16 model (its
-    weights, evaluated in fp32). Measured: 1e-5 of it on the tiny models, 0.002 at width 3072."""
+    weights, evaluated in fp32). Measured: 1e-5 of it on the tiny models, 0.002 at width 3072 (Flux.2,
+    Qwen-Image and Wan at width 3072: test_comfy_quant_gpu.py)."""
     model = build(seed=seed % 1000)
     write_comfy_file(model, tmp_path / "model.safetensors")
     kwargs = _fp32(inputs(model, seed))
@@ -171,24 +201,92 @@ def test_model_output_matches_comfy_kitchens_eager_path(name, build, seed, tmp_p
     )
 
 
+def _float64_method(x, codes, weight_scale, bias, group_size):
+    """The W4A4 layer of docs/format.md in float64 on the same weight codes: (output, activation codes)."""
+    k = x.shape[-1]
+    v = (x.double().reshape(-1, k // group_size, group_size) @ hadamard64(group_size)).reshape(-1, k)
+    scale = v.abs().amax(-1, keepdim=True) / 7
+    q = torch.round(v / scale).clamp(-7, 7)
+    return (q @ codes.double().t()) * scale * weight_scale.double() + bias.double(), q
+
+
+@pytest.mark.parametrize("n, k, group", [(256, 256, 256), (3072, 3072, 256), (128, 64, 64)])
+def test_in_bf16_comfy_kitchens_layer_is_the_method_with_four_steps_rounded_to_bf16(n, k, group, seed):
+    """With bf16 input comfy-kitchen's eager convrot_w4a4_linear rounds four steps to bf16 (the rotated
+    activation, the scale, the quotient before rounding, each product and sum of the epilogue); our kernels
+    keep them in fp32. Both are reproduced bit for bit by the method written out step by step, with and
+    without those roundings: they are the whole difference. The bf16 quotient, scale and rotation move
+    about 0.5% of the activation codes off the float64 method's (measured: 0.53-0.95%), ours none, so
+    comfy-kitchen's output is 0.18-0.23 of the layer's quantization error from the float64 method's, ours
+    0.008-0.011 (its output's rounding to bf16)."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(n, k, generator=generator) * 0.02).to(torch.bfloat16)
+    bias = (torch.randn(n, generator=generator) * 0.01).to(torch.bfloat16)
+    x = torch.randn(128, k, generator=generator).to(torch.bfloat16)
+    with ck.registry.use_backend("eager"):
+        packed, params = TensorCoreConvRotW4A4Layout.quantize(weight, convrot_groupsize=group)
+        weight_scale = params.scale
+        kitchen = ck.convrot_w4a4_linear(x, packed, weight_scale, bias, convrot_groupsize=group)
+    codes = unpack_int4(packed.view(torch.uint8))
+    qa, sa = rht_quantize(x, group, 4)
+    ours = gemm(qa, sa, packed.view(torch.uint8), weight_scale.float(), bias.float(), bits=4, out_dtype=torch.bfloat16)
+    kitchen_steps, kitchen_codes = convrot_w4a4_in_steps(x, codes, weight_scale, bias, group, torch.bfloat16)
+    our_steps, our_codes = convrot_w4a4_in_steps(x, codes, weight_scale, bias, group, None)
+    assert torch.equal(kitchen_steps, kitchen) and torch.equal(our_steps, ours)
+    assert torch.equal(unpack_int4(qa).float(), our_codes)
+
+    exact, exact_codes = _float64_method(x, codes, weight_scale, bias, group)
+    error = (exact - (x.double() @ weight.double().t() + bias.double())).norm()  # the layer's quantization error
+    assert (our_codes != exact_codes).sum() <= 1e-4 * exact_codes.numel()  # fp32 rounding ties only
+    assert 1e-3 < (kitchen_codes != exact_codes).float().mean() < 0.02
+    assert (ours.double() - exact).norm() <= 1.5 * (exact.to(torch.bfloat16).double() - exact).norm()
+    assert (ours.double() - exact).norm() < 0.05 * error < (kitchen.double() - exact).norm()
+
+
 @pytest.mark.parametrize("name", MODELS)
-def test_in_bf16_our_error_is_no_larger_than_comfy_kitchens(name, seed, tmp_path):
-    """In bf16 comfy-kitchen's eager path rounds the rotation, the scale, the quotient and the GEMM's epilogue
-    to bf16, ours keeps them in fp32; on these random models bf16 alone moves the output 0.4-2.5x as far as
-    quantization does, so the two paths differ by about half the quantization error (0.5x measured) while
-    their errors against the bf16 model are within 1% of each other."""
+def test_in_bf16_our_model_is_the_float64_method_and_comfy_kitchens_its_bf16_rounding(name, seed, tmp_path):
+    """The issue's criterion with bf16 activations, stated as measured, over six inputs: against the float64
+    simulation of the method on the file's codes our model is at most a quarter of the quantization error
+    away, comfy-kitchen's eager model farther; its outputs are exactly the method with its four bf16
+    roundings (the layer test above), ours exactly the method without them. Those roundings compound
+    through the blocks to about half the quantization error between the two models (0.48-0.65 measured).
+    Ours equals the float64 simulation bit for bit on most inputs; where one output lands within fp32
+    rounding of a bf16 tie, that one ulp moves later activation codes and the input's gap reaches
+    0.1-0.36 (SD3: 6 inputs in 40), hence the six."""
     model = MODELS[name](seed=seed % 1000)
-    write_comfy_file(model, tmp_path / "model.safetensors")
-    kwargs = inputs(model, seed)
-    reference = forward(model, kwargs)
-    ours = load_comfy(tmp_path / "model.safetensors", model.config)
-    y_ours = forward(ours, kwargs)
-    run_on_kitchen(ours)
-    y_kitchen = forward(ours, kwargs)
-    assert 0 < (y_ours - reference).norm() <= 1.05 * (y_kitchen - reference).norm()
+    write_comfy_file(model, tmp_path / "model.safetensors", int8_layers=())  # every layer convrot_w4a4
+    loaded = load_comfy(tmp_path / "model.safetensors", model.config)
+    take_buffers(model, loaded)
+    variants = {}
+    for what, wrap in (
+        ("kitchen", KitchenLinear),
+        ("kitchen steps", lambda layer: StepsLinear(layer, torch.bfloat16)),
+        ("our steps", lambda layer: StepsLinear(layer, None)),
+        ("float64", lambda layer: convrot.set_simulation(layer, torch.float64)),
+    ):
+        variants[what] = load_comfy(tmp_path / "model.safetensors", model.config)
+        replace_convlinears(variants[what], wrap)
+    squares = {"error": 0.0, "ours": 0.0, "kitchen": 0.0}
+    for i in range(6):
+        kwargs = inputs(model, seed + i)
+        reference, exact, ours = forward(model, kwargs), forward(variants["float64"], kwargs), forward(loaded, kwargs)
+        kitchen = forward(variants["kitchen"], kwargs)
+        if i == 0:
+            assert torch.equal(forward(variants["kitchen steps"], kwargs), kitchen)
+            assert torch.equal(forward(variants["our steps"], kwargs), ours)
+        squares["error"] += (exact - reference).square().sum().item()
+        squares["ours"] += (ours - exact).square().sum().item()
+        squares["kitchen"] += (kitchen - exact).square().sum().item()
+        assert (exact - reference).norm() < 0.5 * reference.norm()
+    error, ours, kitchen = (squares[k] ** 0.5 for k in ("error", "ours", "kitchen"))
+    assert 0 < error and ours <= 0.25 * error, f"ours {ours / error:.3f} of the quantization error"
+    assert ours < kitchen, f"ours {ours / error:.3f}, comfy-kitchen {kitchen / error:.3f} of the error"
 
 
-@pytest.mark.parametrize("name, preset", [("flux", "w4a4"), ("sd3", "mix"), ("sd3", "w4a4")])
+@pytest.mark.parametrize(
+    "name, preset",
+    [("flux", "w4a4"), ("sd3", "mix"), ("sd3", "w4a4"), ("flux2", "w4a4"), ("qwen-image", "w4a4"), ("wan", "w4a4")],
+)
 def test_our_files_dequantize_in_comfy_kitchen_to_our_weights(name, preset, seed, tmp_path):
     model = MODELS[name](seed=seed % 1000)
     convrot_diffusers.quantize_transformer(model, preset, progress=False)
@@ -235,7 +333,7 @@ def test_our_files_dequantize_in_comfy_kitchen_to_our_weights(name, preset, seed
     for key, value in loaded.state_dict().items():
         assert value.dtype == expected[key].dtype and torch.equal(value, expected[key]), key
     kwargs = inputs(model, seed)
-    assert torch.equal(forward(loaded, kwargs), forward(model, kwargs))
+    assert torch.equal(forward(loaded, kwargs), forward(take_buffers(model, loaded), kwargs))
 
 
 def test_flux_mix_preset_cannot_be_written_as_one_linear1(tmp_path):
@@ -267,6 +365,57 @@ def test_config_is_inferred_from_a_flux_file_with_128_wide_heads(tmp_path):
     for key in ("num_layers", "num_single_layers", "attention_head_dim", "num_attention_heads", "in_channels"):
         assert loaded.config[key] == model.config[key], key
     assert tuple(loaded.config["axes_dims_rope"]) == (16, 56, 56)
+
+
+# Released widths but one of each block and few heads: the file's shapes say the rest (128-wide heads).
+RELEASED_LIKE = {
+    "Flux2Transformer2DModel": dict(
+        in_channels=128,
+        num_layers=1,
+        num_single_layers=1,
+        num_attention_heads=2,
+        joint_attention_dim=96,
+        timestep_guidance_channels=64,
+        guidance_embeds=False,
+    ),
+    "QwenImageTransformer2DModel": dict(
+        in_channels=64, out_channels=16, num_layers=1, num_attention_heads=2, joint_attention_dim=96
+    ),
+    "WanTransformer3DModel": dict(
+        in_channels=48,
+        out_channels=48,
+        num_attention_heads=2,
+        text_dim=96,
+        freq_dim=64,
+        ffn_dim=512,
+        num_layers=1,
+        image_dim=80,
+        added_kv_proj_dim=256,
+    ),
+}
+
+
+@pytest.mark.parametrize("class_name", RELEASED_LIKE)
+def test_config_is_inferred_from_flux2_qwen_image_and_wan_files(class_name, tmp_path):
+    import diffusers
+
+    torch.manual_seed(0)
+    model = torch.nn.Module.to(getattr(diffusers, class_name)(**RELEASED_LIKE[class_name]), torch.bfloat16)
+    write_comfy_file(model, tmp_path / "model.safetensors")
+    loaded = load_comfy(tmp_path / "model.safetensors")
+    assert type(loaded) is type(model)
+    normal = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    differing = {
+        key: (normal(loaded.config[key]), normal(value))
+        for key, value in model.config.items()
+        if not key.startswith("_") and normal(loaded.config[key]) != normal(value)
+    }
+    # out_channels None means "as in_channels", which the file says explicitly.
+    assert differing in ({}, {"out_channels": (model.config.in_channels, None)}), differing
+    kwargs = inputs(model, 0)
+    # A wrong width, head split or rotary axes would make this an unrelated output.
+    y, reference = forward(loaded, kwargs), forward(take_buffers(model, loaded), kwargs)
+    assert (y - reference).norm() < 0.5 * reference.norm()
 
 
 def test_describe_reads_the_header(tmp_path):

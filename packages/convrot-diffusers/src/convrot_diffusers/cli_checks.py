@@ -179,13 +179,21 @@ class ModelSource:
 
     text: str | None  # as given (None: the default demo)
     kind: str  # "demo", "quantized" (a convrot-diffusers save), "comfy" (a ComfyUI ConvRot file) or "pipeline"
-    architecture: str  # detect.ARCHITECTURES' name: "flux", "pixart", "sd3"
+    architecture: str  # detect.ARCHITECTURES' name ("flux", "pixart", "sd3"), else the transformer class
     scheduler: str | None = None  # the pipeline's scheduler class, where its model_index.json says
     saved_config: dict | None = None  # for "quantized": its config.json
 
     @property
     def saved_quantization(self) -> dict:
         return (self.saved_config or {}).get("quantization_config", {})
+
+
+def _architecture_of_saved(class_name: str) -> str:
+    """A saved transformer's architecture: a preset one's name, or for any other DiT (which quantize_transformer
+    and the ComfyUI files handle too) its class name."""
+    from .detect import architecture_for_class, is_preset_class
+
+    return architecture_for_class(class_name).name if is_preset_class(class_name) else class_name
 
 
 def check_model(argument: str, value: str | None) -> ModelSource:
@@ -212,11 +220,10 @@ def check_model(argument: str, value: str | None) -> ModelSource:
                 transformer_class = describe_comfy(local).transformer_class
             except ComfyQuantError as error:
                 raise UsageError(argument, str(error)) from None
-            return ModelSource(value, "comfy", architecture_for_class(transformer_class).name)
+            return ModelSource(value, "comfy", _architecture_of_saved(transformer_class))
         if os.path.isdir(local) and is_quantized_save(local):
             config = read_config(local)
-            architecture = architecture_for_class(config["_class_name"]).name
-            return ModelSource(value, "quantized", architecture, saved_config=config)
+            return ModelSource(value, "quantized", _architecture_of_saved(config["_class_name"]), saved_config=config)
         architecture = architecture_for_class(transformer_class_of(value)).name
         scheduler = (pipeline_index(value).get("scheduler") or [None, None])[1]
     except (ValueError, SourceError, UnsupportedModelError) as error:

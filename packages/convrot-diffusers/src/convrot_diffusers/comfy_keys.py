@@ -1,7 +1,7 @@
 """Tensor names of a model's original checkpoint (what ComfyUI files use) and of its diffusers transformer.
 
-Original to diffusers is diffusers' own single-file conversion
-(``diffusers.loaders.single_file_utils``), run once on *row tags* instead of
+Original to diffusers is diffusers' own single-file conversion (the one
+``from_single_file`` runs for the class), run once on *row tags* instead of
 weights: every row of every tensor of the file becomes an int64 that names its
 tensor and row, so the converted state dict says, for each diffusers tensor,
 which rows of which file tensors it is made of (fused q/k/v and Flux's linear1
@@ -14,6 +14,8 @@ diffusers has no conversion back, so the original tensor names of each
 architecture are written here once, as data (``OriginalFormat.layout``: which
 diffusers tensors each original tensor holds); the row order within each comes
 from diffusers' converter, and a layout that disagrees with it is refused.
+Qwen-Image's original checkpoints use diffusers' own names (its converter is
+the identity), so it has no layout.
 """
 
 from __future__ import annotations
@@ -41,16 +43,16 @@ class Rows:
     stop: int
 
 
-def _flux_converter():
-    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+def _diffusers_converter(class_name: str) -> Callable[[], Callable]:
+    """The conversion ``from_single_file`` runs for ``class_name`` (identity for Qwen-Image, whose
+    original checkpoints already use diffusers' names)."""
 
-    return convert_flux_transformer_checkpoint_to_diffusers
+    def converter():
+        from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
 
+        return SINGLE_FILE_LOADABLE_CLASSES[class_name]["checkpoint_mapping_fn"]
 
-def _sd3_converter():
-    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
-
-    return convert_sd3_transformer_checkpoint_to_diffusers
+    return converter
 
 
 def _linear(original: str, *parts: str) -> list[tuple[str, tuple[str, ...]]]:
@@ -153,6 +155,92 @@ def _sd3_layout(config: Mapping) -> list[tuple[str, tuple[str, ...]]]:
     return entries
 
 
+def _flux2_layout(config: Mapping) -> list[tuple[str, tuple[str, ...]]]:
+    entries = [
+        *_linear("img_in", "x_embedder"),
+        *_linear("txt_in", "context_embedder"),
+        *_linear("time_in.in_layer", "time_guidance_embed.timestep_embedder.linear_1"),
+        *_linear("time_in.out_layer", "time_guidance_embed.timestep_embedder.linear_2"),
+        *_linear("double_stream_modulation_img.lin", "double_stream_modulation_img.linear"),
+        *_linear("double_stream_modulation_txt.lin", "double_stream_modulation_txt.linear"),
+        *_linear("single_stream_modulation.lin", "single_stream_modulation.linear"),
+        *_linear("final_layer.linear", "proj_out"),
+        *_linear("final_layer.adaLN_modulation.1", "norm_out.linear"),
+    ]
+    if config.get("guidance_embeds", True):
+        entries += _linear("guidance_in.in_layer", "time_guidance_embed.guidance_embedder.linear_1")
+        entries += _linear("guidance_in.out_layer", "time_guidance_embed.guidance_embedder.linear_2")
+    for i in range(config["num_layers"]):
+        o, d = f"double_blocks.{i}", f"transformer_blocks.{i}"
+        entries += [
+            *_linear(f"{o}.img_attn.qkv", f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v"),
+            *_linear(f"{o}.txt_attn.qkv", f"{d}.attn.add_q_proj", f"{d}.attn.add_k_proj", f"{d}.attn.add_v_proj"),
+            *_linear(f"{o}.img_attn.proj", f"{d}.attn.to_out.0"),
+            *_linear(f"{o}.txt_attn.proj", f"{d}.attn.to_add_out"),
+            *_linear(f"{o}.img_mlp.0", f"{d}.ff.linear_in"),
+            *_linear(f"{o}.img_mlp.2", f"{d}.ff.linear_out"),
+            *_linear(f"{o}.txt_mlp.0", f"{d}.ff_context.linear_in"),
+            *_linear(f"{o}.txt_mlp.2", f"{d}.ff_context.linear_out"),
+            (f"{o}.img_attn.norm.query_norm.scale", (f"{d}.attn.norm_q.weight",)),
+            (f"{o}.img_attn.norm.key_norm.scale", (f"{d}.attn.norm_k.weight",)),
+            (f"{o}.txt_attn.norm.query_norm.scale", (f"{d}.attn.norm_added_q.weight",)),
+            (f"{o}.txt_attn.norm.key_norm.scale", (f"{d}.attn.norm_added_k.weight",)),
+        ]
+    for i in range(config["num_single_layers"]):
+        o, d = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
+        entries += [
+            *_linear(f"{o}.linear1", f"{d}.attn.to_qkv_mlp_proj"),
+            *_linear(f"{o}.linear2", f"{d}.attn.to_out"),
+            (f"{o}.norm.query_norm.scale", (f"{d}.attn.norm_q.weight",)),
+            (f"{o}.norm.key_norm.scale", (f"{d}.attn.norm_k.weight",)),
+        ]
+    return entries
+
+
+def _wan_layout(config: Mapping) -> list[tuple[str, tuple[str, ...]]]:
+    entries = [
+        *_linear("patch_embedding", "patch_embedding"),
+        *_linear("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
+        *_linear("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
+        *_linear("time_projection.1", "condition_embedder.time_proj"),
+        *_linear("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
+        *_linear("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
+        *_linear("head.head", "proj_out"),
+        ("head.modulation", ("scale_shift_table",)),
+    ]
+    if config.get("image_dim") is not None:  # image-to-video: the CLIP image embedding's MLP
+        image = "condition_embedder.image_embedder"
+        entries += [
+            *_linear("img_emb.proj.0", f"{image}.norm1"),
+            *_linear("img_emb.proj.1", f"{image}.ff.net.0.proj"),
+            *_linear("img_emb.proj.3", f"{image}.ff.net.2"),
+            *_linear("img_emb.proj.4", f"{image}.norm2"),
+        ]
+    for i in range(config["num_layers"]):
+        o = d = f"blocks.{i}"
+        entries += [(f"{o}.modulation", (f"{d}.scale_shift_table",))]
+        for attention, ours in (("self_attn", "attn1"), ("cross_attn", "attn2")):
+            a, b = f"{o}.{attention}", f"{d}.{ours}"
+            entries += [
+                *_linear(f"{a}.q", f"{b}.to_q"),
+                *_linear(f"{a}.k", f"{b}.to_k"),
+                *_linear(f"{a}.v", f"{b}.to_v"),
+                *_linear(f"{a}.o", f"{b}.to_out.0"),
+                (f"{a}.norm_q.weight", (f"{b}.norm_q.weight",)),
+                (f"{a}.norm_k.weight", (f"{b}.norm_k.weight",)),
+            ]
+        entries += [
+            *_linear(f"{o}.cross_attn.k_img", f"{d}.attn2.add_k_proj"),
+            *_linear(f"{o}.cross_attn.v_img", f"{d}.attn2.add_v_proj"),
+            (f"{o}.cross_attn.norm_k_img.weight", (f"{d}.attn2.norm_added_k.weight",)),
+            # Wan's norm3 (the cross-attention's) is diffusers' norm2; its norm2 (the MLP's) has no weights.
+            *_linear(f"{o}.norm3", f"{d}.norm2"),
+            *_linear(f"{o}.ffn.0", f"{d}.ffn.net.0.proj"),
+            *_linear(f"{o}.ffn.2", f"{d}.ffn.net.2"),
+        ]
+    return entries
+
+
 def _flux_config(shapes: Mapping[str, tuple]) -> dict:
     hidden, in_channels = shapes["img_in.weight"]
     head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
@@ -207,6 +295,83 @@ def _sd3_config(shapes: Mapping[str, tuple]) -> dict:
     }
 
 
+def _flux2_config(shapes: Mapping[str, tuple]) -> dict:
+    hidden, in_channels = shapes["img_in.weight"]
+    head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+    if head_dim != 128:
+        # Every published Flux.2 (dev, Klein) has 128-wide heads with rotary axes (32, 32, 32, 32).
+        raise KeyMapError(
+            f"a Flux.2 transformer with {head_dim}-wide heads: its rotary axes cannot be read from the file; "
+            "pass its diffusers config (--config)"
+        )
+    return {
+        "_class_name": "Flux2Transformer2DModel",
+        "patch_size": 1,
+        "in_channels": in_channels,
+        "out_channels": shapes["final_layer.linear.weight"][0],
+        "num_layers": _count_blocks(shapes, "double_blocks."),
+        "num_single_layers": _count_blocks(shapes, "single_blocks."),
+        "attention_head_dim": head_dim,
+        "num_attention_heads": hidden // head_dim,
+        "joint_attention_dim": shapes["txt_in.weight"][1],
+        "timestep_guidance_channels": shapes["time_in.in_layer.weight"][1],
+        "mlp_ratio": shapes["double_blocks.0.img_mlp.0.weight"][0] / 2 / hidden,  # SwiGLU: gate and up rows
+        "axes_dims_rope": [32, 32, 32, 32],
+        "guidance_embeds": "guidance_in.in_layer.weight" in shapes,
+    }
+
+
+def _qwen_image_config(shapes: Mapping[str, tuple]) -> dict:
+    hidden, in_channels = shapes["img_in.weight"]
+    head_dim = shapes["transformer_blocks.0.attn.norm_q.weight"][0]
+    if head_dim != 128 or in_channels % 4 or shapes["proj_out.weight"][0] % 4:
+        # Qwen-Image and its edits: 128-wide heads, rotary axes (16, 56, 56), latents in 2x2 patches.
+        raise KeyMapError(
+            f"a Qwen-Image transformer with {head_dim}-wide heads and {in_channels} input channels: its rotary "
+            "axes and patch size cannot be read from the file; pass its diffusers config (--config)"
+        )
+    return {
+        "_class_name": "QwenImageTransformer2DModel",
+        "patch_size": 2,
+        "in_channels": in_channels,
+        "out_channels": shapes["proj_out.weight"][0] // 4,
+        "num_layers": _count_blocks(shapes, "transformer_blocks."),
+        "attention_head_dim": head_dim,
+        "num_attention_heads": hidden // head_dim,
+        "joint_attention_dim": shapes["txt_in.weight"][1],
+        "axes_dims_rope": [16, 56, 56],
+        "use_additional_t_cond": "time_text_embed.addition_t_embedding.weight" in shapes,
+    }
+
+
+def _wan_config(shapes: Mapping[str, tuple]) -> dict:
+    hidden, in_channels, *patch = shapes["patch_embedding.weight"]
+    # Wan's q/k norms span all heads, so the file does not say how wide a head is; every Wan 2.x has 128.
+    head_dim = 128
+    if hidden % head_dim or len(patch) != 3:
+        raise KeyMapError(
+            f"a Wan transformer of width {hidden}: not a whole number of 128-wide heads; pass its diffusers "
+            "config (--config)"
+        )
+    image = shapes.get("img_emb.proj.0.weight")
+    return {
+        "_class_name": "WanTransformer3DModel",
+        "patch_size": patch,
+        "num_attention_heads": hidden // head_dim,
+        "attention_head_dim": head_dim,
+        "in_channels": in_channels,
+        "out_channels": shapes["head.head.weight"][0] // math.prod(patch),
+        "text_dim": shapes["text_embedding.0.weight"][1],
+        "freq_dim": shapes["time_embedding.0.weight"][1],
+        "ffn_dim": shapes["blocks.0.ffn.0.weight"][0],
+        "num_layers": _count_blocks(shapes, "blocks."),
+        "cross_attn_norm": "blocks.0.norm3.weight" in shapes,
+        "qk_norm": "rms_norm_across_heads" if "blocks.0.self_attn.norm_q.weight" in shapes else None,
+        "image_dim": image[0] if image else None,
+        "added_kv_proj_dim": hidden if "blocks.0.cross_attn.k_img.weight" in shapes else None,
+    }
+
+
 def _count_blocks(shapes: Mapping[str, tuple], prefix: str) -> int:
     indices = {int(key[len(prefix) :].split(".")[0]) for key in shapes if key.startswith(prefix)}
     if indices != set(range(len(indices))):
@@ -221,7 +386,8 @@ class OriginalFormat:
     transformer_class: str
     signature: str  # a tensor name only this architecture's checkpoints have
     converter: Callable[[], Callable]
-    layout: Callable[[Mapping], list[tuple[str, tuple[str, ...]]]]
+    # Which diffusers tensors each original tensor holds; None: the original names are diffusers' own.
+    layout: Callable[[Mapping], list[tuple[str, tuple[str, ...]]]] | None
     infer_config: Callable[[Mapping[str, tuple]], dict]
     # The width the converter hard-codes (Flux's linear1 split assumes 3072), or None.
     converter_width: int | None = None
@@ -231,8 +397,8 @@ class OriginalFormat:
 ORIGINAL_FORMATS = (
     OriginalFormat(
         "FluxTransformer2DModel",
-        "double_blocks.0.img_attn.qkv.weight",
-        _flux_converter,
+        "double_blocks.0.img_mod.lin.weight",  # Flux.2's double blocks share their modulation
+        _diffusers_converter("FluxTransformer2DModel"),
         _flux_layout,
         _flux_config,
         converter_width=3072,
@@ -241,9 +407,30 @@ ORIGINAL_FORMATS = (
     OriginalFormat(
         "SD3Transformer2DModel",
         "joint_blocks.0.x_block.attn.qkv.weight",
-        _sd3_converter,
+        _diffusers_converter("SD3Transformer2DModel"),
         _sd3_layout,
         _sd3_config,
+    ),
+    OriginalFormat(
+        "Flux2Transformer2DModel",
+        "single_stream_modulation.lin.weight",
+        _diffusers_converter("Flux2Transformer2DModel"),
+        _flux2_layout,
+        _flux2_config,
+    ),
+    OriginalFormat(
+        "QwenImageTransformer2DModel",
+        "transformer_blocks.0.img_mod.1.weight",
+        _diffusers_converter("QwenImageTransformer2DModel"),
+        None,
+        _qwen_image_config,
+    ),
+    OriginalFormat(
+        "WanTransformer3DModel",
+        "head.modulation",
+        _diffusers_converter("WanTransformer3DModel"),
+        _wan_layout,
+        _wan_config,
     ),
 )
 
@@ -258,9 +445,12 @@ def format_for_class(class_name: str) -> OriginalFormat:
 
 def format_for_keys(keys) -> OriginalFormat:
     keys = set(keys)
-    for original in ORIGINAL_FORMATS:
-        if original.signature in keys:
-            return original
+    matches = [original for original in ORIGINAL_FORMATS if original.signature in keys]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        found = ", ".join(f"{o.signature!r} ({o.transformer_class})" for o in matches)
+        raise KeyMapError(f"the file's tensor names fit several architectures: it holds {found}")
     signatures = ", ".join(f"{o.signature!r} ({o.transformer_class})" for o in ORIGINAL_FORMATS)
     raise KeyMapError(f"the file's tensor names match no supported architecture (looked for {signatures})")
 
@@ -334,7 +524,8 @@ def original_rows(original: OriginalFormat, config: Mapping, diffusers_shapes: M
     ``original.layout``; the row order within each from diffusers' converter,
     which must reproduce the layout exactly (else KeyMapError).
     """
-    layout = [(o, parts) for o, parts in original.layout(config) if all(p in diffusers_shapes for p in parts)]
+    entries = original.layout(config) if original.layout else [(key, (key,)) for key in diffusers_shapes]
+    layout = [(o, parts) for o, parts in entries if all(p in diffusers_shapes for p in parts)]
     listed = {p for _, parts in layout for p in parts}
     if missing := sorted(set(diffusers_shapes) - listed):
         raise KeyMapError(f"{original.transformer_class}: no original name for {missing[:5]}")

@@ -1,7 +1,8 @@
 """ComfyUI's ``comfy_quant`` single files: ConvRot checkpoints as ComfyUI and comfy-kitchen write them.
 
-A file holds one transformer under its original tensor names (BFL's for Flux,
-MMDiT's for SD3), optionally prefixed ``model.diffusion_model.``. A quantized
+A file holds one transformer under its original tensor names (BFL's for Flux.1
+and Flux.2, MMDiT's for SD3, Wan's for Wan 2.x; Qwen-Image's originals are
+diffusers' own names), optionally prefixed ``model.diffusion_model.``. A quantized
 Linear ``L`` is three tensors (docs/interop.md has the layout side by side
 with ours):
 
@@ -460,10 +461,12 @@ def save_comfy(transformer, path: str | os.PathLike, progress: bool = True) -> N
     header's ``_quantization_metadata``. An original tensor that fuses several diffusers layers
     (Flux's qkv and linear1) must have them all quantized alike. Written beside ``path`` and renamed.
     """
+    from .detect import is_preset_class
     from .fusion import fuse_qkv_projections, unfuse_qkv_projections
 
     original = format_for_class(type(transformer).__name__)
-    fused = unfuse_qkv_projections(transformer)
+    # Only the preset architectures have fusions of ours; other DiTs are saved as they are.
+    fused = unfuse_qkv_projections(transformer) if is_preset_class(type(transformer).__name__) else 0
     try:
         tensors, layers = _original_tensors(transformer, original, progress)
     finally:
