@@ -105,6 +105,28 @@ def check_quantize(args) -> None:
         raise UsageError("MODEL", f"{args.model} is already quantized (`convrot info {args.model}` describes it)")
     if args.source.kind == "pipeline" and Path(args.model).expanduser().is_dir() and _is_inside(args.out, args.model):
         raise UsageError("--out", f"{args.out} is inside the model directory {args.model}; choose another")
+    if args.policy is None:
+        args.preset = args.preset or DEFAULT_PRESET
+    else:
+        check_policy_option(args)
+
+
+def check_policy_option(args) -> None:
+    """--policy FILE: a policy file whose every pattern decides a layer of MODEL's transformer, each
+    layer able to take its scheme; read against the transformer built on the meta device."""
+    from .policy_file import PolicyError, check_policy_layers, linear_names, meta_transformer, read_policy
+    from .presets import check_layers
+    from .sources import SourceError
+
+    if args.preset is not None:
+        raise UsageError("--policy", f"give --preset or --policy, not both (--preset {args.preset})")
+    try:
+        args.policy_rules = read_policy(args.policy)
+        transformer = meta_transformer(args.model)
+        check_policy_layers(args.policy_rules, linear_names(transformer), type(transformer).__name__, args.policy)
+        check_layers(transformer, args.policy_rules, args.group_size)
+    except (PolicyError, SourceError, ValueError, OSError) as error:
+        raise UsageError("--policy", str(error).strip().splitlines()[0]) from None
 
 
 def cmd_quantize(args) -> None:
@@ -112,12 +134,14 @@ def cmd_quantize(args) -> None:
     from .sources import load_transformer_quantized
 
     _say_device(args.device)
-    transformer, base = load_transformer_quantized(args.model, args.preset, args.group_size, args.device)
+    policy = getattr(args, "policy_rules", None)
+    transformer, base = load_transformer_quantized(args.model, args.preset, args.group_size, args.device, policy=policy)
     transformer.config.quantization_config.base_model = base
     save_quantized(transformer, args.out)
     summary = describe(args.out)
+    how = args.preset if policy is None else f"policy {args.policy}"
     print(
-        f"saved {summary.config['_class_name']} ({args.preset}, group {args.group_size}) to {args.out}: "
+        f"saved {summary.config['_class_name']} ({how}, group {args.group_size}) to {args.out}: "
         f"{summary.file_bytes / 2**20:.1f} MiB, {summary.ratio:.2f}x smaller than bf16"
     )
 
@@ -321,7 +345,10 @@ def cmd_info(args) -> None:
     summary = describe(args.directory)
     quantization = summary.config["quantization_config"]
     print(f"transformer:   {summary.config['_class_name']}")
-    print(f"preset:        {quantization['preset']} ({quantization['rotation']} rotation)")
+    if quantization.get("policy") is not None:
+        print(f"policy:        {len(quantization['policy'])} patterns ({quantization['rotation']} rotation)")
+    else:
+        print(f"preset:        {quantization['preset']} ({quantization['rotation']} rotation)")
     print(f"group size:    {_group_sizes(layers, quantization['group_size'])}")
     print(f"base model:    {quantization.get('base_model') or 'not recorded'}")
     counts = ", ".join(f"{n} {kind.upper()}" for kind, n in sorted(summary.layers.items()))
@@ -372,7 +399,7 @@ def cmd_scan(args) -> None:
     print(
         f"wrote {args.out}: {len(layers)} Linear layers ({spread}), {total / 2**20:.1f} MiB of weights, "
         f"{total / full:.3f}x their bf16 bytes (budget {budget / full:.3f}x); use it with "
-        "convrot.quantize_model(transformer, policy=json.load(open(FILE)))"
+        f"`convrot quantize {args.model + ' ' if args.model else ''}--policy {args.out} --out DIR`"
     )
 
 
@@ -455,7 +482,13 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("quantize", help="quantize a pipeline's transformer and save it")
     model_argument(p)
     p.add_argument("--out", required=True, help="directory to write the quantized transformer to")
-    p.add_argument("--preset", choices=PRESET_NAMES, default=DEFAULT_PRESET, help=PRESET_HELP)
+    p.add_argument("--preset", choices=PRESET_NAMES, help=f"{PRESET_HELP}. Default: {DEFAULT_PRESET}")
+    p.add_argument(
+        "--policy",
+        metavar="FILE",
+        help="instead of --preset, a policy JSON {layer glob pattern: scheme} (first match wins), e.g. the one "
+        "`convrot scan` writes; checked against MODEL's layers before any weight is read",
+    )
     group_size_option(p, DEFAULT_GROUP_SIZE)
     device_option(p, "where to quantize")
     overwrite_option(p, "a save already in --out")
