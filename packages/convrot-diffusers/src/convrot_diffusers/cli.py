@@ -243,6 +243,7 @@ def check_compare(args) -> None:
 
 def cmd_compare(args) -> None:
     from . import sensitivity
+    from .lpips_metric import LPIPS_NET, lpips, lpips_unavailable
     from .metrics import psnr, ssim
     from .pipeline import quantize_pipeline
     from .presets import layer_kind, policy_for
@@ -251,6 +252,9 @@ def cmd_compare(args) -> None:
 
     out = args.out_dir
     _say_device(args.device)
+    lpips_absent = lpips_unavailable(LPIPS_NET)
+    if lpips_absent is not None:
+        _say(f"LPIPS will not be reported (PSNR and SSIM will): {lpips_absent}")
     loaded = load_pipeline(args.model, None, device=args.device)
     _announce(loaded)
     transformer = loaded.pipe.transformer
@@ -274,6 +278,8 @@ def cmd_compare(args) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     scores = {"psnr_db": psnr(reference, quantized), "ssim": ssim(reference, quantized)}
+    if lpips_absent is None:
+        scores["lpips"] = lpips(reference, quantized, LPIPS_NET)
     reference.save(out / "bf16.png")
     quantized.save(out / "quantized.png")
     caption = f"{loaded.description}{' (random weights)' if loaded.demo else ''}"
@@ -288,10 +294,14 @@ def cmd_compare(args) -> None:
         "preset": args.preset,
         "group_size": args.group_size,
         **scores,
+        "lpips_net": LPIPS_NET,
+        **({} if lpips_absent is None else {"lpips": None, "lpips_unavailable": lpips_absent}),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
-    print(f"PSNR {scores['psnr_db']:.2f} dB, SSIM {scores['ssim']:.4f} (bf16 vs {args.preset}, seed {args.seed})")
+    lpips_text = "" if lpips_absent is not None else f", LPIPS ({LPIPS_NET}) {scores['lpips']:.4f}"
+    which = f"bf16 vs {args.preset}, seed {args.seed}"
+    print(f"PSNR {scores['psnr_db']:.2f} dB, SSIM {scores['ssim']:.4f}{lpips_text} ({which})")
     print(f"lowest W4A4 SQNR layers (each layer alone in W4A4 / W8A8; what the {args.preset} preset runs it in):")
     for row in sorted(layers, key=lambda r: r.sqnr_w4a4_db)[:5]:
         sqnrs = f"{row.sqnr_w4a4_db:6.2f} dB (W8A8 {row.sqnr_w8a8_db:6.2f} dB)"
@@ -517,7 +527,7 @@ def _parser() -> argparse.ArgumentParser:
     overwrite_option(p, "an existing --out")
     p.set_defaults(check=check_generate, run=cmd_generate)
 
-    p = commands.add_parser("compare", help="bf16 vs quantized: images, PSNR/SSIM, per-layer SQNR")
+    p = commands.add_parser("compare", help="bf16 vs quantized: images, PSNR/SSIM/LPIPS, per-layer SQNR")
     model_argument(p, "a pipeline directory or hub id, in bf16 (default: the random-weight demo)")
     sampling_options(p)
     p.add_argument("--preset", choices=PRESET_NAMES, default=DEFAULT_PRESET, help=PRESET_HELP)
