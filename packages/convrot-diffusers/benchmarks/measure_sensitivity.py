@@ -395,7 +395,7 @@ def main(argv=None) -> int:
     for name in names:
         start = time.perf_counter()
         result = MEASUREMENTS[name](args)
-        result["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        result["args"] = {k: v for k, v in vars(args).items() if k != "out_dir"}
         result["device"] = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
         result["seconds"] = round(time.perf_counter() - start, 1)
         path = args.out_dir / f"sensitivity_{name}{'_tiny' if args.tiny and name == 'flux' else ''}.json"
