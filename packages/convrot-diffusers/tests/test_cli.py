@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from convrot_diffusers.cli import main
+from convrot_diffusers.lpips_metric import lpips_unavailable
 
 FAST = ["--steps", "3", "--height", "64", "--width", "64"]
 
@@ -20,6 +21,11 @@ def test_compare_on_the_demo(tmp_path, capsys, seed):
     assert "RANDOM weights" in stderr and "PSNR" in stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["random_demo_weights"] is True and summary["psnr_db"] > 35 and 0.9 < summary["ssim"] <= 1
+    if (lpips_absent := lpips_unavailable()) is None:
+        assert 0 <= summary["lpips"] < 1 and "LPIPS" in stdout
+    else:  # said once, before the runs, and recorded; never a number
+        assert stderr.count(f"LPIPS will not be reported (PSNR and SSIM will): {lpips_absent}") == 1
+        assert summary["lpips"] is None and summary["lpips_unavailable"] == lpips_absent
     side = Image.open(out / "side_by_side.png")
     assert side.width >= 2 * Image.open(out / "bf16.png").width
     with open(out / "layer_sqnr.csv") as f:

@@ -2,8 +2,11 @@ import json
 import math
 
 import pytest
+import torch
+from test_diffusers_integration import forward, inputs
 
 import convrot
+from convrot_diffusers import load_quantized, quantize_transformer
 from convrot_diffusers.cli import main
 from convrot_diffusers.demo import flux_transformer
 from convrot_diffusers.scan import bf16_bytes, layer_bytes, policy_under_budget
@@ -44,14 +47,25 @@ def test_budget_below_the_smallest_is_a_clear_error():
         policy_under_budget(ROWS, 1000)
 
 
-def test_scan_on_the_demo_writes_a_policy_within_budget(tmp_path, capsys):
+def test_scan_policy_quantize_save_load_round_trip_on_the_demo(tmp_path, capsys, seed):
     out = tmp_path / "policy.json"
     args = ["scan", "--prompt", "a lighthouse", "--steps", "2", "--height", "64", "--width", "64"]
     assert main([*args, "--max-ratio", "0.3", "--rows-per-layer", "64", "--out", str(out)]) == 0
-    assert "0.3" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "0.3" in said and f"convrot quantize --policy {out} --out DIR" in said
     policy = json.loads(out.read_text())
     assert list(policy)[-1] == "*" and set(policy.values()) <= set(convrot.KINDS)
-    transformer = flux_transformer()
-    convrot.quantize_model(transformer, policy=policy, progress=False)
     assert main([*args, "--out", str(out), "--overwrite"]) == 2  # no budget given: refused before any work
     assert "give one budget" in capsys.readouterr().err
+
+    saved = tmp_path / "saved"
+    assert main(["quantize", "--policy", str(out), "--out", str(saved)]) == 0
+    assert f"policy {out}" in capsys.readouterr().out
+    loaded = load_quantized(saved)
+    kinds = {name: layer.kind for name, layer in convrot.quantized_layers(loaded).items()}
+    assert kinds == {name: kind for name, kind in list(policy.items())[:-1] if kind != "skip"}
+    assert len(set(kinds.values())) >= 2  # the budget buys some layers more than the cheapest scheme
+    in_memory = quantize_transformer(flux_transformer().to(torch.bfloat16), policy=out, progress=False)
+    x = inputs(in_memory, torch.Generator().manual_seed(seed))
+    assert torch.equal(forward(in_memory, x), forward(loaded, x))
+    assert main(["info", str(saved)]) == 0 and f"{len(policy)} patterns" in capsys.readouterr().out

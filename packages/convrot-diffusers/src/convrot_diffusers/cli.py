@@ -106,6 +106,28 @@ def check_quantize(args) -> None:
         raise UsageError("MODEL", f"{args.model} is already quantized (`convrot info {args.model}` describes it)")
     if args.source.kind == "pipeline" and Path(args.model).expanduser().is_dir() and _is_inside(args.out, args.model):
         raise UsageError("--out", f"{args.out} is inside the model directory {args.model}; choose another")
+    if args.policy is None:
+        args.preset = args.preset or DEFAULT_PRESET
+    else:
+        check_policy_option(args)
+
+
+def check_policy_option(args) -> None:
+    """--policy FILE: a policy file whose every pattern decides a layer of MODEL's transformer, each
+    layer able to take its scheme; read against the transformer built on the meta device."""
+    from .policy_file import PolicyError, check_policy_layers, linear_names, meta_transformer, read_policy
+    from .presets import check_layers
+    from .sources import SourceError
+
+    if args.preset is not None:
+        raise UsageError("--policy", f"give --preset or --policy, not both (--preset {args.preset})")
+    try:
+        args.policy_rules = read_policy(args.policy)
+        transformer = meta_transformer(args.model)
+        check_policy_layers(args.policy_rules, linear_names(transformer), type(transformer).__name__, args.policy)
+        check_layers(transformer, args.policy_rules, args.group_size)
+    except (PolicyError, SourceError, ValueError, OSError) as error:
+        raise UsageError("--policy", str(error).strip().splitlines()[0]) from None
 
 
 def cmd_quantize(args) -> None:
@@ -113,12 +135,14 @@ def cmd_quantize(args) -> None:
     from .sources import load_transformer_quantized
 
     _say_device(args.device)
-    transformer, base = load_transformer_quantized(args.model, args.preset, args.group_size, args.device)
+    policy = getattr(args, "policy_rules", None)
+    transformer, base = load_transformer_quantized(args.model, args.preset, args.group_size, args.device, policy=policy)
     transformer.config.quantization_config.base_model = base
     save_quantized(transformer, args.out)
     summary = describe(args.out)
+    how = args.preset if policy is None else f"policy {args.policy}"
     print(
-        f"saved {summary.config['_class_name']} ({args.preset}, group {args.group_size}) to {args.out}: "
+        f"saved {summary.config['_class_name']} ({how}, group {args.group_size}) to {args.out}: "
         f"{summary.file_bytes / 2**20:.1f} MiB, {summary.ratio:.2f}x smaller than bf16"
     )
 
@@ -302,6 +326,7 @@ def check_compare(args) -> None:
 
 def cmd_compare(args) -> None:
     from . import sensitivity
+    from .lpips_metric import LPIPS_NET, lpips, lpips_unavailable
     from .metrics import psnr, ssim
     from .pipeline import quantize_pipeline
     from .presets import layer_kind, policy_for
@@ -310,6 +335,9 @@ def cmd_compare(args) -> None:
 
     out = args.out_dir
     _say_device(args.device)
+    lpips_absent = lpips_unavailable(LPIPS_NET)
+    if lpips_absent is not None:
+        _say(f"LPIPS will not be reported (PSNR and SSIM will): {lpips_absent}")
     loaded = load_pipeline(args.model, None, device=args.device)
     _announce(loaded)
     transformer = loaded.pipe.transformer
@@ -333,6 +361,8 @@ def cmd_compare(args) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     scores = {"psnr_db": psnr(reference, quantized), "ssim": ssim(reference, quantized)}
+    if lpips_absent is None:
+        scores["lpips"] = lpips(reference, quantized, LPIPS_NET)
     reference.save(out / "bf16.png")
     quantized.save(out / "quantized.png")
     caption = f"{loaded.description}{' (random weights)' if loaded.demo else ''}"
@@ -347,10 +377,14 @@ def cmd_compare(args) -> None:
         "preset": args.preset,
         "group_size": args.group_size,
         **scores,
+        "lpips_net": LPIPS_NET,
+        **({} if lpips_absent is None else {"lpips": None, "lpips_unavailable": lpips_absent}),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
-    print(f"PSNR {scores['psnr_db']:.2f} dB, SSIM {scores['ssim']:.4f} (bf16 vs {args.preset}, seed {args.seed})")
+    lpips_text = "" if lpips_absent is not None else f", LPIPS ({LPIPS_NET}) {scores['lpips']:.4f}"
+    which = f"bf16 vs {args.preset}, seed {args.seed}"
+    print(f"PSNR {scores['psnr_db']:.2f} dB, SSIM {scores['ssim']:.4f}{lpips_text} ({which})")
     print(f"lowest W4A4 SQNR layers (each layer alone in W4A4 / W8A8; what the {args.preset} preset runs it in):")
     for row in sorted(layers, key=lambda r: r.sqnr_w4a4_db)[:5]:
         sqnrs = f"{row.sqnr_w4a4_db:6.2f} dB (W8A8 {row.sqnr_w8a8_db:6.2f} dB)"
@@ -404,7 +438,10 @@ def cmd_info(args) -> None:
     summary = describe(args.directory)
     quantization = summary.config["quantization_config"]
     print(f"transformer:   {summary.config['_class_name']}")
-    print(f"preset:        {quantization['preset']} ({quantization['rotation']} rotation)")
+    if quantization.get("policy") is not None:
+        print(f"policy:        {len(quantization['policy'])} patterns ({quantization['rotation']} rotation)")
+    else:
+        print(f"preset:        {quantization['preset']} ({quantization['rotation']} rotation)")
     print(f"group size:    {_group_sizes(layers, quantization['group_size'])}")
     print(f"base model:    {quantization.get('base_model') or 'not recorded'}")
     counts = ", ".join(f"{n} {kind.upper()}" for kind, n in sorted(summary.layers.items()))
@@ -455,7 +492,7 @@ def cmd_scan(args) -> None:
     print(
         f"wrote {args.out}: {len(layers)} Linear layers ({spread}), {total / 2**20:.1f} MiB of weights, "
         f"{total / full:.3f}x their bf16 bytes (budget {budget / full:.3f}x); use it with "
-        "convrot.quantize_model(transformer, policy=json.load(open(FILE)))"
+        f"`convrot quantize {args.model + ' ' if args.model else ''}--policy {args.out} --out DIR`"
     )
 
 
@@ -546,7 +583,13 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("quantize", help="quantize a pipeline's transformer and save it")
     model_argument(p)
     p.add_argument("--out", required=True, help="directory to write the quantized transformer to")
-    p.add_argument("--preset", choices=PRESET_NAMES, default=DEFAULT_PRESET, help=PRESET_HELP)
+    p.add_argument("--preset", choices=PRESET_NAMES, help=f"{PRESET_HELP}. Default: {DEFAULT_PRESET}")
+    p.add_argument(
+        "--policy",
+        metavar="FILE",
+        help="instead of --preset, a policy JSON {layer glob pattern: scheme} (first match wins), e.g. the one "
+        "`convrot scan` writes; checked against MODEL's layers before any weight is read",
+    )
     group_size_option(p, DEFAULT_GROUP_SIZE)
     device_option(p, "where to quantize")
     overwrite_option(p, "a save already in --out")
@@ -577,7 +620,7 @@ def _parser() -> argparse.ArgumentParser:
     overwrite_option(p, "an existing --out")
     p.set_defaults(check=check_generate, run=cmd_generate)
 
-    p = commands.add_parser("compare", help="bf16 vs quantized: images, PSNR/SSIM, per-layer SQNR")
+    p = commands.add_parser("compare", help="bf16 vs quantized: images, PSNR/SSIM/LPIPS, per-layer SQNR")
     model_argument(p, "a pipeline directory or hub id, in bf16 (default: the random-weight demo)")
     sampling_options(p)
     p.add_argument("--preset", choices=PRESET_NAMES, default=DEFAULT_PRESET, help=PRESET_HELP)

@@ -243,6 +243,19 @@ def demo_name(model: str | None) -> str:
     return name
 
 
+def demo_transformer(name: str) -> torch.nn.Module:
+    """The random-weight transformer of the demo ``name`` alone (under ``torch.device("meta")``: its layout)."""
+    builders = {
+        "flux": flux_transformer,
+        "pixart-sigma": pixart_transformer,
+        "pixart-alpha": pixart_transformer,
+        "sd3": sd3_transformer,
+    }
+    if name not in builders:
+        raise ValueError(f"the demo {name!r} has no transformer builder in convrot_diffusers.demo")
+    return builders[name]()
+
+
 def demo_pipeline(name: str = "flux", transformer: torch.nn.Module | None = None, dtype=torch.bfloat16):
     """The demo pipeline ``name`` in ``dtype``; ``transformer`` replaces its random one (e.g. a quantized load)."""
     pipe = DEMOS[name].build(transformer)

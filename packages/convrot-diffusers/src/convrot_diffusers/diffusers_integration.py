@@ -67,7 +67,10 @@ class ConvRotConfig(QuantizationConfigMixin):
 
     Args:
         preset: "mix" (default: mixed W4A4/W8A8/bf16), "w4a4", "w4a8", "w4a8g64" or "w4a4g64"; see
-            convrot_diffusers.presets.
+            convrot_diffusers.presets. None with ``policy``.
+        policy: instead of a preset, a convrot-core policy {layer glob pattern: kind} (first match wins;
+            a layer no pattern matches is W4A4), e.g. the file ``convrot scan`` writes
+            (convrot_diffusers.policy_file.read_policy); recorded in the save's config.json.
         group_size: rotation/quantization group (256; falls back per layer to the largest power of 4
             dividing in_features).
         rotation: "regular" (the ConvRot Hadamard) or another rotation convrot-core knows.
@@ -76,22 +79,30 @@ class ConvRotConfig(QuantizationConfigMixin):
         versions: package versions that made the checkpoint (filled in when quantizing).
     """
 
-    FIELDS = ("preset", "group_size", "rotation", "base_model", "versions")
+    FIELDS = ("preset", "group_size", "rotation", "base_model", "versions", "policy")
 
     def __init__(
         self,
-        preset: str = "mix",
+        preset: str | None = None,
         group_size: int = 256,
         rotation: str = "regular",
         base_model: str | None = None,
         versions: dict[str, str] | None = None,
         quant_method: str = QUANT_METHOD,
+        policy: dict[str, str] | None = None,
     ):
-        from .presets import check_preset
+        from .policy_file import check_policy
+        from .presets import DEFAULT_PRESET, check_preset
 
         if quant_method != QUANT_METHOD:
             raise ValueError(f"quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
-        check_preset(preset)
+        if policy is None:
+            preset = DEFAULT_PRESET if preset is None else preset
+            check_preset(preset)
+        elif preset is not None:
+            raise ValueError(f"give a preset or a policy, not both (preset {preset!r})")
+        else:
+            policy = check_policy(_policy_pairs(policy) if isinstance(policy, list) else policy)
         if type(group_size) is not int:
             raise TypeError(f"group_size must be an int, got {group_size!r}")
         convrot.resolve_group_size(group_size, group_size)
@@ -109,6 +120,13 @@ class ConvRotConfig(QuantizationConfigMixin):
         self.rotation = rotation
         self.base_model = base_model
         self.versions = dict(versions) if versions is not None else _versions()
+        self.policy = policy
+
+    def policy_for(self, transformer) -> dict[str, str]:
+        """The convrot-core policy this config quantizes ``transformer`` with: its own, or its preset's."""
+        from .presets import policy_for
+
+        return dict(self.policy) if self.policy is not None else policy_for(transformer, self.preset)
 
     @classmethod
     def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
@@ -129,13 +147,26 @@ class ConvRotConfig(QuantizationConfigMixin):
         return (config, unused) if return_unused_kwargs else config
 
     def to_dict(self) -> dict:
-        return {
-            "quant_method": QUANT_METHOD,
-            **{name: copy.deepcopy(getattr(self, name)) for name in self.FIELDS},
-        }
+        # A preset's config has no "policy" key, so that it reads as before in older convrot-diffusers; a
+        # policy is written as [pattern, kind] pairs, as config.json's keys are sorted and its first match wins.
+        config = {"quant_method": QUANT_METHOD}
+        config.update({name: copy.deepcopy(getattr(self, name)) for name in self.FIELDS if name != "policy"})
+        if self.policy is not None:
+            config["policy"] = [[pattern, kind] for pattern, kind in self.policy.items()]
+        return config
 
     def to_json_string(self, use_diff: bool = True) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+def _policy_pairs(pairs: list) -> dict:
+    """A policy as config.json holds it, [[pattern, kind], ...] in order, as a dict."""
+    if not all(isinstance(pair, (list, tuple)) and len(pair) == 2 for pair in pairs):
+        raise ValueError(f"policy must be [pattern, kind] pairs, got {pairs!r}")
+    policy = dict(pairs)
+    if len(policy) != len(pairs):
+        raise ValueError("policy names a pattern twice")
+    return policy
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -251,9 +282,12 @@ class ConvRotQuantizer(DiffusersQuantizer):
             convrot.check_layout(model, self.layers, self.stored, sources)
             convrot.install_skeletons(model, self.layers)
         else:
-            from .presets import check_layers, policy_for
+            from .policy_file import check_policy_layers, linear_names
+            from .presets import check_layers
 
-            policy = policy_for(model, self.quantization_config.preset)
+            policy = self.quantization_config.policy_for(model)
+            if self.quantization_config.policy is not None:
+                check_policy_layers(policy, linear_names(model), type(model).__name__)
             check_layers(model, policy, self.quantization_config.group_size)
             for name, module in model.named_modules():
                 if isinstance(module, torch.nn.Linear):

@@ -2,39 +2,78 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+
 import convrot
 
 from .detect import denoiser_of
 from .diffusers_integration import ConvRotConfig, attach_quantizer
+from .policy_file import check_policy, check_policy_layers, linear_names, read_policy
 from .presets import DEFAULT_PRESET, check_layers, check_preset, policy_for
 
 
+def _given_policy(policy: Mapping[str, str] | str | os.PathLike) -> dict[str, str]:
+    """A policy dict, or the one in a policy file (what ``convrot scan`` writes), checked."""
+    if isinstance(policy, (str, os.PathLike)):
+        return read_policy(policy)
+    return check_policy(policy)
+
+
 def quantize_transformer(
-    transformer, preset: str = DEFAULT_PRESET, group_size: int = 256, progress: bool = True, base_model=None
+    transformer,
+    preset: str | None = None,
+    group_size: int = 256,
+    progress: bool = True,
+    base_model=None,
+    policy: Mapping[str, str] | str | os.PathLike | None = None,
 ):
-    """Quantizes a diffusers transformer in place with ``preset``; returns it.
+    """Quantizes a diffusers transformer in place with ``preset`` (default "mix") or ``policy``; returns it.
 
     Flux.1, PixArt and SD3 use their own presets; any other transformer the generic role-based
     rules of the same name (presets.generic_rules; a warning says when its architecture is untested).
-    A layer that cannot be quantized is named in a ValueError before any is converted.
+    ``policy`` instead gives each layer its scheme: a convrot-core policy {glob pattern: kind} or the
+    path of a policy file (``convrot scan`` writes one); every pattern must decide a layer of this
+    transformer (policy_file.py). A layer that cannot be quantized is named in a ValueError before any
+    is converted.
 
-    The preset and group size are recorded in ``transformer.config.quantization_config``
+    The preset or policy and the group size are recorded in ``transformer.config.quantization_config``
     (a ConvRotConfig), and the transformer gets its ConvRotQuantizer, so that
-    ``transformer.save_pretrained(directory)`` writes a ConvRot checkpoint.
+    ``transformer.save_pretrained(directory)`` writes a ConvRot checkpoint (whose header lists each
+    layer's scheme, so that it loads back as quantized).
     """
-    check_preset(preset)
+    if policy is not None and preset is not None:
+        raise ValueError(f"give a preset or a policy, not both (preset {preset!r})")
     transformer = denoiser_of(transformer)
+    if policy is None:
+        preset = DEFAULT_PRESET if preset is None else preset
+        check_preset(preset)
+    else:
+        policy = _given_policy(policy)
+        check_policy_layers(policy, linear_names(transformer), type(transformer).__name__)
     if getattr(transformer.config, "quantization_config", None) is not None:
         raise ValueError("the transformer is already quantized")
-    policy = policy_for(transformer, preset)
-    check_layers(transformer, policy, group_size)
-    convrot.quantize_model(transformer, policy=policy, group_size=group_size, progress=progress)
-    attach_quantizer(transformer, ConvRotConfig(preset=preset, group_size=group_size, base_model=base_model))
+    if policy is None:
+        layer_policy = policy_for(transformer, preset)
+    else:  # without the catch-all when every Linear is named, as `convrot scan` writes it
+        deciding = {convrot.policy.layer_kind(name, policy)[1] for name in linear_names(transformer)}
+        layer_policy = {pattern: kind for pattern, kind in policy.items() if pattern in deciding}
+    check_layers(transformer, layer_policy, group_size)
+    convrot.quantize_model(transformer, policy=layer_policy, group_size=group_size, progress=progress)
+    config = ConvRotConfig(preset=preset, group_size=group_size, base_model=base_model, policy=policy)
+    attach_quantizer(transformer, config)
     return transformer
 
 
-def quantize_pipeline(pipe, preset: str = DEFAULT_PRESET, group_size: int = 256, progress: bool = True):
-    """Quantizes ``pipe.transformer`` in place (W4A4 / W8A8 per ``preset``) and returns the pipeline.
+def quantize_pipeline(
+    pipe,
+    preset: str | None = None,
+    group_size: int = 256,
+    progress: bool = True,
+    policy: Mapping[str, str] | str | os.PathLike | None = None,
+):
+    """Quantizes ``pipe.transformer`` in place (W4A4 / W8A8 ... per ``preset``, default "mix", or per layer
+    as ``policy`` says: see quantize_transformer) and returns the pipeline.
 
     Any pipeline with a diffusers ``transformer``: FluxPipeline, PixArtSigma/AlphaPipeline and
     StableDiffusion3Pipeline through their presets; Flux2Pipeline, QwenImagePipeline, WanPipeline,
@@ -45,5 +84,5 @@ def quantize_pipeline(pipe, preset: str = DEFAULT_PRESET, group_size: int = 256,
     transformer = denoiser_of(pipe)
     if transformer is pipe:
         raise TypeError("quantize_pipeline expects a pipeline; use quantize_transformer for a bare transformer")
-    quantize_transformer(transformer, preset, group_size, progress, base_model=pipe.name_or_path or None)
+    quantize_transformer(transformer, preset, group_size, progress, base_model=pipe.name_or_path or None, policy=policy)
     return pipe

@@ -154,11 +154,15 @@ def base_model_id(model: str) -> str:
     return os.path.abspath(expanded) if os.path.isdir(expanded) else model
 
 
-def load_transformer_quantized(model: str | None, preset: str, group_size: int, device: str, progress: bool = True):
-    """(quantized transformer, base model string) for ``convrot quantize``."""
+def load_transformer_quantized(
+    model: str | None, preset: str | None, group_size: int, device: str, progress: bool = True, policy=None
+):
+    """(quantized transformer, base model string) for ``convrot quantize``: with ``preset``, or with
+    ``policy`` (a checked {pattern: kind} dict; ``preset`` None)."""
     if is_demo(model):
-        loaded = load_pipeline(model, preset, group_size, device, progress=progress)
-        return loaded.pipe.transformer, loaded.description
+        pipe = demo_pipeline(demo_name(model))
+        quantize_pipeline(pipe, preset, group_size, progress, policy=policy)
+        return pipe.transformer.to(device), f"{DEMO_PREFIX}{demo_name(model)}"
     if os.path.isdir(model) and is_quantized_save(model):
         raise SourceError(f"{model} is already quantized")
     import diffusers
@@ -168,7 +172,7 @@ def load_transformer_quantized(model: str | None, preset: str, group_size: int, 
         transformer = getattr(diffusers, class_name).from_pretrained(
             model,
             subfolder="transformer",
-            quantization_config=ConvRotConfig(preset, group_size, base_model=base_model_id(model)),
+            quantization_config=ConvRotConfig(preset, group_size, base_model=base_model_id(model), policy=policy),
             torch_dtype=torch.bfloat16,
             **({"device_map": device} if device != "cpu" else {}),
         )
