@@ -4,7 +4,10 @@ MODEL is a local diffusers pipeline directory or a hub id (``generate`` also tak
 quantized directory or a ComfyUI ConvRot file); without MODEL the commands use the
 embedded demo (a small Flux pipeline with RANDOM weights,
 built offline), and ``demo:pixart-sigma``, ``demo:pixart-alpha``, ``demo:sd3``
-pick the other demos.
+pick the other demos (``demo:wan``: a text-to-video one).
+
+A video pipeline (one whose ``__call__`` takes ``num_frames``: Wan, LTX, ...) writes its frames
+(animated WebP or GIF, or MP4 with imageio-ffmpeg), and ``compare`` scores it frame by frame.
 
 Each subcommand has a check (cli_checks.py: every argument, before any model is
 loaded; a problem is one line and exit status 2) and a run (exit status 1 for a
@@ -29,6 +32,7 @@ from .cli_checks import (
     check_output_directory,
     check_output_file,
     check_steps_for,
+    check_video_options,
     image_extensions,
     integer,
     real,
@@ -40,6 +44,8 @@ EXIT_ERROR = 1
 DEFAULT_GROUP_SIZE = 256
 SAVE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 COMPARE_FILES = ("bf16.png", "quantized.png", "side_by_side.png", "layer_sqnr.csv", "layer_sqnr.png", "summary.json")
+# A video pipeline's compare: the three videos as animated WebP (Pillow; no ffmpeg needed), the rest as for images.
+VIDEO_COMPARE_FILES = tuple(name.replace(".png", ".webp") if i < 3 else name for i, name in enumerate(COMPARE_FILES))
 # A preset rule's kind, as the report words it ("skip" keeps the layer in bf16).
 PRECISION_WORDS = {"w4a4": "W4A4", "w8a8": "W8A8", "skip": "bf16"}
 
@@ -68,20 +74,35 @@ def _announce(loaded) -> None:
 
 
 def _call_kwargs(loaded, args) -> dict:
+    import inspect
+
     import torch
 
     kwargs = dict(loaded.call_kwargs)
-    for option, key in (("steps", "num_inference_steps"), ("height", "height"), ("width", "width")):
-        if getattr(args, option) is not None:
+    options = (("steps", "num_inference_steps"), ("height", "height"), ("width", "width"), ("frames", "num_frames"))
+    for option, key in options:
+        if getattr(args, option, None) is not None:
             kwargs[key] = getattr(args, option)
     if args.guidance is not None:
         kwargs["guidance_scale"] = args.guidance
+    if args.video:
+        kwargs["output_type"] = "pil"
+        takes_rate = "frame_rate" in inspect.signature(loaded.pipe.__call__).parameters
+        if getattr(args, "fps", None) is not None and takes_rate:
+            kwargs["frame_rate"] = args.fps  # LTX conditions on it
     kwargs["generator"] = torch.Generator("cpu").manual_seed(args.seed)
     return kwargs
 
 
 def _generate(loaded, prompt: str, args):
-    return loaded.pipe(prompt, **_call_kwargs(loaded, args)).images[0]
+    """The pipeline's image, or for a video pipeline its frames (a list of images)."""
+    output = loaded.pipe(prompt, **_call_kwargs(loaded, args))
+    if not args.video:
+        return output.images[0]
+    if getattr(output, "audio", None) is not None and not getattr(args, "_said_audio", False):
+        args._said_audio = True
+        _say("the pipeline also made an audio track; only the frames are written")
+    return list(output.frames[0])
 
 
 def _is_inside(path: Path, directory: str) -> bool:
@@ -125,8 +146,20 @@ def cmd_quantize(args) -> None:
 # --- generate -------------------------------------------------------------------------------------
 
 
+def _check_generate_out(args, pipeline_source) -> None:
+    """--out, and the video options, once MODEL says whether the pipeline makes images or videos."""
+    from .video import MP4, MP4_INSTALL, video_extensions
+
+    check_video_options(args, pipeline_source)
+    if not args.video:
+        args.out = check_output_file("--out", args.out, image_extensions(), args.overwrite, "image")
+        return
+    if Path(args.out).suffix.lower() == MP4 and MP4 not in video_extensions():
+        raise UsageError("--out", f"{args.out}: writing MP4 needs imageio-ffmpeg ({MP4_INSTALL}); or use .webp or .gif")
+    args.out = check_output_file("--out", args.out, video_extensions(), args.overwrite, "video")
+
+
 def check_generate(args) -> None:
-    args.out = check_output_file("--out", args.out, image_extensions(), args.overwrite, "image")
     if args.group_size is not None:
         check_group_size("--group-size", args.group_size)
     args.device = check_device("--device", args.device)
@@ -142,6 +175,7 @@ def check_generate(args) -> None:
         if base_source.kind in ("quantized", "comfy"):
             raise UsageError("--base-model", f"{args.base_model} is quantized, not a pipeline")
         check_steps_for("--steps", args.steps, base_source)
+        _check_generate_out(args, base_source)
         return
     if args.source.kind == "quantized":
         saved = args.source.saved_quantization
@@ -166,6 +200,7 @@ def check_generate(args) -> None:
         if base_source.kind == "quantized":
             raise UsageError("--base-model", f"{base} is a quantized save, not a pipeline")
         check_steps_for("--steps", args.steps, base_source)
+        _check_generate_out(args, base_source)
         return
     if args.base_model is not None:
         model = args.model or "the demo"
@@ -175,6 +210,7 @@ def check_generate(args) -> None:
     if args.preset == "bf16" and args.group_size is not None:
         raise UsageError("--group-size", "has no effect with --preset bf16 (nothing is quantized)")
     args.group_size = args.group_size or DEFAULT_GROUP_SIZE
+    _check_generate_out(args, args.source)
 
 
 def cmd_generate(args) -> None:
@@ -191,9 +227,16 @@ def cmd_generate(args) -> None:
         preset = None if args.preset == "bf16" else args.preset
         loaded = load_pipeline(args.model, preset, args.group_size, args.device)
     _announce(loaded)
-    image = _generate(loaded, args.prompt, args)
+    result = _generate(loaded, args.prompt, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(args.out)
+    if args.video:
+        from .video import write_video
+
+        write_video(result, args.out, args.fps)
+        width, height = result[0].size
+        print(f"wrote {args.out} ({loaded.description}; {len(result)} frames, {width}x{height}, {args.fps:g} fps)")
+        return
+    result.save(args.out)
     print(f"wrote {args.out} ({loaded.description})")
 
 
@@ -201,7 +244,7 @@ def cmd_generate(args) -> None:
 
 
 def check_compare(args) -> None:
-    args.out_dir = check_output_directory("--out-dir", args.out_dir, COMPARE_FILES, args.overwrite)
+    check_output_directory("--out-dir", args.out_dir, COMPARE_FILES[3:], args.overwrite)  # written either way
     check_group_size("--group-size", args.group_size)
     args.device = check_device("--device", args.device)
     args.source = check_model("MODEL", args.model)
@@ -215,6 +258,9 @@ def check_compare(args) -> None:
             + (f" (this one was made from {base})" if base else ""),
         )
     check_steps_for("--steps", args.steps, args.source)
+    check_video_options(args, args.source)
+    outputs = VIDEO_COMPARE_FILES if args.video else COMPARE_FILES
+    args.out_dir = check_output_directory("--out-dir", args.out_dir, outputs, args.overwrite)
 
 
 def cmd_compare(args) -> None:
@@ -249,11 +295,15 @@ def cmd_compare(args) -> None:
     quantized = _generate(loaded, args.prompt, args)
 
     out.mkdir(parents=True, exist_ok=True)
-    scores = {"psnr_db": psnr(reference, quantized), "ssim": ssim(reference, quantized)}
-    reference.save(out / "bf16.png")
-    quantized.save(out / "quantized.png")
     caption = f"{loaded.description}{' (random weights)' if loaded.demo else ''}"
-    side_by_side(reference, quantized, f"ConvRot {args.preset}", scores, caption).save(out / "side_by_side.png")
+    label = f"ConvRot {args.preset}"
+    if args.video:
+        scores = _write_video_comparison(reference, quantized, out, label, caption, args.fps)
+    else:
+        scores = {"psnr_db": psnr(reference, quantized), "ssim": ssim(reference, quantized)}
+        reference.save(out / "bf16.png")
+        quantized.save(out / "quantized.png")
+        side_by_side(reference, quantized, label, scores, caption).save(out / "side_by_side.png")
     sensitivity.write_csv(layers, out / "layer_sqnr.csv")
     sensitivity.plot(layers, out / "layer_sqnr.png", f"{caption}: per-layer SQNR of W4A4 / W8A8 vs bf16")
     summary = {
@@ -267,12 +317,39 @@ def cmd_compare(args) -> None:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
-    print(f"PSNR {scores['psnr_db']:.2f} dB, SSIM {scores['ssim']:.4f} (bf16 vs {args.preset}, seed {args.seed})")
+    if args.video:
+        print(
+            f"PSNR {scores['psnr_db']:.2f} dB (lowest frame {scores['psnr_db_min']:.2f}), SSIM {scores['ssim']:.4f} "
+            f"(lowest frame {scores['ssim_min']:.4f}), mean over {scores['frames']} frames "
+            f"(bf16 vs {args.preset}, seed {args.seed})"
+        )
+    else:
+        print(f"PSNR {scores['psnr_db']:.2f} dB, SSIM {scores['ssim']:.4f} (bf16 vs {args.preset}, seed {args.seed})")
     print(f"lowest W4A4 SQNR layers (each layer alone in W4A4 / W8A8; what the {args.preset} preset runs it in):")
     for row in sorted(layers, key=lambda r: r.sqnr_w4a4_db)[:5]:
         sqnrs = f"{row.sqnr_w4a4_db:6.2f} dB (W8A8 {row.sqnr_w8a8_db:6.2f} dB)"
         print(f"  {row.layer:50s} {sqnrs}, {args.preset}: {row.precision}")
-    print(f"wrote {out}/side_by_side.png, bf16.png, quantized.png, layer_sqnr.csv, layer_sqnr.png, summary.json")
+    print(f"wrote {out}/{', '.join(VIDEO_COMPARE_FILES if args.video else COMPARE_FILES)}")
+
+
+def _write_video_comparison(reference: list, quantized: list, out: Path, label: str, caption: str, fps: float):
+    """bf16.webp, quantized.webp and side_by_side.webp (each frame with its own scores); returns the scores
+    (metrics.frame_scores: mean and lowest over the frames, and each frame's)."""
+    from .metrics import frame_scores
+    from .side_by_side import side_by_side
+    from .video import write_video
+
+    scores = {"frames": len(reference), "fps": fps, **frame_scores(reference, quantized)}
+    write_video(reference, out / "bf16.webp", fps)
+    write_video(quantized, out / "quantized.webp", fps)
+    mean = f"mean PSNR {scores['psnr_db']:.2f} dB, SSIM {scores['ssim']:.4f}"
+    per_frame = zip(reference, quantized, scores["psnr_db_per_frame"], scores["ssim_per_frame"], strict=True)
+    panels = [
+        side_by_side(a, b, label, {"psnr_db": p, "ssim": q}, f"frame {i + 1}/{len(reference)} ({mean}); {caption}")
+        for i, (a, b, p, q) in enumerate(per_frame)
+    ]
+    write_video(panels, out / "side_by_side.webp", fps)
+    return scores
 
 
 # --- info -----------------------------------------------------------------------------------------
@@ -347,6 +424,7 @@ def check_scan(args) -> None:
     if args.source.kind in ("quantized", "comfy"):
         raise UsageError("MODEL", f"{args.model} is quantized already; scan measures a bf16 pipeline")
     check_steps_for("--steps", args.steps, args.source)
+    check_video_options(args, args.source)
 
 
 def cmd_scan(args) -> None:
@@ -420,8 +498,10 @@ PRESET_HELP = (
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="convrot",
-        description="ConvRot W4A4 for diffusers pipelines (Flux, PixArt, SD3). Without MODEL, commands run an "
-        "embedded demo pipeline with RANDOM weights (demo:flux; also demo:pixart-sigma, demo:pixart-alpha, demo:sd3).",
+        description="ConvRot W4A4 for diffusers pipelines (Flux, PixArt, SD3 presets; any other diffusers "
+        "transformer, e.g. Flux.2, Qwen-Image, Wan, LTX-2, through the generic policy). Without MODEL, commands run "
+        "an embedded demo pipeline with RANDOM weights (demo:flux; also demo:pixart-sigma, demo:pixart-alpha, "
+        "demo:sd3, and demo:wan for video).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -443,7 +523,7 @@ def _parser() -> argparse.ArgumentParser:
     def overwrite_option(p, what):
         p.add_argument("--overwrite", action="store_true", help=f"replace {what}")
 
-    def sampling_options(p):
+    def sampling_options(p, fps=True):
         p.add_argument("--prompt", required=True)
         p.add_argument("--steps", type=integer(1, 1000), help="denoising steps, 1-1000 (default: the pipeline's)")
         p.add_argument("--seed", type=integer(0, 2**64 - 1), default=0, help="default: %(default)s")
@@ -451,6 +531,19 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--height", type=size, help="pixels, a multiple of 16 (default: the pipeline's)")
         p.add_argument("--width", type=size, help="pixels, a multiple of 16 (default: the pipeline's)")
         p.add_argument("--guidance", type=real(0), help="guidance scale, >= 0 (default: the pipeline's)")
+        p.add_argument(
+            "--frames",
+            "--num-frames",
+            type=integer(1, 1000),
+            help="video pipelines: frames to make, 1-1000; a Wan or LTX VAE needs 4k+1 or 8k+1 (default: the "
+            "pipeline's)",
+        )
+        if fps:
+            p.add_argument(
+                "--fps",
+                type=real(1, 240),
+                help="video pipelines: frames a second, 1-240 (default: the pipeline's frame_rate, else 16)",
+            )
 
     p = commands.add_parser("quantize", help="quantize a pipeline's transformer and save it")
     model_argument(p)
@@ -461,12 +554,17 @@ def _parser() -> argparse.ArgumentParser:
     overwrite_option(p, "a save already in --out")
     p.set_defaults(check=check_quantize, run=cmd_quantize)
 
-    p = commands.add_parser("generate", help="generate an image")
+    p = commands.add_parser("generate", help="generate an image, or a video")
     model_argument(
         p, "a quantized directory, a ComfyUI ConvRot file, a pipeline directory or hub id (default: the demo)"
     )
     sampling_options(p)
-    p.add_argument("--out", required=True, help="image file to write (.png, .jpg, ...)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="image file to write (.png, .jpg, ...); for a video pipeline .webp or .gif (animated), or .mp4 "
+        "with imageio-ffmpeg installed",
+    )
     p.add_argument(
         "--preset",
         choices=(*PRESET_NAMES, "bf16"),
@@ -484,7 +582,9 @@ def _parser() -> argparse.ArgumentParser:
     overwrite_option(p, "an existing --out")
     p.set_defaults(check=check_generate, run=cmd_generate)
 
-    p = commands.add_parser("compare", help="bf16 vs quantized: images, PSNR/SSIM, per-layer SQNR")
+    p = commands.add_parser(
+        "compare", help="bf16 vs quantized: images (or videos), PSNR/SSIM (per frame for a video), per-layer SQNR"
+    )
     model_argument(p, "a pipeline directory or hub id, in bf16 (default: the random-weight demo)")
     sampling_options(p)
     p.add_argument("--preset", choices=PRESET_NAMES, default=DEFAULT_PRESET, help=PRESET_HELP)
@@ -499,7 +599,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("scan", help="a per-layer policy for this model and prompt under a size budget")
     model_argument(p, "a pipeline directory or hub id, in bf16 (default: the random-weight demo)")
-    sampling_options(p)
+    sampling_options(p, fps=False)
     group_size_option(p, DEFAULT_GROUP_SIZE)
     p.add_argument("--max-bytes", type=real(0), help="budget for the transformer's Linear weights, in bytes")
     p.add_argument("--max-ratio", type=real(0), help="budget as a fraction of those weights' bf16 bytes")

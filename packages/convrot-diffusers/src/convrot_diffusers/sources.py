@@ -11,7 +11,7 @@ import torch
 
 from .checkpoint import is_quantized_save, load_quantized, read_config
 from .demo import DEMO_PREFIX, DEMOS, demo_name, demo_pipeline, is_demo
-from .detect import architecture_for_class
+from .detect import check_diffusers_transformer_class
 from .diffusers_integration import ConvRotConfig
 from .pipeline import quantize_pipeline
 
@@ -53,10 +53,10 @@ def transformer_class_of(model: str) -> str:
     if "transformer" not in index:
         raise SourceError(
             f"{model} ({index.get('_class_name', 'unknown pipeline')}) has no transformer; "
-            "supported: Flux, PixArt-Sigma/Alpha and SD3 pipelines"
+            "supported: pipelines whose denoiser is a diffusers transformer (Flux, PixArt, SD3, Wan, ...)"
         )
     class_name = index["transformer"][1]
-    architecture_for_class(class_name)
+    check_diffusers_transformer_class(class_name)
     return class_name
 
 
