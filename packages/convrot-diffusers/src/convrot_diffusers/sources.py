@@ -128,7 +128,6 @@ def load_pipeline(
     if os.path.isdir(model) and is_quantized_save(model):
         return load_saved_pipeline(model, device=device, dtype=dtype)
 
-
     class_name = transformer_class_of(model)
     # A two-expert pipeline (Wan 2.2 A14B) has a second transformer, quantized the same way.
     second = (pipeline_index(model).get("transformer_2") or [None, None])[1]
