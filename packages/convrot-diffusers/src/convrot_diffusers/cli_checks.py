@@ -103,15 +103,15 @@ def image_extensions() -> list[str]:
 def check_output_file(argument: str, value: str, extensions: Iterable[str], overwrite: bool, what: str) -> Path:
     """A file to write (``what``: "image", ...) with a known extension, replaced only with --overwrite."""
     extensions = list(extensions)
-    common = [ext for ext in (".png", ".jpg", ".webp", ".mp4") if ext in extensions] or extensions[:3]
+    common = [ext for ext in (".png", ".jpg", ".webp", ".gif", ".mp4") if ext in extensions] or extensions[:3]
     path = Path(value).expanduser()
     if path.is_dir():
         raise UsageError(argument, f"{value} is a directory; name the {what} to write, e.g. {path / 'out'}{common[0]}")
     if path.suffix.lower() not in extensions:
         found = f"unknown {what} extension {path.suffix!r}" if path.suffix else f"no {what} extension"
         choices = f"{', '.join(common[:-1])} or {common[-1]}" if len(common) > 1 else common[0]
-        others = f"or another of the {len(extensions)} Pillow writes"
-        raise UsageError(argument, f"{value}: {found}; use {choices} ({others})")
+        others = f" (or another of the {len(extensions)} Pillow writes)" if len(common) < len(extensions) else ""
+        raise UsageError(argument, f"{value}: {found}; use {choices}{others}")
     if path.exists() and not overwrite:
         raise UsageError(argument, f"{value} exists; pass --overwrite to replace it")
     check_can_create(argument, path.parent)
