@@ -98,12 +98,15 @@ def build(session: nox.Session) -> None:
 @nox.session(default=False)
 def demo(session: nox.Session) -> None:
     """The README's main job, offline on a CPU: the kernels on DiT-like activations, then
-    `convrot compare` on the embedded random-weight demo pipeline (outputs in convrot-compare/)."""
+    `convrot compare` on the embedded random-weight demo pipelines: Flux (outputs in convrot-compare/)
+    and the Wan text-to-video one (frames as animated WebP, per-frame scores, in convrot-compare-wan/)."""
     install_packages(session)
     session.run("python", "packages/convrot-kernels/examples/demo.py")
     session.run(
         "convrot", "compare", "--prompt", "a red fox in the snow", "--out-dir", "convrot-compare", "--overwrite"
     )
+    video = ("demo:wan", "--prompt", "a red fox running in the snow", "--out-dir", "convrot-compare-wan")
+    session.run("convrot", "compare", *video, "--overwrite")
 
 
 @nox.session(venv_backend="none", default=False)

@@ -23,6 +23,16 @@ def saved(tmp_path_factory):
     return directory
 
 
+def _video_pipeline_directory(path, pipeline, transformer, vae, vae_config=None):
+    """A video pipeline's model_index.json and VAE config.json, without weights (the checks read no more)."""
+    path.mkdir()
+    index = {"_class_name": pipeline, "transformer": ["diffusers", transformer], "vae": ["diffusers", vae]}
+    (path / "model_index.json").write_text(json.dumps(index))
+    (path / "vae").mkdir()
+    (path / "vae" / "config.json").write_text(json.dumps({"_class_name": vae, **(vae_config or {})}))
+    return path
+
+
 @pytest.fixture
 def place(tmp_path, saved, monkeypatch):
     """Paths the table refers to by name, made in a fresh directory (the working directory)."""
@@ -31,8 +41,12 @@ def place(tmp_path, saved, monkeypatch):
     (tmp_path / "exists.png").write_bytes(b"an earlier image")
     (tmp_path / "x-001.png").write_bytes(b"an earlier second image")
     (tmp_path / "blank.txt").write_text("\n   \n")
+    (tmp_path / "exists.webp").write_bytes(b"an earlier video")
     (tmp_path / "old-compare").mkdir()
     (tmp_path / "old-compare" / "bf16.png").write_bytes(b"an earlier result")
+    (tmp_path / "old-video-compare").mkdir()
+    (tmp_path / "old-video-compare" / "side_by_side.webp").write_bytes(b"an earlier result")
+    _video_pipeline_directory(tmp_path / "wan-dir", "WanPipeline", "WanTransformer3DModel", "AutoencoderKLWan")
     (tmp_path / "other-config").mkdir()
     (tmp_path / "other-config" / "config.json").write_text('{"_class_name": "UNet2DModel"}')
     (tmp_path / "bad-json").mkdir()
@@ -67,6 +81,7 @@ def no_model_loads(monkeypatch):
 
 G = ["generate", "--prompt", "x"]  # the demo, with the one required option
 C = ["compare", "--prompt", "x"]
+W = ["generate", "demo:wan", "--prompt", "x"]  # the video demo
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is available here")
 
 CASES = {
@@ -169,6 +184,27 @@ CASES = {
     ),
     "generate missing model": (["generate", "./no/such", "--prompt", "x", "--out", "x.png"], "MODEL", "no such"),
     "generate device": ([*G, "--out", "x.png", "--device", "cuda:x"], "--device", "unknown device"),
+    # generate, video: the frames and rate against what the pipeline makes, the video file
+    "generate frames of images": ([*G, "--out", "x.png", "--frames", "9"], "--frames", "makes images, not videos"),
+    "generate fps of images": ([*G, "--out", "x.png", "--fps", "8"], "--fps", "makes images, not videos"),
+    "generate frames 0": ([*W, "--out", "x.webp", "--frames", "0"], "--frames", "between 1 and 1000, got 0"),
+    "generate frames text": ([*W, "--out", "x.webp", "--num-frames", "ten"], "--frames", "expected an integer"),
+    "generate frames 4k+1": ([*W, "--out", "x.webp", "--frames", "8"], "--frames", "4k+1 frames; use 5 or 9"),
+    "generate fps 0": ([*W, "--out", "x.webp", "--fps", "0"], "--fps", "between 1 and 240, got 0"),
+    "generate fps nan": ([*W, "--out", "x.webp", "--fps", "nan"], "--fps", "between 1 and 240"),
+    "generate video as png": ([*W, "--out", "x.png"], "--out", "unknown video extension '.png'; use .webp"),
+    "generate video no extension": ([*W, "--out", "clip"], "--out", "no video extension"),
+    "generate video clobber": ([*W, "--out", "exists.webp"], "--out", "exists.webp exists; pass --overwrite"),
+    "generate pipeline frames": (
+        ["generate", "wan-dir", "--prompt", "x", "--out", "x.webp", "--frames", "10"],
+        "--frames",
+        "wan-dir's VAE compresses time 4x, so its videos have 4k+1 frames; use 9 or 13",
+    ),
+    "generate pipeline video as jpg": (
+        ["generate", "wan-dir", "--prompt", "x", "--out", "x.jpg"],
+        "--out",
+        "unknown video extension '.jpg'",
+    ),
     "generate no prompt": (["generate", "--out", "x.png"], "--prompt", "required"),
     # compare: the output directory, the sampling, the bf16 model it needs
     "compare rows 0": ([*C, "--rows-per-layer", "0"], "--rows-per-layer", "at least 1, got 0"),
@@ -180,6 +216,20 @@ CASES = {
     "compare group size": ([*C, "--group-size", "3"], "--group-size", "a power of 4"),
     "compare bf16": ([*C, "--preset", "bf16"], "--preset", "invalid choice"),
     "compare device": ([*C, "--device", "tpu"], "--device", "unknown device"),
+    "compare frames of images": ([*C, "--frames", "5"], "--frames", "makes images, not videos"),
+    "compare frames 4k+1": (["compare", "demo:wan", "--prompt", "x", "--frames", "3"], "--frames", "use 1 or 5"),
+    "compare video clobber": (
+        ["compare", "demo:wan", "--prompt", "x", "--out-dir", "old-video-compare"],
+        "--out-dir",
+        "already holds side_by_side.webp",
+    ),
+    # scan: the frames too (it runs the pipeline), no frame rate (it writes no video)
+    "scan frames 4k+1": (
+        ["scan", "demo:wan", "--prompt", "x", "--max-ratio", "0.5", "--frames", "6"],
+        "--frames",
+        "use 5 or 9",
+    ),
+    "scan fps": (["scan", "demo:wan", "--prompt", "x", "--max-ratio", "0.5", "--fps", "8"], "--fps", "unrecognized"),
     # info: the directory
     "info missing": (["info", "no-such"], "PATH", "no such directory"),
     "info a file": (["info", "a-file"], "PATH", "not a directory"),
@@ -341,3 +391,47 @@ def test_help_describes_every_argument(command, capsys):
     else:
         assert "W8A8" in text and "bf16" in text  # what mix keeps at higher precision
         assert "cpu, cuda or cuda:N" in text
+
+
+def test_mp4_without_imageio_ffmpeg_says_how_to_install_it(tmp_path, monkeypatch, no_model_loads, capsys):
+    import convrot_diffusers.video as video
+
+    monkeypatch.setattr(video, "mp4_available", lambda: False)
+    assert main([*W, "--out", str(tmp_path / "x.mp4")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--out" in err and "pip install 'convrot-diffusers[mp4]'" in err, err
+
+
+@pytest.mark.parametrize(
+    "pipeline, transformer, vae, vae_config, fps, frame_step",
+    [
+        ("WanPipeline", "WanTransformer3DModel", "AutoencoderKLWan", {"scale_factor_temporal": 4}, 16.0, 4),
+        ("LTX2Pipeline", "LTX2VideoTransformer3DModel", "AutoencoderKLLTX2Video", {}, 24.0, None),  # its frame_rate
+        (
+            "LTX2Pipeline",
+            "LTX2VideoTransformer3DModel",
+            "AutoencoderKLLTX2Video",
+            {"temporal_compression_ratio": 8},
+            24.0,
+            8,
+        ),
+    ],
+)
+def test_a_video_pipeline_is_known_from_its_index_and_vae_config(
+    tmp_path, pipeline, transformer, vae, vae_config, fps, frame_step
+):
+    directory = _video_pipeline_directory(tmp_path / "pipe", pipeline, transformer, vae, vae_config)
+    source = cli_checks.check_model("MODEL", str(directory))
+    assert (source.kind, source.architecture, source.video) == ("pipeline", "generic", True)
+    assert (source.fps, source.frame_step) == (fps, frame_step)
+
+
+def test_an_image_pipeline_is_not_a_video_one(tmp_path):
+    directory = tmp_path / "flux"
+    directory.mkdir()
+    index = {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}
+    (directory / "model_index.json").write_text(json.dumps(index))
+    source = cli_checks.check_model("MODEL", str(directory))
+    assert (source.architecture, source.video, source.fps, source.frame_step) == ("flux", False, None, None)
+    wan = cli_checks.check_model("MODEL", "demo:wan")
+    assert (wan.kind, wan.architecture, wan.video, wan.fps, wan.frame_step) == ("demo", "generic", True, 16, 4)

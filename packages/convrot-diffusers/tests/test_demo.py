@@ -24,10 +24,16 @@ def test_demo_weights_are_the_same_on_every_build():
 def test_demo_names():
     assert demo_name(None) == "flux"
     assert demo_name("demo:pixart-alpha") == "pixart-alpha"
-    assert len(DEMOS) == 4
+    assert len(DEMOS) == 5
+    assert [name for name, demo in DEMOS.items() if demo.video] == ["wan"]
     try:
         demo_name("demo:sdxl")
     except ValueError as error:
         assert "demo:flux" in str(error)
     else:
         raise AssertionError("unknown demo accepted")
+
+
+def test_the_video_demo_keeps_its_vae_in_float32():
+    pipe = demo_pipeline("wan")
+    assert pipe.vae.dtype == torch.float32 and pipe.transformer.dtype == pipe.text_encoder.dtype == torch.bfloat16

@@ -13,13 +13,13 @@ import warnings
 
 import pytest
 import torch
-from tiny_dits import BUILDERS, DTYPE, build, run, sqnr_pair
+from tiny_dits import BUILDERS, DTYPE, REAL, build, run, sqnr_pair
 from torch import nn
 
 import convrot
 from convrot_diffusers import ConvRotConfig, load_quantized, quantize_pipeline, quantize_transformer
 from convrot_diffusers.detect import GENERIC_TESTED, UnsupportedModelError
-from convrot_diffusers.presets import layer_kind, policy_for
+from convrot_diffusers.presets import check_layers, layer_kind, policy_for
 
 
 def test_every_tested_architecture_has_a_builder():
@@ -34,6 +34,24 @@ def test_quantized_output_is_finite_and_near_the_float64_simulation(class_name, 
     assert torch.isfinite(found).all()
     assert math.isfinite(found_db) and found_db > 3, f"{class_name}: {found_db:.2f} dB"
     assert found_db >= simulated_db - 3, f"{class_name}: {found_db:.2f} dB vs simulation {simulated_db:.2f} dB"
+
+
+@pytest.mark.parametrize("class_name", list(BUILDERS))
+def test_real_width_models_quantize_every_block_layer_in_groups_of_256(class_name):
+    """What test_generic_gpu.py builds at the released widths, on the meta device (no weights): every layer
+    the presets quantize can be, and each rotates in groups of 256, none falling back to a smaller group."""
+    import diffusers
+
+    with torch.device("meta"):
+        model = getattr(diffusers, class_name)(**REAL[class_name])
+    for preset in ("mix", "w4a4"):
+        policy = policy_for(model, preset)
+        check_layers(model, policy, 256)
+        quantized = [
+            m for name, m in model.named_modules() if isinstance(m, nn.Linear) and layer_kind(policy, name) != "skip"
+        ]
+        assert len(quantized) >= 10
+        assert {convrot.resolve_group_size(m.in_features, 256) for m in quantized} == {256}
 
 
 @pytest.mark.parametrize("class_name", list(BUILDERS))

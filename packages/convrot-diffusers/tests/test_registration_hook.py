@@ -14,6 +14,7 @@ REGISTERED = "from diffusers.quantizers import auto\nprint('convrot' in auto.AUT
     [
         "import convrot_diffusers\nfrom diffusers.models import FluxTransformer2DModel",  # diffusers via a submodule
         "import diffusers\nimport convrot_diffusers",
+        "from convrot_diffusers import quantize_pipeline",  # diffusers first imported by the package's own module
     ],
 )
 def test_registered_in_either_order(imports):

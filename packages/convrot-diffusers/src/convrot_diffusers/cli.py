@@ -4,7 +4,10 @@ MODEL is a local diffusers pipeline directory or a hub id (``generate`` also tak
 quantized directory or a ComfyUI ConvRot file); without MODEL the commands use the
 embedded demo (a small Flux pipeline with RANDOM weights,
 built offline), and ``demo:pixart-sigma``, ``demo:pixart-alpha``, ``demo:sd3``
-pick the other demos.
+pick the other demos (``demo:wan``: a text-to-video one).
+
+A video pipeline (one whose ``__call__`` takes ``num_frames``: Wan, LTX, ...) writes its frames
+(animated WebP or GIF, or MP4 with imageio-ffmpeg), and ``compare`` scores it frame by frame.
 
 Each subcommand has a check (cli_checks.py: every argument, before any model is
 loaded; a problem is one line and exit status 2) and a run (exit status 1 for a
@@ -30,6 +33,7 @@ from .cli_checks import (
     check_output_directory,
     check_output_file,
     check_steps_for,
+    check_video_options,
     image_extensions,
     integer,
     real,
@@ -41,6 +45,8 @@ EXIT_ERROR = 1
 DEFAULT_GROUP_SIZE = 256
 SAVE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 COMPARE_FILES = ("bf16.png", "quantized.png", "side_by_side.png", "layer_sqnr.csv", "layer_sqnr.png", "summary.json")
+# A video pipeline's compare: the three videos as animated WebP (Pillow; no ffmpeg needed), the rest as for images.
+VIDEO_COMPARE_FILES = tuple(name.replace(".png", ".webp") if i < 3 else name for i, name in enumerate(COMPARE_FILES))
 # A preset rule's kind, as the report words it ("skip" keeps the layer in bf16).
 PRECISION_WORDS = {"w4a4": "W4A4", "w8a8": "W8A8", "skip": "bf16"}
 
@@ -69,20 +75,35 @@ def _announce(loaded) -> None:
 
 
 def _call_kwargs(loaded, args) -> dict:
+    import inspect
+
     import torch
 
     kwargs = dict(loaded.call_kwargs)
-    for option, key in (("steps", "num_inference_steps"), ("height", "height"), ("width", "width")):
-        if getattr(args, option) is not None:
+    options = (("steps", "num_inference_steps"), ("height", "height"), ("width", "width"), ("frames", "num_frames"))
+    for option, key in options:
+        if getattr(args, option, None) is not None:
             kwargs[key] = getattr(args, option)
     if args.guidance is not None:
         kwargs["guidance_scale"] = args.guidance
+    if args.video:
+        kwargs["output_type"] = "pil"
+        takes_rate = "frame_rate" in inspect.signature(loaded.pipe.__call__).parameters
+        if getattr(args, "fps", None) is not None and takes_rate:
+            kwargs["frame_rate"] = args.fps  # LTX conditions on it
     kwargs["generator"] = torch.Generator("cpu").manual_seed(args.seed)
     return kwargs
 
 
 def _generate(loaded, prompt: str, args):
-    return loaded.pipe(prompt, **_call_kwargs(loaded, args)).images[0]
+    """The pipeline's image, or for a video pipeline its frames (a list of images)."""
+    output = loaded.pipe(prompt, **_call_kwargs(loaded, args))
+    if not args.video:
+        return output.images[0]
+    if getattr(output, "audio", None) is not None and not getattr(args, "_said_audio", False):
+        args._said_audio = True
+        _say("the pipeline also made an audio track; only the frames are written")
+    return list(output.frames[0])
 
 
 def _is_inside(path: Path, directory: str) -> bool:
@@ -207,10 +228,23 @@ def _check_ranks(args) -> None:
         args.device = f"cuda:{local_rank}"
 
 
+def _check_generate_out(args, pipeline_source) -> None:
+    """--out, and the video options, once MODEL says whether the pipeline makes images or videos."""
+    from .video import MP4, MP4_INSTALL, video_extensions
+
+    check_video_options(args, pipeline_source)
+    if not args.video:
+        args.out = check_output_file("--out", args.out, image_extensions(), args.overwrite, "image")
+        args.outs = _numbered_outputs(args.out, len(args.prompts), args.overwrite)
+        return
+    if Path(args.out).suffix.lower() == MP4 and MP4 not in video_extensions():
+        raise UsageError("--out", f"{args.out}: writing MP4 needs imageio-ffmpeg ({MP4_INSTALL}); or use .webp or .gif")
+    args.out = check_output_file("--out", args.out, video_extensions(), args.overwrite, "video")
+    args.outs = _numbered_outputs(args.out, len(args.prompts), args.overwrite)
+
+
 def check_generate(args) -> None:
     args.prompts = _read_prompts(args)
-    args.out = check_output_file("--out", args.out, image_extensions(), args.overwrite, "image")
-    args.outs = _numbered_outputs(args.out, len(args.prompts), args.overwrite)
     if args.group_size is not None:
         check_group_size("--group-size", args.group_size)
     args.device = check_device("--device", args.device)
@@ -227,6 +261,7 @@ def check_generate(args) -> None:
         if base_source.kind in ("quantized", "comfy"):
             raise UsageError("--base-model", f"{args.base_model} is quantized, not a pipeline")
         check_steps_for("--steps", args.steps, base_source)
+        _check_generate_out(args, base_source)
         return
     if args.source.kind == "quantized":
         saved = args.source.saved_quantization
@@ -251,6 +286,7 @@ def check_generate(args) -> None:
         if base_source.kind == "quantized":
             raise UsageError("--base-model", f"{base} is a quantized save, not a pipeline")
         check_steps_for("--steps", args.steps, base_source)
+        _check_generate_out(args, base_source)
         return
     if args.base_model is not None:
         model = args.model or "the demo"
@@ -260,6 +296,7 @@ def check_generate(args) -> None:
     if args.preset == "bf16" and args.group_size is not None:
         raise UsageError("--group-size", "has no effect with --preset bf16 (nothing is quantized)")
     args.group_size = args.group_size or DEFAULT_GROUP_SIZE
+    _check_generate_out(args, args.source)
 
 
 def cmd_generate(args) -> None:
@@ -277,7 +314,8 @@ def cmd_generate(args) -> None:
         if main_rank:
             _say_device(args.device)
             if args.world_size > 1:
-                _say(f"{args.world_size} processes share {len(args.prompts)} images (each loads the model once)")
+                what = "videos" if args.video else "images"
+                _say(f"{args.world_size} processes share {len(args.prompts)} {what} (each loads the model once)")
         if args.source.kind == "comfy":
             from . import comfy_cli
 
@@ -289,16 +327,30 @@ def cmd_generate(args) -> None:
             loaded = load_pipeline(args.model, preset, args.group_size, args.device, progress=main_rank)
         if main_rank:
             _announce(loaded)
+            if args.video and getattr(loaded.pipe, "audio_vae", None) is not None:  # LTX-2
+                _say("the pipeline also makes an audio track; only the frames are written")
         kwargs = _call_kwargs(loaded, args)
         del kwargs["generator"]  # image i is made with seed + i, on whichever rank
-        images = parallel.generate_data_parallel(loaded.pipe, args.prompts, seed=args.seed, **kwargs)
+        # An image, or for a video pipeline a list of frames, per prompt.
+        results = parallel.generate_data_parallel(loaded.pipe, args.prompts, seed=args.seed, **kwargs)
         if not main_rank:
             return
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        for image, path in zip(images, args.outs, strict=True):
-            image.save(path)
-        written = str(args.out) if len(images) == 1 else f"{len(images)} images, {args.outs[0]} to {args.outs[-1].name}"
-        print(f"wrote {written} ({loaded.description})")
+        for result, path in zip(results, args.outs, strict=True):
+            if args.video:
+                from .video import write_video
+
+                write_video(result, path, args.fps)
+            else:
+                result.save(path)
+        what = "videos" if args.video else "images"
+        several = f"{len(results)} {what}, {args.outs[0]} to {args.outs[-1].name}"
+        written = str(args.out) if len(results) == 1 else several
+        details = loaded.description
+        if args.video:
+            width, height = results[0][0].size
+            details += f"; {len(results[0])} frames, {width}x{height}, {args.fps:g} fps"
+        print(f"wrote {written} ({details})")
     finally:
         if joined:
             dist.destroy_process_group()
@@ -308,7 +360,7 @@ def cmd_generate(args) -> None:
 
 
 def check_compare(args) -> None:
-    args.out_dir = check_output_directory("--out-dir", args.out_dir, COMPARE_FILES, args.overwrite)
+    check_output_directory("--out-dir", args.out_dir, COMPARE_FILES[3:], args.overwrite)  # written either way
     check_group_size("--group-size", args.group_size)
     args.device = check_device("--device", args.device)
     args.source = check_model("MODEL", args.model)
@@ -322,6 +374,9 @@ def check_compare(args) -> None:
             + (f" (this one was made from {base})" if base else ""),
         )
     check_steps_for("--steps", args.steps, args.source)
+    check_video_options(args, args.source)
+    outputs = VIDEO_COMPARE_FILES if args.video else COMPARE_FILES
+    args.out_dir = check_output_directory("--out-dir", args.out_dir, outputs, args.overwrite)
 
 
 def cmd_compare(args) -> None:
@@ -335,9 +390,12 @@ def cmd_compare(args) -> None:
 
     out = args.out_dir
     _say_device(args.device)
-    lpips_absent = lpips_unavailable(LPIPS_NET)
-    if lpips_absent is not None:
-        _say(f"LPIPS will not be reported (PSNR and SSIM will): {lpips_absent}")
+    if args.video:  # LPIPS scores images; a video's frames get PSNR and SSIM each
+        lpips_absent = "not computed for videos (each frame is scored by PSNR and SSIM)"
+    else:
+        lpips_absent = lpips_unavailable(LPIPS_NET)
+        if lpips_absent is not None:
+            _say(f"LPIPS will not be reported (PSNR and SSIM will): {lpips_absent}")
     loaded = load_pipeline(args.model, None, device=args.device)
     _announce(loaded)
     transformer = loaded.pipe.transformer
@@ -360,13 +418,17 @@ def cmd_compare(args) -> None:
     quantized = _generate(loaded, args.prompt, args)
 
     out.mkdir(parents=True, exist_ok=True)
-    scores = {"psnr_db": psnr(reference, quantized), "ssim": ssim(reference, quantized)}
-    if lpips_absent is None:
-        scores["lpips"] = lpips(reference, quantized, LPIPS_NET)
-    reference.save(out / "bf16.png")
-    quantized.save(out / "quantized.png")
     caption = f"{loaded.description}{' (random weights)' if loaded.demo else ''}"
-    side_by_side(reference, quantized, f"ConvRot {args.preset}", scores, caption).save(out / "side_by_side.png")
+    label = f"ConvRot {args.preset}"
+    if args.video:
+        scores = _write_video_comparison(reference, quantized, out, label, caption, args.fps)
+    else:
+        scores = {"psnr_db": psnr(reference, quantized), "ssim": ssim(reference, quantized)}
+        if lpips_absent is None:
+            scores["lpips"] = lpips(reference, quantized, LPIPS_NET)
+        reference.save(out / "bf16.png")
+        quantized.save(out / "quantized.png")
+        side_by_side(reference, quantized, label, scores, caption).save(out / "side_by_side.png")
     sensitivity.write_csv(layers, out / "layer_sqnr.csv")
     sensitivity.plot(layers, out / "layer_sqnr.png", f"{caption}: per-layer SQNR of W4A4 / W8A8 vs bf16")
     summary = {
@@ -382,14 +444,41 @@ def cmd_compare(args) -> None:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
-    lpips_text = "" if lpips_absent is not None else f", LPIPS ({LPIPS_NET}) {scores['lpips']:.4f}"
-    which = f"bf16 vs {args.preset}, seed {args.seed}"
-    print(f"PSNR {scores['psnr_db']:.2f} dB, SSIM {scores['ssim']:.4f}{lpips_text} ({which})")
+    if args.video:
+        print(
+            f"PSNR {scores['psnr_db']:.2f} dB (lowest frame {scores['psnr_db_min']:.2f}), SSIM {scores['ssim']:.4f} "
+            f"(lowest frame {scores['ssim_min']:.4f}), mean over {scores['frames']} frames "
+            f"(bf16 vs {args.preset}, seed {args.seed})"
+        )
+    else:
+        lpips_text = "" if lpips_absent is not None else f", LPIPS ({LPIPS_NET}) {scores['lpips']:.4f}"
+        which = f"bf16 vs {args.preset}, seed {args.seed}"
+        print(f"PSNR {scores['psnr_db']:.2f} dB, SSIM {scores['ssim']:.4f}{lpips_text} ({which})")
     print(f"lowest W4A4 SQNR layers (each layer alone in W4A4 / W8A8; what the {args.preset} preset runs it in):")
     for row in sorted(layers, key=lambda r: r.sqnr_w4a4_db)[:5]:
         sqnrs = f"{row.sqnr_w4a4_db:6.2f} dB (W8A8 {row.sqnr_w8a8_db:6.2f} dB)"
         print(f"  {row.layer:50s} {sqnrs}, {args.preset}: {row.precision}")
-    print(f"wrote {out}/side_by_side.png, bf16.png, quantized.png, layer_sqnr.csv, layer_sqnr.png, summary.json")
+    print(f"wrote {out}/{', '.join(VIDEO_COMPARE_FILES if args.video else COMPARE_FILES)}")
+
+
+def _write_video_comparison(reference: list, quantized: list, out: Path, label: str, caption: str, fps: float):
+    """bf16.webp, quantized.webp and side_by_side.webp (each frame with its own scores); returns the scores
+    (metrics.frame_scores: mean and lowest over the frames, and each frame's)."""
+    from .metrics import frame_scores
+    from .side_by_side import side_by_side
+    from .video import write_video
+
+    scores = {"frames": len(reference), "fps": fps, **frame_scores(reference, quantized)}
+    write_video(reference, out / "bf16.webp", fps)
+    write_video(quantized, out / "quantized.webp", fps)
+    mean = f"mean PSNR {scores['psnr_db']:.2f} dB, SSIM {scores['ssim']:.4f}"
+    per_frame = zip(reference, quantized, scores["psnr_db_per_frame"], scores["ssim_per_frame"], strict=True)
+    panels = [
+        side_by_side(a, b, label, {"psnr_db": p, "ssim": q}, f"frame {i + 1}/{len(reference)} ({mean}); {caption}")
+        for i, (a, b, p, q) in enumerate(per_frame)
+    ]
+    write_video(panels, out / "side_by_side.webp", fps)
+    return scores
 
 
 # --- info -----------------------------------------------------------------------------------------
@@ -467,6 +556,7 @@ def check_scan(args) -> None:
     if args.source.kind in ("quantized", "comfy"):
         raise UsageError("MODEL", f"{args.model} is quantized already; scan measures a bf16 pipeline")
     check_steps_for("--steps", args.steps, args.source)
+    check_video_options(args, args.source)
 
 
 def cmd_scan(args) -> None:
@@ -540,8 +630,10 @@ PRESET_HELP = (
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="convrot",
-        description="ConvRot W4A4 for diffusers pipelines (Flux, PixArt, SD3). Without MODEL, commands run an "
-        "embedded demo pipeline with RANDOM weights (demo:flux; also demo:pixart-sigma, demo:pixart-alpha, demo:sd3).",
+        description="ConvRot W4A4 for diffusers pipelines (Flux, PixArt, SD3 presets; any other diffusers "
+        "transformer, e.g. Flux.2, Qwen-Image, Wan, LTX-2, through the generic policy). Without MODEL, commands run "
+        "an embedded demo pipeline with RANDOM weights (demo:flux; also demo:pixart-sigma, demo:pixart-alpha, "
+        "demo:sd3, and demo:wan for video).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -563,12 +655,13 @@ def _parser() -> argparse.ArgumentParser:
     def overwrite_option(p, what):
         p.add_argument("--overwrite", action="store_true", help=f"replace {what}")
 
-    def sampling_options(p, several_prompts=False):
+    def sampling_options(p, several_prompts=False, fps=True):
         if several_prompts:
             p.add_argument(
                 "--prompt",
                 action="append",
-                help="repeat it for several images (image i uses seed + i; under torchrun the processes share them)",
+                help="repeat it for several images or videos (output i uses seed + i; under torchrun the processes "
+                "share them)",
             )
             p.add_argument("--prompt-file", help="a text file of prompts, one a line, after any --prompt")
         else:
@@ -579,6 +672,19 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--height", type=size, help="pixels, a multiple of 16 (default: the pipeline's)")
         p.add_argument("--width", type=size, help="pixels, a multiple of 16 (default: the pipeline's)")
         p.add_argument("--guidance", type=real(0), help="guidance scale, >= 0 (default: the pipeline's)")
+        p.add_argument(
+            "--frames",
+            "--num-frames",
+            type=integer(1, 1000),
+            help="video pipelines: frames to make, 1-1000; a Wan or LTX VAE needs 4k+1 or 8k+1 (default: the "
+            "pipeline's)",
+        )
+        if fps:
+            p.add_argument(
+                "--fps",
+                type=real(1, 240),
+                help="video pipelines: frames a second, 1-240 (default: the pipeline's frame_rate, else 16)",
+            )
 
     p = commands.add_parser("quantize", help="quantize a pipeline's transformer and save it")
     model_argument(p)
@@ -595,13 +701,16 @@ def _parser() -> argparse.ArgumentParser:
     overwrite_option(p, "a save already in --out")
     p.set_defaults(check=check_quantize, run=cmd_quantize)
 
-    p = commands.add_parser("generate", help="generate an image")
+    p = commands.add_parser("generate", help="generate an image, or a video")
     model_argument(
         p, "a quantized directory, a ComfyUI ConvRot file, a pipeline directory or hub id (default: the demo)"
     )
     sampling_options(p, several_prompts=True)
     p.add_argument(
-        "--out", required=True, help="image file to write (.png, .jpg, ...); for several images OUT-000.png, ..."
+        "--out",
+        required=True,
+        help="image file to write (.png, .jpg, ...); for a video pipeline .webp or .gif (animated), or .mp4 "
+        "with imageio-ffmpeg installed; for several prompts OUT-000.png, OUT-001.png, ...",
     )
     p.add_argument(
         "--preset",
@@ -620,7 +729,10 @@ def _parser() -> argparse.ArgumentParser:
     overwrite_option(p, "an existing --out")
     p.set_defaults(check=check_generate, run=cmd_generate)
 
-    p = commands.add_parser("compare", help="bf16 vs quantized: images, PSNR/SSIM/LPIPS, per-layer SQNR")
+    p = commands.add_parser(
+        "compare",
+        help="bf16 vs quantized: images (or videos), PSNR/SSIM (per frame for a video), LPIPS (images), per-layer SQNR",
+    )
     model_argument(p, "a pipeline directory or hub id, in bf16 (default: the random-weight demo)")
     sampling_options(p)
     p.add_argument("--preset", choices=PRESET_NAMES, default=DEFAULT_PRESET, help=PRESET_HELP)
@@ -635,7 +747,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("scan", help="a per-layer policy for this model and prompt under a size budget")
     model_argument(p, "a pipeline directory or hub id, in bf16 (default: the random-weight demo)")
-    sampling_options(p)
+    sampling_options(p, fps=False)
     group_size_option(p, DEFAULT_GROUP_SIZE)
     p.add_argument("--max-bytes", type=real(0), help="budget for the transformer's Linear weights, in bytes")
     p.add_argument("--max-ratio", type=real(0), help="budget as a fraction of those weights' bf16 bytes")

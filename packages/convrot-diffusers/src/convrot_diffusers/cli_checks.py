@@ -103,15 +103,15 @@ def image_extensions() -> list[str]:
 def check_output_file(argument: str, value: str, extensions: Iterable[str], overwrite: bool, what: str) -> Path:
     """A file to write (``what``: "image", ...) with a known extension, replaced only with --overwrite."""
     extensions = list(extensions)
-    common = [ext for ext in (".png", ".jpg", ".webp", ".mp4") if ext in extensions] or extensions[:3]
+    common = [ext for ext in (".png", ".jpg", ".webp", ".gif", ".mp4") if ext in extensions] or extensions[:3]
     path = Path(value).expanduser()
     if path.is_dir():
         raise UsageError(argument, f"{value} is a directory; name the {what} to write, e.g. {path / 'out'}{common[0]}")
     if path.suffix.lower() not in extensions:
         found = f"unknown {what} extension {path.suffix!r}" if path.suffix else f"no {what} extension"
         choices = f"{', '.join(common[:-1])} or {common[-1]}" if len(common) > 1 else common[0]
-        others = f"or another of the {len(extensions)} Pillow writes"
-        raise UsageError(argument, f"{value}: {found}; use {choices} ({others})")
+        others = f" (or another of the {len(extensions)} Pillow writes)" if len(common) < len(extensions) else ""
+        raise UsageError(argument, f"{value}: {found}; use {choices}{others}")
     if path.exists() and not overwrite:
         raise UsageError(argument, f"{value} exists; pass --overwrite to replace it")
     check_can_create(argument, path.parent)
@@ -179,35 +179,86 @@ class ModelSource:
 
     text: str | None  # as given (None: the default demo)
     kind: str  # "demo", "quantized" (a convrot-diffusers save), "comfy" (a ComfyUI ConvRot file) or "pipeline"
-    architecture: str  # detect.ARCHITECTURES' name ("flux", "pixart", "sd3"), else the transformer class
+    # detect.ARCHITECTURES' name ("flux", "pixart", "sd3"), or "generic" for another diffusers transformer
+    architecture: str
     scheduler: str | None = None  # the pipeline's scheduler class, where its model_index.json says
     saved_config: dict | None = None  # for "quantized": its config.json
+    # For a pipeline that makes videos (its __call__ takes num_frames): the default frames a second, and
+    # the factor its VAE compresses time by where its config says (it makes frame_step * k + 1 frames).
+    video: bool = False
+    fps: float | None = None
+    frame_step: int | None = None
 
     @property
     def saved_quantization(self) -> dict:
         return (self.saved_config or {}).get("quantization_config", {})
 
 
-def _architecture_of_saved(class_name: str) -> str:
-    """A saved transformer's architecture: a preset one's name, or for any other DiT (which quantize_transformer
-    and the ComfyUI files handle too) its class name."""
-    from .detect import architecture_for_class, is_preset_class
+# The frames a second of a video pipeline whose __call__ has no frame_rate argument (Wan 2.x's rate).
+DEFAULT_FPS = 16.0
+# VAE config keys holding the factor a video VAE compresses time by (Wan's; LTX's, HunyuanVideo's...).
+TEMPORAL_FACTOR_KEYS = ("scale_factor_temporal", "temporal_compression_ratio")
 
-    return architecture_for_class(class_name).name if is_preset_class(class_name) else class_name
+
+def _architecture_name(class_name: str) -> str:
+    """A transformer class's architecture: a preset one's name, or "generic" for any other diffusers
+    transformer (which quantize_transformer and the ComfyUI files handle through the generic rules)."""
+    from .detect import architecture_for_class, check_diffusers_transformer_class, is_preset_class
+
+    if is_preset_class(class_name):
+        return architecture_for_class(class_name).name
+    check_diffusers_transformer_class(class_name)
+    return "generic"
+
+
+def _video_fields(model: str, index: dict) -> dict:
+    """ModelSource's video fields for a pipeline, from its class's __call__ and its VAE's config.json."""
+    import inspect
+
+    import diffusers
+
+    pipeline_class = getattr(diffusers, str(index.get("_class_name")), None)
+    try:
+        parameters = inspect.signature(pipeline_class.__call__).parameters if pipeline_class else {}
+    except (TypeError, ValueError):
+        parameters = {}
+    if "num_frames" not in parameters:
+        return {}
+    frame_rate = parameters.get("frame_rate")
+    fps = frame_rate.default if frame_rate is not None and isinstance(frame_rate.default, (int, float)) else None
+    frame_step = None
+    vae_class = getattr(diffusers, str((index.get("vae") or [None, None])[1]), None)
+    if hasattr(vae_class, "load_config"):
+        try:
+            vae_config = vae_class.load_config(os.path.expanduser(model), subfolder="vae")
+        except (OSError, ValueError):
+            vae_config = {}
+        # A key the file leaves out takes the class's default, as diffusers' loading does (Wan's older configs).
+        defaults = inspect.signature(vae_class.__init__).parameters
+        for key in TEMPORAL_FACTOR_KEYS:
+            value = vae_config.get(key, defaults[key].default if key in defaults else None)
+            if isinstance(value, int) and value > 0:
+                frame_step = value
+                break
+    return {"video": True, "fps": float(fps or DEFAULT_FPS), "frame_step": frame_step}
 
 
 def check_model(argument: str, value: str | None) -> ModelSource:
     """A demo name, a quantized save, a ComfyUI ConvRot file, or a pipeline (local, or a hub id whose
-    model_index.json is fetched) with a supported transformer."""
+    model_index.json is fetched) with a diffusers transformer."""
     from .checkpoint import is_quantized_save, read_config
-    from .demo import demo_name, is_demo
-    from .detect import UnsupportedModelError, architecture_for_class
+    from .demo import DEMOS, demo_name, is_demo
+    from .detect import ARCHITECTURES, UnsupportedModelError
     from .sources import SourceError, pipeline_index, transformer_class_of
 
     try:
         if is_demo(value):
-            # Each demo's name starts with its architecture's: flux, pixart-sigma, pixart-alpha, sd3.
-            return ModelSource(value, "demo", demo_name(value).split("-")[0])
+            demo = DEMOS[demo_name(value)]
+            # A demo's name starts with its architecture's (flux, pixart-sigma, pixart-alpha, sd3), else generic (wan).
+            architecture = demo.name.split("-")[0]
+            architecture = architecture if any(a.name == architecture for a in ARCHITECTURES) else "generic"
+            video = {"video": True, "fps": demo.fps, "frame_step": demo.frame_step} if demo.video else {}
+            return ModelSource(value, "demo", architecture, **video)
         local = os.path.expanduser(value)
         if local.endswith(".safetensors"):
             from .comfy_quant import ComfyQuantError, describe_comfy, is_comfy_file
@@ -220,15 +271,16 @@ def check_model(argument: str, value: str | None) -> ModelSource:
                 transformer_class = describe_comfy(local).transformer_class
             except ComfyQuantError as error:
                 raise UsageError(argument, str(error)) from None
-            return ModelSource(value, "comfy", _architecture_of_saved(transformer_class))
+            return ModelSource(value, "comfy", _architecture_name(transformer_class))
         if os.path.isdir(local) and is_quantized_save(local):
             config = read_config(local)
-            return ModelSource(value, "quantized", _architecture_of_saved(config["_class_name"]), saved_config=config)
-        architecture = architecture_for_class(transformer_class_of(value)).name
-        scheduler = (pipeline_index(value).get("scheduler") or [None, None])[1]
+            return ModelSource(value, "quantized", _architecture_name(config["_class_name"]), saved_config=config)
+        architecture = _architecture_name(transformer_class_of(value))
+        index = pipeline_index(value)
+        scheduler = (index.get("scheduler") or [None, None])[1]
     except (ValueError, SourceError, UnsupportedModelError) as error:
         raise UsageError(argument, str(error)) from None
-    return ModelSource(value, "pipeline", architecture, scheduler)
+    return ModelSource(value, "pipeline", architecture, scheduler, **_video_fields(value, index))
 
 
 # Schedulers whose step returns (previous sample, denoised sample), which diffusers' PixArt
@@ -242,3 +294,26 @@ def check_steps_for(argument: str, steps: int | None, source: ModelSource) -> No
     if steps == 1 and source.architecture == "pixart" and source.scheduler not in ONE_STEP_SCHEDULERS:
         scheduler = source.scheduler or "its multistep scheduler"
         raise UsageError(argument, f"1: a PixArt pipeline with {scheduler} needs at least 2 steps")
+
+
+def check_video_options(args, source: ModelSource) -> None:
+    """--frames (and --fps, where the command has it) against what ``source``'s pipeline makes; sets
+    ``args.video`` and, for a video, ``args.fps`` (the pipeline's rate unless given)."""
+    args.video = source.video
+    what = source.text or "the demo"
+    fps = getattr(args, "fps", None)
+    if not source.video:
+        for option, value in (("--frames", args.frames), ("--fps", fps)):
+            if value is not None:
+                raise UsageError(option, f"{what} makes images, not videos; omit {option}")
+        return
+    step = source.frame_step
+    if args.frames is not None and step and (args.frames - 1) % step:
+        below = (args.frames - 1) // step * step + 1
+        raise UsageError(
+            "--frames",
+            f"{args.frames}: {what}'s VAE compresses time {step}x, so its videos have {step}k+1 frames; "
+            f"use {below} or {below + step}",
+        )
+    if hasattr(args, "fps"):
+        args.fps = fps if fps is not None else source.fps

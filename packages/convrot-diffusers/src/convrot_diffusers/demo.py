@@ -7,9 +7,12 @@ are structured noise, not pictures: they show that the whole path (quantize,
 save, load, generate, compare) runs, not what a trained model draws.
 
 The transformer widths are chosen to exercise the group-size rule as the real
-models do: Flux and SD3 demos are 256 wide (group 256, like Flux's 3072 and
-SD3-medium's 1536), the PixArt demos 192 (group 64, like PixArt's 1152 and
-SD3.5-large's 2432).
+models do: Flux, SD3 and Wan demos are 256 wide (group 256, like Flux's 3072,
+SD3-medium's 1536 and Wan's 5120), the PixArt demos 192 (group 64, like PixArt's
+1152 and SD3.5-large's 2432).
+
+``demo:wan`` is a text-to-video pipeline (Wan 2.1's components: UMT5 text encoder,
+Wan VAE compressing 8x in space and 4x in time, UniPC flow scheduler): it makes frames.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLWan,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
@@ -30,8 +34,19 @@ from diffusers import (
     PixArtTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    UniPCMultistepScheduler,
+    WanPipeline,
+    WanTransformer3DModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+    UMT5Config,
+    UMT5EncoderModel,
+)
 
 from .demo_tokenizers import VOCAB_SIZE, clip_like_tokenizer, t5_like_tokenizer
 
@@ -65,8 +80,8 @@ def _clip(seed: int, width: int, with_projection: bool) -> torch.nn.Module:
     return _seeded(seed, lambda: model_class(config))
 
 
-def _t5(seed: int) -> torch.nn.Module:
-    config = T5Config(
+def _t5(seed: int, config_class: type = T5Config, model_class: type = T5EncoderModel) -> torch.nn.Module:
+    config = config_class(
         vocab_size=VOCAB_SIZE,
         d_model=T5_WIDTH,
         d_kv=32,
@@ -79,7 +94,7 @@ def _t5(seed: int) -> torch.nn.Module:
         eos_token_id=1,
         decoder_start_token_id=0,
     )
-    return _seeded(seed, lambda: T5EncoderModel(config))
+    return _seeded(seed, lambda: model_class(config))
 
 
 def _vae(seed: int, latent_channels: int, shift_factor: float | None, scaling_factor: float) -> AutoencoderKL:
@@ -206,11 +221,53 @@ def _sd3(transformer: torch.nn.Module | None) -> StableDiffusion3Pipeline:
     )
 
 
+def wan_transformer() -> WanTransformer3DModel:
+    return _seeded(
+        1,
+        lambda: WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=128,
+            in_channels=16,
+            out_channels=16,
+            text_dim=T5_WIDTH,
+            freq_dim=256,
+            ffn_dim=512,
+            num_layers=2,
+        ),
+    )
+
+
+def _wan(transformer: torch.nn.Module | None) -> WanPipeline:
+    return WanPipeline(
+        transformer=transformer if transformer is not None else wan_transformer(),
+        # Wan 2.1's own scheduler settings (flow matching through UniPC), with its 480p shift.
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
+        vae=_seeded(
+            2,
+            lambda: AutoencoderKLWan(
+                base_dim=16, z_dim=16, dim_mult=[1, 1, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True]
+            ),
+        ),
+        text_encoder=_t5(4, UMT5Config, UMT5EncoderModel),
+        tokenizer=t5_like_tokenizer(),
+    )
+
+
 @dataclass(frozen=True)
 class Demo:
     name: str
     build: Callable[[torch.nn.Module | None], Any]
     call_kwargs: dict[str, Any] = field(default_factory=dict)
+    # For a video pipeline: the frames a second of its videos, and the factor its VAE compresses time by
+    # (it makes frame_step * k + 1 frames).
+    fps: float | None = None
+    frame_step: int | None = None
+    float32: tuple[str, ...] = ()  # components kept in float32 whatever the pipeline's dtype
+
+    @property
+    def video(self) -> bool:
+        return self.fps is not None
 
 
 _COMMON = {"height": IMAGE_SIZE, "width": IMAGE_SIZE, "num_inference_steps": 8, "max_sequence_length": TEXT_LENGTH}
@@ -228,6 +285,21 @@ DEMOS: dict[str, Demo] = {
         {**_COMMON, "guidance_scale": 4.5, "use_resolution_binning": False, "clean_caption": False},
     ),
     "sd3": Demo("sd3", _sd3, {**_COMMON, "guidance_scale": 5.0}),
+    "wan": Demo(
+        "wan",
+        _wan,
+        {
+            "height": 96,
+            "width": 160,
+            "num_frames": 9,
+            "num_inference_steps": 8,
+            "guidance_scale": 5.0,
+            "max_sequence_length": TEXT_LENGTH,
+        },
+        fps=16,  # Wan 2.1's
+        frame_step=4,
+        float32=("vae",),  # as Wan's model cards load it
+    ),
 }
 
 
@@ -259,9 +331,9 @@ def demo_transformer(name: str) -> torch.nn.Module:
 def demo_pipeline(name: str = "flux", transformer: torch.nn.Module | None = None, dtype=torch.bfloat16):
     """The demo pipeline ``name`` in ``dtype``; ``transformer`` replaces its random one (e.g. a quantized load)."""
     pipe = DEMOS[name].build(transformer)
-    for component in pipe.components.values():
+    for key, component in pipe.components.items():
         if isinstance(component, torch.nn.Module) and (transformer is None or component is not transformer):
             # torch's own .to: diffusers' override warns about float32 modules even when there are none.
-            torch.nn.Module.to(component, dtype)
+            torch.nn.Module.to(component, torch.float32 if key in DEMOS[name].float32 else dtype)
     pipe.register_to_config(_name_or_path=DEMO_PREFIX + name)
     return pipe

@@ -423,3 +423,7 @@ def register() -> None:
         )
     auto.AUTO_QUANTIZER_MAPPING.setdefault(QUANT_METHOD, ConvRotQuantizer)
     auto.AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(QUANT_METHOD, ConvRotConfig)
+
+
+# When this module is what first imports diffusers, the registration hook leaves the registering to it.
+register()

@@ -1,4 +1,4 @@
-"""Image and tensor error metrics: PSNR, SSIM, SQNR."""
+"""Image, video and tensor error metrics: PSNR, SSIM (per image, and per frame over a video), SQNR."""
 
 from __future__ import annotations
 
@@ -32,6 +32,26 @@ def ssim(reference, test) -> float:
     """Structural similarity (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5) between two images in [0, 1]."""
     a, b = image_tensor(reference), image_tensor(test)
     return float(_ssim(a, b, data_range=1.0, size_average=True))
+
+
+def frame_scores(reference_frames, test_frames) -> dict:
+    """PSNR and SSIM of each frame of a video against the same frame of the reference, and their mean and
+    minimum over the frames: ``psnr_db``/``ssim`` (means), ``psnr_db_min``/``ssim_min``, and the
+    per-frame lists ``psnr_db_per_frame``/``ssim_per_frame``. The mean PSNR is the mean of the frames' dB
+    (inf when a frame is identical), as video codecs report it."""
+    reference_frames, test_frames = list(reference_frames), list(test_frames)
+    if not reference_frames or len(reference_frames) != len(test_frames):
+        raise ValueError(f"frame counts differ or are zero: {len(reference_frames)} and {len(test_frames)}")
+    psnrs = [psnr(a, b) for a, b in zip(reference_frames, test_frames, strict=True)]
+    ssims = [ssim(a, b) for a, b in zip(reference_frames, test_frames, strict=True)]
+    return {
+        "psnr_db": sum(psnrs) / len(psnrs),
+        "psnr_db_min": min(psnrs),
+        "ssim": sum(ssims) / len(ssims),
+        "ssim_min": min(ssims),
+        "psnr_db_per_frame": psnrs,
+        "ssim_per_frame": ssims,
+    }
 
 
 def sqnr(reference: torch.Tensor, test: torch.Tensor) -> float:

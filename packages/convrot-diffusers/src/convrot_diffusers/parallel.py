@@ -114,8 +114,15 @@ def share(count: int, rank: int, world_size: int) -> range:
     return range(rank, count, world_size)
 
 
+def _first_result(output):
+    """A pipeline output's image, or a video pipeline's (whose output has ``frames``) video as a list of frames."""
+    images = getattr(output, "images", None)
+    return images[0] if images is not None else list(output.frames[0])
+
+
 def generate_data_parallel(pipe, prompts: Sequence[str | Mapping], seed: int = 0, progress: bool = True, **call_kwargs):
     """Images for ``prompts``, the group's ranks sharing them: a list in prompt order on rank 0, None elsewhere.
+    For a video pipeline (WanPipeline, LTX2Pipeline...) each item is a video, the list of its frames.
 
     Image ``i`` is ``pipe(prompts[i], generator=torch.Generator("cpu").manual_seed(seed + i), **call_kwargs)``
     whichever rank makes it; a prompt may also be a dict of the pipeline's per-image arguments (e.g.
@@ -140,7 +147,7 @@ def generate_data_parallel(pipe, prompts: Sequence[str | Mapping], seed: int = 0
     for i in share(len(prompts), me.rank, me.world_size):
         generator = torch.Generator("cpu").manual_seed(seed + i)
         per_image = {"prompt": prompts[i]} if isinstance(prompts[i], str) else dict(prompts[i])
-        made[i] = pipe(**per_image, generator=generator, **call_kwargs).images[0]
+        made[i] = _first_result(pipe(**per_image, generator=generator, **call_kwargs))
     if me.world_size == 1:
         return [made[i] for i in range(len(prompts))]
     gathered = [None] * me.world_size if me.is_main else None

@@ -65,6 +65,14 @@ def quantize_transformer(
     return transformer
 
 
+def second_denoiser(pipe):
+    """The second expert of a two-expert pipeline (Wan 2.2 A14B's low-noise ``transformer_2``), or None."""
+    from diffusers import ModelMixin
+
+    transformer_2 = getattr(pipe, "transformer_2", None)
+    return transformer_2 if isinstance(transformer_2, ModelMixin) else None
+
+
 def quantize_pipeline(
     pipe,
     preset: str | None = None,
@@ -77,12 +85,29 @@ def quantize_pipeline(
 
     Any pipeline with a diffusers ``transformer``: FluxPipeline, PixArtSigma/AlphaPipeline and
     StableDiffusion3Pipeline through their presets; Flux2Pipeline, QwenImagePipeline, WanPipeline,
-    LTX2Pipeline (tested) and others through the generic rules.
+    LTX2Pipeline (tested) and others through the generic rules. A pipeline with two experts (Wan 2.2
+    A14B's ``transformer_2``) has both quantized; every layer of both is checked before either is converted.
+    A policy applies to ``pipe.transformer`` only (it names that transformer's layers); ``transformer_2``
+    then gets the default preset ("mix").
     ``group_size`` falls back, per layer, to the largest power of 4 that divides
     its in_features (e.g. 64 for PixArt's 1152 and SD3.5-large's 2432).
     """
     transformer = denoiser_of(pipe)
     if transformer is pipe:
         raise TypeError("quantize_pipeline expects a pipeline; use quantize_transformer for a bare transformer")
-    quantize_transformer(transformer, preset, group_size, progress, base_model=pipe.name_or_path or None, policy=policy)
+    denoisers = [transformer] + ([second_denoiser(pipe)] if second_denoiser(pipe) is not None else [])
+    if policy is not None and preset is not None:
+        raise ValueError(f"give a preset or a policy, not both (preset {preset!r})")
+    # A policy names the layers of one transformer (`convrot scan` measures pipe.transformer): the second
+    # expert gets the default preset.
+    second_preset = DEFAULT_PRESET if preset is None else preset
+    check_preset(second_preset)
+    for denoiser in denoisers[1:]:
+        if getattr(denoiser.config, "quantization_config", None) is not None:
+            raise ValueError("the pipeline's transformer_2 is already quantized")
+        check_layers(denoiser, policy_for(denoiser, second_preset), group_size)
+    base_model = pipe.name_or_path or None
+    quantize_transformer(transformer, preset, group_size, progress, base_model=base_model, policy=policy)
+    for denoiser in denoisers[1:]:
+        quantize_transformer(denoiser, second_preset, group_size, progress, base_model=base_model)
     return pipe

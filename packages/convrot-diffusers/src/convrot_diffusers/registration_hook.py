@@ -15,6 +15,11 @@ import sys
 
 
 def _register() -> None:
+    integration = sys.modules.get(f"{__package__}.diffusers_integration")
+    if integration is not None and not hasattr(integration, "register"):
+        # diffusers is being imported by diffusers_integration itself (``from convrot_diffusers import
+        # quantize_pipeline`` before any diffusers import), which registers once it is defined.
+        return
     from .diffusers_integration import register
 
     register()

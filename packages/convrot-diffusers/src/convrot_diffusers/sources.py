@@ -11,7 +11,7 @@ import torch
 
 from .checkpoint import is_quantized_save, load_quantized, read_config
 from .demo import DEMO_PREFIX, DEMOS, demo_name, demo_pipeline, is_demo
-from .detect import architecture_for_class
+from .detect import check_diffusers_transformer_class
 from .diffusers_integration import ConvRotConfig
 from .pipeline import quantize_pipeline
 
@@ -53,11 +53,31 @@ def transformer_class_of(model: str) -> str:
     if "transformer" not in index:
         raise SourceError(
             f"{model} ({index.get('_class_name', 'unknown pipeline')}) has no transformer; "
-            "supported: Flux, PixArt-Sigma/Alpha and SD3 pipelines"
+            "supported: pipelines whose denoiser is a diffusers transformer (Flux, PixArt, SD3, Wan, ...)"
         )
     class_name = index["transformer"][1]
-    architecture_for_class(class_name)
+    check_diffusers_transformer_class(class_name)
     return class_name
+
+
+def pipeline_from_pretrained(model: str, dtype, **components):
+    """The pipeline ``model`` with ``components`` (e.g. a quantized transformer) in place of its own.
+
+    Through the pipeline's own class, not DiffusionPipeline: diffusers (0.42) reads which components
+    are optional from the class it is called on, so DiffusionPipeline.from_pretrained ignores a passed
+    component that the pipeline declares optional (Wan's transformer and transformer_2) and loads the
+    bf16 one from disk. A component still not in place is an error, never a silent bf16 run."""
+    import diffusers
+
+    name = pipeline_index(model).get("_class_name")
+    pipeline_class = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if not (isinstance(pipeline_class, type) and issubclass(pipeline_class, diffusers.DiffusionPipeline)):
+        pipeline_class = diffusers.DiffusionPipeline
+    pipe = pipeline_class.from_pretrained(model, torch_dtype=dtype, **components)
+    for key, component in components.items():
+        if getattr(pipe, key, None) is not component:
+            raise SourceError(f"diffusers did not take the given {key} into {model}'s {type(pipe).__name__}")
+    return pipe
 
 
 def _first_line(error: BaseException) -> str:
@@ -108,22 +128,26 @@ def load_pipeline(
     if os.path.isdir(model) and is_quantized_save(model):
         return load_saved_pipeline(model, device=device, dtype=dtype)
 
-    from diffusers import DiffusionPipeline
-
     class_name = transformer_class_of(model)
+    # A two-expert pipeline (Wan 2.2 A14B) has a second transformer, quantized the same way.
+    second = (pipeline_index(model).get("transformer_2") or [None, None])[1]
     with _load_guard(model, device):
         components = {}
         if preset is not None:
             import diffusers
 
-            components["transformer"] = getattr(diffusers, class_name).from_pretrained(
-                model,
-                subfolder="transformer",
-                quantization_config=ConvRotConfig(preset, group_size, base_model=base_model_id(model)),
-                torch_dtype=dtype,
-                **({"device_map": device} if device != "cpu" else {}),
-            )
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, **components).to(device)
+            for subfolder, name in (("transformer", class_name), ("transformer_2", second)):
+                if name is None:
+                    continue
+                check_diffusers_transformer_class(name)
+                components[subfolder] = getattr(diffusers, name).from_pretrained(
+                    model,
+                    subfolder=subfolder,
+                    quantization_config=ConvRotConfig(preset, group_size, base_model=base_model_id(model)),
+                    torch_dtype=dtype,
+                    **({"device_map": device} if device != "cpu" else {}),
+                )
+        pipe = pipeline_from_pretrained(model, dtype, **components).to(device)
     return LoadedPipeline(pipe, model, False)
 
 
@@ -139,12 +163,19 @@ def load_saved_pipeline(directory: str, base_model: str | None = None, device: s
         name = demo_name(base)
         pipe = demo_pipeline(name, transformer=transformer, dtype=dtype).to(device)
         return LoadedPipeline(pipe, f"{directory} (on {base})", True, dict(DEMOS[name].call_kwargs))
-    from diffusers import DiffusionPipeline
 
     if not Path(os.path.expanduser(base)).exists():
         _check_local_or_hub(base)
+    if (pipeline_index(base).get("transformer_2") or [None])[0] is not None:
+        import warnings
+
+        warnings.warn(
+            f"{directory} holds one transformer; the second expert (transformer_2) of {base} runs in bf16 "
+            f"(`convrot generate {base} --preset ...` quantizes both as they load)",
+            stacklevel=2,
+        )
     with _load_guard(base, device):
-        pipe = DiffusionPipeline.from_pretrained(base, transformer=transformer, torch_dtype=dtype).to(device)
+        pipe = pipeline_from_pretrained(base, dtype, transformer=transformer).to(device)
     return LoadedPipeline(pipe, f"{directory} (on {base})", False)
 
 
