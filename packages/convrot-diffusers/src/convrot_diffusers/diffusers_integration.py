@@ -256,7 +256,7 @@ class ConvRotQuantizer(DiffusersQuantizer):
             policy = policy_for(model, self.quantization_config.preset)
             check_layers(model, policy, self.quantization_config.group_size)
             for name, module in model.named_modules():
-                if isinstance(module, torch.nn.Linear):
+                if isinstance(module, torch.nn.Linear) and not isinstance(module, convrot.ConvLinear):
                     kind = convrot.policy.layer_kind(name, policy)[0]
                     if kind != "skip":
                         self.pending[name] = kind
