@@ -11,8 +11,9 @@ class WeightStandIn(torch.Tensor):
 
     Code written for nn.Linear reads ``layer.weight`` for its metadata (PEFT sizes its LoRA layers and
     takes their dtype and device from it; diffusers' Flux LoRA loader compares shapes). Any
-    computation with it (an op, a copy, ``fuse_lora``'s merge into it) raises a TypeError that says
-    the layer holds quantized codes. ``.data`` and ``.detach()`` give another stand-in.
+    computation with it (an op, a copy, ``fuse_lora``'s merge into it) raises a NotImplementedError
+    that says the layer holds quantized codes (not a TypeError: torch turns those, in ``+=``, into
+    Python's "unsupported operand"). ``.data`` and ``.detach()`` give another stand-in.
     """
 
     __torch_function__ = torch._C._disabled_torch_function_impl
@@ -32,7 +33,7 @@ class WeightStandIn(torch.Tensor):
         stand_in = next(a for a in (*args, *(kwargs or {}).values()) if isinstance(a, WeightStandIn))
         if func in (torch.ops.aten.detach.default, torch.ops.aten.alias.default):
             return WeightStandIn(stand_in.layer_name, stand_in.shape, stand_in.dtype, stand_in.device)
-        raise TypeError(
+        raise NotImplementedError(
             f"{stand_in.layer_name}.weight stands in for a float weight it does not hold (the layer stores "
             f"quantized codes): {func} cannot run on it. Merging a LoRA into a quantized layer (fuse_lora) "
             "is not supported: keep the LoRA as a side path (load_lora_weights, set_adapters)"
