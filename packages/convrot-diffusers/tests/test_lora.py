@@ -1,38 +1,15 @@
 """LoRA on ConvRot-quantized transformers through diffusers' loaders and PEFT (tiny models, random LoRAs)."""
 
+import lora_dits
 import pytest
 import torch
-
-import lora_dits
-from lora_dits import build, kohya_lora, peft_lora, pipeline, quantized_copy, run
+from lora_dits import STRENGTH, build, kohya_lora, load, peft_lora, pipeline, quantized_copy, rel, run
 
 import convrot
 import convrot_diffusers
 from convrot_diffusers.fusion import FusedAwayProjection
 
 pytest.importorskip("peft")
-
-# A LoRA's B A moves each layer's output by this fraction of what the layer's own weight gives (trained
-# LoRAs sit at or below it); at 0.5 the extra gain of every layer makes quantization errors grow by up to
-# 1.3x through the two blocks, whatever the side path computes.
-STRENGTH = 0.15
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
-def load(arch: str, transformer, state: dict, adapter_name: str, **kwargs) -> None:
-    """diffusers' loader: the pipeline's load_lora_weights, or for Flux.1 the transformer's load_lora_adapter on
-    the pipeline's converted state dict (FluxLoraLoaderMixin.load_lora_weights reads
-    transformer.state_dict()[f"{layer}.weight"], which a quantized layer has not: docs/diffusers.md, LoRA)."""
-    pipe = pipeline(arch, transformer)
-    if arch == "flux":
-        converted = pipe.lora_state_dict(dict(state))
-        transformer.load_lora_adapter(converted, prefix="transformer", adapter_name=adapter_name, **kwargs)
-    else:
-        pipe.load_lora_weights(dict(state), adapter_name=adapter_name, **kwargs)
-
 
 CASES = [(arch, lora_format) for arch in lora_dits.ARCHITECTURES for lora_format in ("peft", "kohya")]
 
@@ -193,3 +170,17 @@ def test_compiled_lora_layer_around_a_convlinear_matches_eager(seed):
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
+
+
+def test_lora_on_a_saved_and_reloaded_quantized_transformer(tmp_path, seed):
+    import diffusers
+
+    model, inputs = build("qwen-image", seed)
+    quantized = quantized_copy(model)
+    quantized.save_pretrained(tmp_path)
+    reloaded = diffusers.QwenImageTransformer2DModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    assert all(m.float_dtype == torch.bfloat16 for m in reloaded.modules() if isinstance(m, convrot.ConvLinear))
+    lora = peft_lora(model, 4, torch.Generator().manual_seed(seed), STRENGTH)
+    for transformer in (quantized, reloaded):
+        load("qwen-image", transformer, lora, "style")
+    assert torch.equal(run(reloaded, inputs), run(quantized, inputs))

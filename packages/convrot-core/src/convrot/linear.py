@@ -11,10 +11,10 @@ from convrot_kernels import layer_norm_modulate, pack_int4
 
 from .fused_input import materialize
 from .hadamard import check_rotation, resolve_group_size
-from .weight_stand_in import WeightStandIn
 from .ops import linear_forward, normed_input_forward, residual_normed_input_forward, shared_input_forward
 from .quantizer.fake_quant import simulated_linear
 from .quantizer.weight import WEIGHT_GROUP, quantize_weight, quantize_weight_grouped
+from .weight_stand_in import WeightStandIn
 
 # Activation dtypes the kernels take; the output has the input's dtype.
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

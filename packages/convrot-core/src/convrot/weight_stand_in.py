@@ -1,4 +1,4 @@
-"""WeightStandIn: what a ConvLinear gives as ``.weight``, the shape, dtype and device of a float weight without values."""
+"""WeightStandIn: a ConvLinear's ``.weight``, the shape, dtype and device of a float weight without its values."""
 
 from __future__ import annotations
 

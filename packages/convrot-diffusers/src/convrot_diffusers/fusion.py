@@ -28,8 +28,8 @@ from __future__ import annotations
 import functools
 
 from diffusers.models import attention_processor
-from torch import nn
 from diffusers.models.attention import AttentionModuleMixin
+from torch import nn
 
 import convrot
 from convrot import ConvLinear
