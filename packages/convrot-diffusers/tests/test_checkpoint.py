@@ -7,6 +7,7 @@ from conftest import build, generate
 
 import convrot
 import convrot_diffusers
+from convrot.weight_stand_in import WeightStandIn
 from convrot_diffusers.checkpoint import NotAQuantizedSaveError, describe, read_config
 
 
@@ -31,7 +32,8 @@ def test_load_builds_quantized_layers_without_bf16_weights(tmp_path):
     layer = loaded.single_transformer_blocks[0].proj_mlp
     assert isinstance(layer, convrot.ConvLinear4bit)
     assert layer.qweight.dtype == torch.uint8 and layer.weight_scale.dtype == torch.float32
-    assert not hasattr(layer, "weight")
+    assert not list(layer.parameters())  # its .weight only stands in for one (shape, dtype, device)
+    assert isinstance(layer.weight, WeightStandIn) and layer.weight.dtype == torch.bfloat16
     assert loaded.x_embedder.weight.dtype == torch.bfloat16
 
 

@@ -111,7 +111,7 @@ def test_loaded_layers_hold_comfy_kitchens_codes_and_weights_bit_for_bit(name, s
         conf = json.loads(bytes(tensors[f"{source}.comfy_quant"].tolist()))
         bits = 4 if conf["format"] == "convrot_w4a4" else 8
         assert isinstance(layer, convrot.ConvLinear4bit if bits == 4 else convrot.ConvLinear8bit)
-        assert not hasattr(layer, "weight")  # the codes only: no float copy of the weight
+        assert not list(layer.parameters())  # the codes only: no float copy of the weight (.weight stands in)
         assert layer.group_size == conf["convrot_groupsize"]
         codes = tensors[f"{source}.weight"][rows]
         assert torch.equal(layer.qweight.view(torch.int8), codes)

@@ -8,10 +8,15 @@ import convrot
 import convrot_diffusers
 from convrot_diffusers import fuse_qkv_projections, unfuse_qkv_projections
 from convrot_diffusers.demo import flux_transformer, sd3_transformer
+from convrot_diffusers.fusion import FusedAwayProjection
 
 
 def unfused_attention(transformer) -> list[str]:
-    return [name for name, module in transformer.named_modules() if hasattr(module, "to_k")]
+    return [
+        name
+        for name, module in transformer.named_modules()
+        if hasattr(module, "to_k") and not isinstance(module.to_k, FusedAwayProjection)
+    ]
 
 
 def state(transformer) -> dict[str, torch.Tensor]:

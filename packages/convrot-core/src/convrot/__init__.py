@@ -24,6 +24,7 @@ from .linear import ConvLinear, ConvLinear4bit, ConvLinear8bit
 from .model import quantize_model, set_simulation
 from .policy import KINDS
 from .quantizer.fake_quant import fake_quant, simulated_linear
+from .weight_stand_in import WeightStandIn
 
 try:
     __version__ = version("convrot-core")
@@ -38,6 +39,7 @@ __all__ = [
     "ConvLinear",
     "ConvLinear4bit",
     "ConvLinear8bit",
+    "WeightStandIn",
     "check_layout",
     "checkpoint_metadata",
     "fake_quant",

@@ -421,5 +421,7 @@ def install_skeletons(model: nn.Module, layers: Mapping[str, dict]) -> None:
                 rotation=spec["rotation"],
                 device="meta",
             )
+            if isinstance(module, nn.Linear):  # the model's float dtype, for what reads the layer's weight
+                replacements[id(module)].float_dtype = module.weight.dtype
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, replacements[id(module)])

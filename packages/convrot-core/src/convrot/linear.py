@@ -14,12 +14,20 @@ from .hadamard import check_rotation, resolve_group_size
 from .ops import linear_forward, normed_input_forward, residual_normed_input_forward, shared_input_forward
 from .quantizer.fake_quant import simulated_linear
 from .quantizer.weight import WEIGHT_GROUP, quantize_weight, quantize_weight_grouped
+from .weight_stand_in import WeightStandIn
 
 # Activation dtypes the kernels take; the output has the input's dtype.
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class ConvLinear(nn.Module):
+# ConvLinear subclasses nn.Linear (without nn.Linear's float weight) so that LoRA loads onto it: diffusers
+# builds the PEFT LoraConfig itself, leaving no place to register a custom LoRA layer
+# (LoraConfig._register_custom_module), and PEFT's default dispatcher wraps any nn.Linear instance in its
+# lora.Linear, which calls the base layer and adds lora_B(lora_A(x)) * scale on the same input. What
+# PEFT and diffusers' loaders read of an nn.Linear besides its forward (in/out_features, bias, and
+# weight's shape, dtype and device) the class provides; ``weight`` is a WeightStandIn, which refuses
+# any computation with a clear error (a merge into it, fuse_lora, among them).
+class ConvLinear(nn.Linear):
     """Base of ConvLinear4bit and ConvLinear8bit (``bits``, the weights' width, is set by the subclass).
 
     ``act_bits``: the activations' width, 4 or 8 (default: the weights'); ConvLinear4bit
@@ -42,6 +50,12 @@ class ConvLinear(nn.Module):
     activation quantization; ``forward(x, x2)`` then also takes the input in
     two parts, ``cat([x, x2], -1)``. Set by convrot_diffusers.fuse_activations
     together with the module whose GELU and concatenation it removes.
+
+    An nn.Linear with no float weight: ``weight`` is a WeightStandIn of shape
+    [out_features, in_features], dtype ``float_dtype`` (the replaced Linear's, following
+    ``model.to(dtype)``) and the codes' device, for code that reads a Linear's weight for those
+    (PEFT's LoRA layers take their dtype and device from it); it holds no values. convrot's
+    own conversions (quantize_model, the presets) never re-quantize a ConvLinear.
     """
 
     bits: int
@@ -57,7 +71,7 @@ class ConvLinear(nn.Module):
         act_bits: int | None = None,
         weight_group_size: int | None = None,
     ):
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Linear's: it would allocate the float weight this layer replaces
         if type(self) is ConvLinear:
             raise TypeError("ConvLinear is a base class: use ConvLinear4bit or ConvLinear8bit")
         check_rotation(rotation)
@@ -70,6 +84,7 @@ class ConvLinear(nn.Module):
         self.group_size = resolve_group_size(in_features, group_size)
         self.rotation = rotation
         self.simulation_dtype: torch.dtype | None = None
+        self.float_dtype = torch.get_default_dtype()
         self.gelu_from = None
         if self.bits == 4:
             qweight = torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device)
@@ -106,6 +121,8 @@ class ConvLinear(nn.Module):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        if isinstance(linear, ConvLinear):  # an nn.Linear subclass without float weights
+            raise TypeError(f"from_linear expects a float nn.Linear, got {type(linear).__name__} (already quantized)")
         layer = cls(
             linear.in_features,
             linear.out_features,
@@ -128,6 +145,7 @@ class ConvLinear(nn.Module):
             layer.qweight = pack_int4(codes) if cls.bits == 4 else codes
             layer.weight_scale = scale
             layer.bias = None if linear.bias is None else linear.bias.detach().float().clone()
+        layer.float_dtype = linear.weight.dtype
         return layer
 
     @property
@@ -150,8 +168,28 @@ class ConvLinear(nn.Module):
         layer.qweight, layer.weight_scale, layer.bias = qweight, weight_scale, bias
         layer.weight_group_scale = weight_group_scale
         layer.simulation_dtype = self.simulation_dtype
+        layer.float_dtype = self.float_dtype
         layer.gelu_from = self.gelu_from
         return layer
+
+    @property
+    def weight(self) -> WeightStandIn:
+        """The float weight's shape, dtype and device, without values (see WeightStandIn).
+
+        Refused for a layer with ``gelu_from``: code that reads an nn.Linear's weight (a LoRA loader)
+        assumes the layer's input is what it is given, and this layer applies a GELU to part of it.
+        """
+        if self.gelu_from is not None:
+            raise ValueError(
+                f"{type(self).__name__}({self.extra_repr()}) applies a GELU to its input "
+                "(convrot_diffusers.fuse_activations), so a LoRA beside it would read the wrong input: call "
+                "convrot_diffusers.unfuse_activations before loading a LoRA (fusing afterwards leaves "
+                "LoRA layers unfused)"
+            )
+        return WeightStandIn(self, (self.out_features, self.in_features), self.float_dtype, self.qweight.device)
+
+    def reset_parameters(self) -> None:
+        raise TypeError(f"{type(self).__name__} holds quantized weights: there are no float parameters to reset")
 
     @property
     def gelu_from(self) -> int | None:
@@ -387,6 +425,8 @@ class ConvLinear(nn.Module):
         # the bias must stay fp32 (the epilogue's operands), so only their device follows.
         scale, bias = self.weight_scale, self.bias
         super()._apply(fn, recurse)
+        # float_dtype follows a dtype conversion as a float parameter would.
+        self.float_dtype = fn(torch.empty(0, dtype=self.float_dtype)).dtype
         if self.weight_scale.dtype != torch.float32:
             self.weight_scale = scale.to(device=self.weight_scale.device)
         if bias is not None and self.bias.dtype != torch.float32:

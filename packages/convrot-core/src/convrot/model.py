@@ -16,8 +16,11 @@ from .policy import check_policy, layer_kind
 
 def is_convertible_linear(module: nn.Module) -> bool:
     # nn.MultiheadAttention reads its out_proj's weight directly, so that
-    # Linear (a NonDynamicallyQuantizableLinear) cannot be replaced.
-    return isinstance(module, nn.Linear) and not isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear)
+    # Linear (a NonDynamicallyQuantizableLinear) cannot be replaced. A ConvLinear is an nn.Linear
+    # already quantized.
+    return isinstance(module, nn.Linear) and not isinstance(
+        module, (nn.modules.linear.NonDynamicallyQuantizableLinear, ConvLinear)
+    )
 
 
 def _plan(model: nn.Module, policy: dict[str, str], group_size: int) -> list[tuple[list[str], str]]:

@@ -290,7 +290,7 @@ class ConvRotQuantizer(DiffusersQuantizer):
                 check_policy_layers(policy, linear_names(model), type(model).__name__)
             check_layers(model, policy, self.quantization_config.group_size)
             for name, module in model.named_modules():
-                if isinstance(module, torch.nn.Linear):
+                if isinstance(module, torch.nn.Linear) and not isinstance(module, convrot.ConvLinear):
                     kind = convrot.policy.layer_kind(name, policy)[0]
                     if kind != "skip":
                         self.pending[name] = kind
@@ -362,6 +362,11 @@ class ConvRotQuantizer(DiffusersQuantizer):
                 raise convrot.CheckpointError(f"{sources}: tensor(s) {sorted(missing)[:5]} were not loaded")
             for name, buffer in _non_persistent_buffers(model).items():
                 _set_tensor(model, name, buffer.to(self._buffer_dtype(name)))
+            # The skeletons were built in the default dtype: the LoRA layers PEFT adds take the model's.
+            float_dtype = self._buffer_dtype("")
+            for module in model.modules():
+                if isinstance(module, convrot.ConvLinear):
+                    module.float_dtype = float_dtype
         elif self.pending:
             missing = sorted(self.pending)
             raise ValueError(f"the checkpoint lacks the weights of {len(missing)} layer(s) to quantize: {missing[:5]}")

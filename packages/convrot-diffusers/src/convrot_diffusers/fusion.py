@@ -6,7 +6,11 @@ packed codes, no ``.weight``). ``fuse_qkv_projections`` here concatenates the
 quantized layers instead (exact: ConvLinear.concatenate) and drops the
 separate ones, so the weights take no more memory; diffusers' attention code
 then reads ``to_qkv`` / ``to_kv`` / ``to_added_qkv`` as it does for its own
-fusion. ``unfuse_qkv_projections`` splits them back (exact too).
+fusion. ``unfuse_qkv_projections`` splits them back (exact too). Each separate
+layer's name keeps a ``FusedAwayProjection``, which holds nothing: a LoRA
+loaded onto a fused model targets it by name and fails with its message
+(unfuse first) instead of being dropped as keys without a module. Layers that
+carry a LoRA (PEFT's layers, not ConvLinear) are left unfused.
 
 Two kinds of attention modules are handled:
 - the ones that choose the fused path by their ``fused_projections`` flag
@@ -25,6 +29,7 @@ import functools
 
 from diffusers.models import attention_processor
 from diffusers.models.attention import AttentionModuleMixin
+from torch import nn
 
 import convrot
 from convrot import ConvLinear
@@ -43,6 +48,28 @@ FUSED_PROCESSORS = {
     attention_processor.AttnProcessor2_0: attention_processor.FusedAttnProcessor2_0,
     attention_processor.JointAttnProcessor2_0: attention_processor.FusedJointAttnProcessor2_0,
 }
+
+
+class FusedAwayProjection(nn.Module):
+    """What a projection's name holds while fuse_qkv_projections has joined the layer into another: nothing
+    to run, and a message for code that finds it by name (PEFT's error when a LoRA targets it)."""
+
+    def __init__(self, name: str, fused_name: str):
+        super().__init__()
+        self.name, self.fused_name = name, fused_name
+
+    def message(self) -> str:
+        return (
+            f"{self.name} is fused into {self.fused_name} by convrot_diffusers.fuse_qkv_projections: call "
+            "convrot_diffusers.unfuse_qkv_projections before loading a LoRA (fusing afterwards leaves the "
+            "layers that carry a LoRA separate)"
+        )
+
+    def extra_repr(self) -> str:
+        return self.message()
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(self.message())
 
 
 def _groups(module) -> list[tuple[str, tuple[str, ...]]]:
@@ -102,7 +129,7 @@ def fuse_qkv_projections(pipe_or_transformer) -> int:
             setattr(module, fused_name, ConvLinear.concatenate(layers))
             parts[fused_name] = [(name, layer.out_features) for name, layer in zip(names, layers, strict=True)]
             for name in names:
-                delattr(module, name)
+                setattr(module, name, FusedAwayProjection(name, fused_name))
         module._convrot_fused = parts
         if flagged:
             module.fused_projections = True

@@ -323,7 +323,7 @@ def check_layers(transformer, policy: dict[str, str], group_size: int) -> None:
     import convrot
 
     for name, module in transformer.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, nn.Linear) or isinstance(module, convrot.ConvLinear):  # quantized already
             continue
         kind = layer_kind(policy, name)
         if kind == "skip":
@@ -349,7 +349,11 @@ def policy_for(transformer, preset: str = DEFAULT_PRESET) -> dict[str, str]:
 
     rules = _rules_for(transformer, preset)
     policy = {rule.pattern: rule.kind for rule in rules}
-    linears = [name for name, module in transformer.named_modules() if isinstance(module, nn.Linear)]
+    linears = [
+        name
+        for name, module in transformer.named_modules()
+        if isinstance(module, nn.Linear) and not isinstance(module, convrot.ConvLinear)
+    ]
     deciding = {convrot.policy.layer_kind(name, policy)[1] for name in linears}
     return {pattern: kind for pattern, kind in policy.items() if pattern in deciding}
 

@@ -47,7 +47,7 @@ class ActivationRecorder:
 
     def __enter__(self) -> ActivationRecorder:
         for name, module in self.model.named_modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear) and not isinstance(module, convrot.ConvLinear):
                 self._handles.append(module.register_forward_pre_hook(self._hook(name)))
         return self
 
