@@ -39,7 +39,7 @@
 // in natural K order (16 * code, so sums are 16x the true ones), two threads per row. Group-scaled
 // 4-bit weights: the expansion warps multiply each code by its group's multiplier
 // (int4_decode.cuh), loaded from global memory (L2-resident), writing the true int8 value: per
-// K-slice for W4A4, three slices ahead for W4A8.
+// K-slice for W4A4, two slices ahead for W4A8.
 #include <cuda.h>
 
 #include <type_traits>
@@ -410,10 +410,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       static_assert(kBN % kRowsPerPass == 0 && L::kBRowBytes == 32, "two 16-byte halves per row, whole passes");
       const int et = threadIdx.x - 32, half = et & 1;
       const int groups = k / kWeightGroup;  // GROUPED: one group per 64-code slice, num_k == groups
-      // GROUPED: the multipliers (global memory, L2-resident) of a slice are loaded three slices
-      // ahead, into one of three register sets in turn, so that their latency is not the
-      // expansion's: loaded as the slice is expanded, every slice would wait one L2 round trip.
-      // (A set rotated by register copies would wait for its loads at each copy.)
+      // GROUPED: the multipliers (global memory, L1- or L2-resident) of a slice are loaded two
+      // slices ahead, into one of two register sets in turn, so that an L1 miss costs the
+      // expansion no round trip: the proxy fence that ends every slice waits for the loads in
+      // flight, so loads issued after slice j have until the end of slice j + 1. (A single set
+      // rotated by register copies would wait for its loads at each copy.)
       int ahead_tile = blockIdx.x, ahead_kt = 0;  // the next slice whose multipliers are loaded
       const auto load_multipliers = [&](uint32_t (&multiplier)[kPasses]) {
         if constexpr (GROUPED) {
@@ -467,19 +468,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       };
       const int my_tiles = blockIdx.x < num_tiles ? (num_tiles - 1 - blockIdx.x) / gridDim.x + 1 : 0;
       const int slices = my_tiles * num_k;
-      uint32_t m0[kPasses] = {}, m1[kPasses] = {}, m2[kPasses] = {};
+      uint32_t m0[kPasses] = {}, m1[kPasses] = {};
       load_multipliers(m0);
       load_multipliers(m1);
-      load_multipliers(m2);
-      for (int done = 0; done < slices; done += 3) {
+      for (int done = 0; done < slices; done += 2) {
         expand_slice(m0);
         load_multipliers(m0);
         if (done + 1 == slices) break;
         expand_slice(m1);
         load_multipliers(m1);
-        if (done + 2 == slices) break;
-        expand_slice(m2);
-        load_multipliers(m2);
       }
     }
     return;
