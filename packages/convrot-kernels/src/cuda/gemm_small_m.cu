@@ -310,7 +310,8 @@ auto configured(int64_t k, size_t& smem) {
   constexpr size_t kRingBytes =
       size_t(stages(COMPACT)) * ring_pieces(MB, activation_pieces(A_BITS, W_BITS)) * kThreads * 16;
   constexpr size_t kPartialBytes = COMPACT ? 0 : size_t(MB) * kNB * 4 * kWarps * 32 * 4;  // static shared memory
-  // One limit for every K, the largest: the attribute is set once per kernel and size.
+  // The limit is the largest any K needs: the attribute is cached per kernel and size, so a
+  // per-call size could leave a smaller limit set than a later call with a seen size needs.
   allow_dynamic_smem(kernel, kRingBytes + kPartialBytes + (GROUPED ? kMaxMultiplierBytes : 0));
   smem = kRingBytes + (GROUPED ? size_t(ceil_div<int64_t>(8 * kNB * (k / kWeightGroup), 16)) * 16 : 0);
   return kernel;
