@@ -1,6 +1,6 @@
 """The Hopper GEMM paths against bf16 F.linear and torch._int_mm; one GPU, one run.
 
-    python packages/convrot-kernels/benchmarks/bench_gemm_sm90.py [--json PATH]
+    python packages/convrot-kernels/benchmarks/bench_gemm_sm90.py [--json PATH] [--quick]
 
 Timing is bench_primitives.time_per_call (CUDA-graph replays, CUDA events,
 median). Unlike there, every input set carries its own weights too, so that
@@ -158,6 +158,10 @@ def main() -> None:
         "--cutlass", nargs="?", const=str(DEFAULT_LIBRARY), metavar="LIBRARY",
         help="also time CUTLASS's int8 GEMM at M = 4608 (default library: %(const)s)",
     )  # fmt: skip
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="only the dispatcher's choice of each scheme at M = 1, 16 and 4608 on Flux's four shapes",
+    )  # fmt: skip
     args = parser.parse_args()
     cutlass = CutlassInt8(args.cutlass) if args.cutlass else None
     torch.manual_seed(0)
@@ -180,12 +184,17 @@ def main() -> None:
         line = f"{kind:22s} M={m:5d} K={k:5d} N={n:5d} {us:8.1f}us {tops:7.1f} TOPS  {ratios}  {state.cell()}"
         print(line, flush=True)
 
-    for k, n in FLUX_KN:
-        bench_shape(M_LARGE, k, n, ["sm90_persistent", "sm90", "auto"], record, monitor, cutlass)
-    for m, k, n in SMALL:
-        bench_shape(m, k, n, ["small_m", "sm90_persistent", "auto"], record, monitor)
-    for m, k, n in CROSSOVER:
-        bench_shape(m, k, n, ["sm90_persistent", "sm90", "auto"], record, monitor)
+    if args.quick:
+        for m in (M_LARGE, 16, 1):
+            for k, n in FLUX_KN:
+                bench_shape(m, k, n, ["auto"], record, monitor, cutlass if m == M_LARGE else None)
+    else:
+        for k, n in FLUX_KN:
+            bench_shape(M_LARGE, k, n, ["sm90_persistent", "sm90", "auto"], record, monitor, cutlass)
+        for m, k, n in SMALL:
+            bench_shape(m, k, n, ["small_m", "sm90_persistent", "auto"], record, monitor)
+        for m, k, n in CROSSOVER:
+            bench_shape(m, k, n, ["sm90_persistent", "sm90", "auto"], record, monitor)
     monitor.stop()
 
     print(

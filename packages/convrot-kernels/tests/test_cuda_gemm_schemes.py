@@ -153,6 +153,36 @@ def test_persistent_kernel_is_exact(m, n, k, scheme, out_dtype):
     check(m, n, k, scheme, out_dtype, (m + n) % 2 == 0, "sm90_persistent")
 
 
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k", [(300, 152, 2464), (513, 301, 96), (4608, 3072, 3104)])
+def test_persistent_w4a8_ends_in_half_a_slice(m, n, k, out_dtype):
+    # The persistent kernel walks W4A8's K in 64-code slices: K = 64 j + 32 leaves the last one
+    # half past the end of both operands (TMA fills it with zeros).
+    check(m, n, k, (4, 8, False), out_dtype, (m + n) % 2 == 0, "sm90_persistent")
+
+
+@pytest.mark.parametrize("kernel", ["small_m", "sm90_persistent"])
+@pytest.mark.parametrize("act_bits", [4, 8])
+def test_group_scales_at_an_odd_address(kernel, act_bits):
+    # The small-M kernel copies a block's multipliers by 16-byte pieces where group_scale is
+    # 16-byte aligned and byte by byte where not: a view one byte into its storage takes the latter.
+    if not hopper():
+        pytest.skip("the Hopper GEMM paths need compute capability 9.0")
+    m, n, k = (16, 12288 + 8, 3072) if kernel == "small_m" else (300, 152, 2432)
+    scheme = (4, act_bits, True)
+    qa, ca, qw, w, group_scale = operands(m, n, k, scheme)
+    storage = torch.empty(group_scale.numel() + 1, dtype=torch.uint8, device="cuda")
+    odd = storage[1:].view(group_scale.shape)
+    odd.copy_(group_scale)
+    assert odd.data_ptr() % 2 == 1
+    sa = torch.rand(m, device="cuda") * 0.01 + 1e-4
+    sw = torch.rand(n, device="cuda") * 0.01 + 1e-4
+    with ck.forced_gemm_kernel(kernel):
+        y = run_gemm(qa, sa, qw, sw, None, scheme, odd, torch.bfloat16)
+    expected = expected_output(ca, sa, w, sw, None, torch.bfloat16)
+    assert torch.equal(y.view(torch.uint8), expected.view(torch.uint8))
+
+
 @pytest.mark.parametrize("kernel", ["simt", None])
 @pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)
 @pytest.mark.parametrize("m,n,k", [(1, 3072, 3072), (16, 12288, 3072), (300, 145, 2432), (4608, 3072, 3072)])

@@ -4,7 +4,8 @@ The other CUDA tests cover the paths at real widths and many shapes; this file i
 ``nox -s gpu`` runs under compute-sanitizer's memcheck and racecheck, whose slowdown the full
 suite would not fit: each case is small, and together they reach every kernel (the row
 engine's fast and staged paths for plain, fused-input, normed and residual rows, the four
-GEMMs with both epilogues of the persistent one, packing, the norms).
+GEMMs with both epilogues of the persistent one, each for W4A4 and W8A8 and the Hopper ones for
+W4A8 and group-scaled weights, packing, the norms).
 """
 
 from __future__ import annotations
@@ -125,6 +126,33 @@ def test_gemm(kernel, tile_n, m, n, k, out_dtype, bits):
     cpu = ck.gemm(qa, sa, qw, sw, bias, bits=bits, out_dtype=out_dtype)
     # Same int32 sums, same fp32 epilogue: at most one rounding step of the output apart.
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=torch.finfo(out_dtype).eps, atol=1e-6)
+
+
+SCHEME_CASES = [  # (kernel, M, N, K, out dtype) for the schemes beyond W4A4 and W8A8
+    ("small_m", 3, 300, 2432, torch.bfloat16),
+    ("small_m", 3, 4240, 128, torch.bfloat16),  # W4A8: more blocks than fit at once, the compact variant
+    ("sm90_persistent", 300, 152, 2432, torch.bfloat16),  # staged (TMA store) epilogue
+    ("sm90_persistent", 300, 145, 2464, torch.float32),  # registers-to-global epilogue; W4A8 ends in half a slice
+]
+
+
+@pytest.mark.parametrize(("kernel", "m", "n", "k", "out_dtype"), SCHEME_CASES)
+@pytest.mark.parametrize(("act_bits", "grouped"), [(8, False), (4, True), (8, True)], ids=["w4a8", "w4a4g", "w4a8g"])
+def test_gemm_schemes(kernel, m, n, k, out_dtype, act_bits, grouped):
+    if not HOPPER:
+        pytest.skip("the sm90 kernels need compute capability 9.0")
+    if grouped and k % 64:
+        pytest.skip("group-scaled weights need K a multiple of 64")
+    qa, sa = ck.rht_quantize(randn(m, k), 16, act_bits)
+    qw, sw = ck.rht_quantize(randn(n, k), 16, 4)
+    group_scale = torch.randint(1, 17, (n, k // 64), dtype=torch.uint8) if grouped else None
+    bias = torch.randn(n)
+    scheme = {"weight_bits": 4, "act_bits": act_bits, "out_dtype": out_dtype}
+    with ck.forced_gemm_kernel(kernel):
+        gs = None if group_scale is None else group_scale.cuda()
+        gpu = ck.gemm(qa.cuda(), sa.cuda(), qw.cuda(), sw.cuda(), bias.cuda(), group_scale=gs, **scheme)
+    cpu = ck.gemm(qa, sa, qw, sw, bias, group_scale=group_scale, **scheme)
+    assert torch.equal(gpu.cpu().view(torch.uint8), cpu.view(torch.uint8))  # the schemes agree bit for bit
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -6,10 +6,10 @@
 // their weight tiles in L2). 144 columns make 3072- and 12288-wide layers
 // come out in whole waves on 132 SMs at M = 4608 (3072 / 144 = 21.3 tiles),
 // where 128 or 256 would leave a last wave a quarter full. Warp roles:
-//   - warp 0, one thread: TMA loads of packed K-slices (128 codes) of A and B
-//     into a ring of kStages slots;
+//   - warp 0, one thread: TMA loads of packed K-slices (128 codes; W4A8 64) of A
+//     and B into a ring of kStages slots;
 //   - warps 1-3 (4-bit codes only; 56 registers): expand each slot's packed B (weights) into
-//     an int8 tile in wgmma's 128-byte-swizzled K-major layout, in a ring of
+//     an int8 tile in wgmma's swizzled K-major layout, in a ring of
 //     kExpandedSlots, so the consumers never stop to expand B;
 //   - warps 4-11, two consumer warpgroups of 128 rows (two m64 blocks each):
 //     load their packed A rows from the slot, expand them in registers, and
@@ -33,11 +33,13 @@
 // registers straight to global memory (the fallback for fp32 outputs and
 // unaligned rows) keeps the warps in the epilogue ~10 us per tile longer.
 //
-// The other schemes of docs/format.md reuse these roles. W4A8: A is int8 and goes from its
-// 128-byte-swizzled TMA slot straight to wgmma, as for 8-bit codes; the expansion warps write B
-// in natural K order (16 * code, so sums are 16x the true ones). Group-scaled 4-bit weights: the
-// expansion warps multiply each code by its group's multiplier (int4_decode.cuh), loaded per
-// K-slice from global memory (L2-resident), writing the true int8 value.
+// The other schemes of docs/format.md reuse these roles. W4A8: A is int8 and goes from its TMA
+// slot straight to wgmma, as for 8-bit codes; K-slices are 64 codes (Layout says why), so A's
+// slots and the expanded B have 64-byte rows in the 64-byte swizzle; the expansion warps write B
+// in natural K order (16 * code, so sums are 16x the true ones), two threads per row. Group-scaled
+// 4-bit weights: the expansion warps multiply each code by its group's multiplier
+// (int4_decode.cuh), loaded from global memory (L2-resident), writing the true int8 value: per
+// K-slice for W4A4, two slices ahead for W4A8.
 #include <cuda.h>
 
 #include <type_traits>
@@ -57,22 +59,24 @@ namespace {
 
 constexpr int kBM = 256;  // two consumer warpgroups x two m64 blocks
 constexpr int kBN = 144;
-constexpr int kBK = 128;  // codes per K-slice
 constexpr int kThreads = 384;
 
 // A_BITS, W_BITS: the activations' and weights' widths. STAGED: the 16-bit output tile is staged
 // in shared memory for a TMA store (see above), which takes shared memory from the rings.
 template <int A_BITS, int W_BITS, bool STAGED>
 struct Layout {
+  static constexpr bool kW4A8 = A_BITS == 8 && W_BITS == 4;
+  // Codes per K-slice. W4A8's are 64: with 128, its 32 KB A slots left room for only two TMA
+  // stages beside the staged output, and since the consumers release a slot one K-slice late,
+  // TMA could not run ahead of the main loop (0.48-0.53x W4A4's speed). Half-width slices keep
+  // the ring's bytes and double its depth in slices; their 64-byte rows take the 64-byte swizzle.
+  static constexpr int kBK = kW4A8 ? 64 : 128;
   static constexpr int kARowBytes = kBK * A_BITS / 8;  // bytes of one row of a slot
   static constexpr int kBRowBytes = kBK * W_BITS / 8;
   static constexpr int kABytes = kBM * kARowBytes;
   static constexpr int kBBytes = kBN * kBRowBytes;
-  static constexpr bool kW4A8 = A_BITS == 8 && W_BITS == 4;
-  // W4A8's 32 KB A slots leave room for only two TMA stages beside the staged output tile;
-  // releasing slots one K-slice late needs at least two of each ring.
-  static constexpr int kStages = kW4A8 ? (STAGED ? 2 : 4) : STAGED ? 3 : W_BITS == 4 ? 5 : 4;
-  static constexpr int kExpandedSlots = W_BITS == 4 ? (kW4A8 ? (STAGED ? 3 : 2) : STAGED ? 4 : 3) : 0;
+  static constexpr int kStages = kW4A8 ? (STAGED ? 6 : 8) : STAGED ? 3 : W_BITS == 4 ? 5 : 4;
+  static constexpr int kExpandedSlots = W_BITS == 4 ? (kW4A8 ? (STAGED ? 3 : 6) : STAGED ? 4 : 3) : 0;
   static constexpr int kExpandedBytes = kBN * kBK;
   static constexpr int kOutBytes = STAGED ? kBM * kBN * 2 : 0;  // two [128][kBN] 16-bit halves
   static constexpr int kScaleFloats = 2 * kBN + kBM / 2;         // per consumer warpgroup: sw, bias, sa
@@ -84,8 +88,11 @@ struct Layout {
   static constexpr int kBarriers = kScales + (STAGED ? 2 * kScaleFloats * 4 : 0);
   static constexpr int kNumBarriers = 2 * kStages + 2 * kExpandedSlots;
   static constexpr int kSmem = kBarriers + 8 * kNumBarriers + 1024;  // + slack to align the base to 1024
-  static_assert(kABytes % 1024 == 0 && kBBytes % 1024 == 0 && kExpandedBytes % 1024 == 0 && kOutBytes % 1024 == 0,
-                "slots must keep the 1024-byte alignment of the 128-byte swizzle");
+  // What wgmma reads (8-bit slots, expanded B) keeps the 1024-byte alignment of the swizzle;
+  // packed 4-bit slots, read by ordinary loads, need TMA's 128.
+  static_assert(kABytes % 1024 == 0 && kExpandedBytes % 1024 == 0 && kOutBytes % 1024 == 0 &&
+                    kBBytes % (W_BITS == 8 ? 1024 : 128) == 0 && kExpanded % 1024 == 0,
+                "slots must keep the 1024-byte alignment of the swizzle");
   static_assert(kSmem <= 227 * 1024, "shared memory per block");
   static_assert(W_BITS == 8 || (kStages >= 2 && kExpandedSlots >= 2), "slots are released one K-slice late");
 };
@@ -291,7 +298,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint64_t* expanded_full = empty + S;                                // expanded B written
   uint64_t* expanded_empty = expanded_full + E;                       // expanded B read by wgmma
 
-  const int num_k = (k + kBK - 1) / kBK;
+  const int num_k = (k + L::kBK - 1) / L::kBK;
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
 
   if (threadIdx.x == 0) {
@@ -330,7 +337,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
       }
-    } else if constexpr (BITS == 4) {
+    } else if constexpr (BITS == 4 && A_BITS == 4) {
       // Four threads per row, one 16-byte quarter of its packed bytes each (codes 32 quarter ..
       // 32 quarter + 31 of the slice, all of one multiplier's group).
       const int et = threadIdx.x - 32, quarter = et & 3;
@@ -343,10 +350,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           mbar_wait(&full[ring.slot], ring.phase);
           mbar_wait(&expanded_empty[xring.slot], xring.phase ^ 1);
           const uint32_t packed = smem_base + L::kB + ring.slot * L::kBBytes + 16 * quarter;
-          // Permuted order (4-bit A): word c of a quarter at 4 quarter in chunks 2c, 2c + 1;
-          // natural order (8-bit A): codes 32 quarter + 8c .. in chunk 2 quarter + c / 2.
-          const uint32_t expanded = smem_base + L::kExpanded + xring.slot * L::kExpandedBytes +
-                                    (A_BITS == 4 ? 4 * quarter : 0);
+          // Permuted order: word c of a quarter at 4 quarter in chunks 2c, 2c + 1.
+          const uint32_t expanded = smem_base + L::kExpanded + xring.slot * L::kExpandedBytes + 4 * quarter;
           // This quarter's multipliers of the tile's rows (GROUPED; rows past n read none).
           const uint8_t* tile_group_scale = group_scale + int64_t(tile_col) * groups + 2 * kt + quarter / 2;
           const bool group_in = 2 * kt + quarter / 2 < groups;
@@ -379,14 +384,8 @@ __global__ void __launch_bounds__(kThreads, 1)
                 const uint32_t w = word(v[i], c);
                 const uint32_t even = GROUPED ? low_nibbles_scaled(w, multiplier[i]) : low_nibbles_x16(w);
                 const uint32_t odd = GROUPED ? high_nibbles_scaled(w, multiplier[i]) : high_nibbles_x16(w);
-                if constexpr (A_BITS == 4) {
-                  sts32(expanded + swizzle128(row, 2 * c), even);
-                  sts32(expanded + swizzle128(row, 2 * c + 1), odd);
-                } else {
-                  const uint32_t at = expanded + swizzle128(row, 2 * quarter + c / 2) + 8 * (c % 2);
-                  sts32(at, first_four(even, odd));
-                  sts32(at + 4, last_four(even, odd));
-                }
+                sts32(expanded + swizzle128(row, 2 * c), even);
+                sts32(expanded + swizzle128(row, 2 * c + 1), odd);
               }
             }
           }
@@ -400,6 +399,84 @@ __global__ void __launch_bounds__(kThreads, 1)
           ring.advance();
           xring.advance();
         }
+      }
+    } else if constexpr (BITS == 4) {
+      // W4A8: 64-code slices, B expanded in natural K order (A comes from TMA unpermuted). Two
+      // threads per row, one 16-byte half of its 32 packed bytes each: 32 codes, which expand to
+      // two whole 16-byte chunks of the row, stored with one 16-byte store each. A quarter warp
+      // then covers 4 rows x 2 chunks, eight distinct 16-byte bank groups in the 64-byte swizzle
+      // (4-byte stores of 8 rows x 4 quarters hit each bank 4 times).
+      constexpr int kRowsPerPass = kExpandWarps * 32 / 2, kPasses = kBN / kRowsPerPass;
+      static_assert(kBN % kRowsPerPass == 0 && L::kBRowBytes == 32, "two 16-byte halves per row, whole passes");
+      const int et = threadIdx.x - 32, half = et & 1;
+      const int groups = k / kWeightGroup;  // GROUPED: one group per 64-code slice, num_k == groups
+      // GROUPED: the multipliers (global memory, L1- or L2-resident) of a slice are loaded two
+      // slices ahead, into one of two register sets in turn, so that an L1 miss costs the
+      // expansion no round trip: the proxy fence that ends every slice waits for the loads in
+      // flight, so loads issued after slice j have until the end of slice j + 1. (A single set
+      // rotated by register copies would wait for its loads at each copy.)
+      int ahead_tile = blockIdx.x, ahead_kt = 0;  // the next slice whose multipliers are loaded
+      const auto load_multipliers = [&](uint32_t (&multiplier)[kPasses]) {
+        if constexpr (GROUPED) {
+          const int tile_col = (ahead_tile / tiles_m) * kBN;
+#pragma unroll
+          for (int i = 0; i < kPasses; ++i) {
+            const int col = tile_col + (et >> 1) + i * kRowsPerPass;
+            const bool ok = ahead_tile < num_tiles && col < n;
+            multiplier[i] = ok ? uint32_t(__ldg(group_scale + int64_t(col) * groups + ahead_kt)) : 1u;
+          }
+          if (++ahead_kt == num_k) {
+            ahead_kt = 0;
+            ahead_tile += gridDim.x;
+          }
+        }
+      };
+      Ring<S> ring;
+      Ring<E> xring;
+      const auto expand_slice = [&](const uint32_t (&multiplier)[kPasses]) {
+        mbar_wait(&full[ring.slot], ring.phase);
+        mbar_wait(&expanded_empty[xring.slot], xring.phase ^ 1);
+        const uint32_t packed = smem_base + L::kB + ring.slot * L::kBBytes + 16 * half;
+        const uint32_t expanded = smem_base + L::kExpanded + xring.slot * L::kExpandedBytes;
+        uint4 v[kPasses];
+#pragma unroll
+        for (int i = 0; i < kPasses; ++i) v[i] = lds128(packed + ((et >> 1) + i * kRowsPerPass) * L::kBRowBytes);
+#pragma unroll
+        for (int i = 0; i < kPasses; ++i) {
+          const int row = (et >> 1) + i * kRowsPerPass;
+          uint32_t codes[8];  // the expanded row bytes 32 half .. 32 half + 31
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const uint32_t w = word(v[i], c);
+            const uint32_t even = GROUPED ? low_nibbles_scaled(w, multiplier[i]) : low_nibbles_x16(w);
+            const uint32_t odd = GROUPED ? high_nibbles_scaled(w, multiplier[i]) : high_nibbles_x16(w);
+            codes[2 * c] = first_four(even, odd);
+            codes[2 * c + 1] = last_four(even, odd);
+          }
+          sts128(expanded + swizzle64(row, 2 * half), codes[0], codes[1], codes[2], codes[3]);
+          sts128(expanded + swizzle64(row, 2 * half + 1), codes[4], codes[5], codes[6], codes[7]);
+        }
+        fence_proxy_async();
+        __syncwarp();
+        // The packed slot is released after the stores that consumed its loads.
+        if (lane == 0) {
+          mbar_arrive(&empty[ring.slot]);
+          mbar_arrive(&expanded_full[xring.slot]);
+        }
+        ring.advance();
+        xring.advance();
+      };
+      const int my_tiles = blockIdx.x < num_tiles ? (num_tiles - 1 - blockIdx.x) / gridDim.x + 1 : 0;
+      const int slices = my_tiles * num_k;
+      uint32_t m0[kPasses] = {}, m1[kPasses] = {};
+      load_multipliers(m0);
+      load_multipliers(m1);
+      for (int done = 0; done < slices; done += 2) {
+        expand_slice(m0);
+        load_multipliers(m0);
+        if (done + 1 == slices) break;
+        expand_slice(m1);
+        load_multipliers(m1);
       }
     }
     return;
@@ -507,11 +584,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         wgmma_fence();
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
+        for (int c = 0; c < L::kBK / 32; ++c) {
 #pragma unroll
           for (int mb = 0; mb < 2; ++mb) {
-            wgmma_ss_n144(acc[mb], smem_desc_k128(tile_a + mb * 64 * L::kARowBytes + 32 * c),
-                          smem_desc_k128(tile_b + 32 * c));
+            wgmma_ss_n144(acc[mb], smem_desc_k<L::kBK>(tile_a + mb * 64 * L::kARowBytes + 32 * c),
+                          smem_desc_k<L::kBK>(tile_b + 32 * c));
           }
         }
         wgmma_commit();
@@ -574,9 +651,12 @@ template <int A_BITS, int W_BITS, bool GROUPED, bool STAGED>
 void launch(const void* qa, const float* sa, const void* qw, const float* sw, const uint8_t* group_scale,
             const float* bias, void* out, Float out_dtype, int64_t m, int64_t n, int64_t k, cudaStream_t stream) {
   using L = Layout<A_BITS, W_BITS, STAGED>;
-  // 4-bit slots are read row by row by ordinary loads (no swizzle needed: a
-  // warp's 16-byte loads cover 512 contiguous bytes); 8-bit slots go to wgmma.
-  const auto swizzle = [](int bits) { return bits == 4 ? CU_TENSOR_MAP_SWIZZLE_NONE : CU_TENSOR_MAP_SWIZZLE_128B; };
+  // 4-bit slots are read row by row by ordinary loads (no swizzle needed: a warp's 16-byte
+  // loads cover 512 contiguous bytes); 8-bit slots go to wgmma, in the swizzle of their rows.
+  const auto swizzle = [](int bits) {
+    if (bits == 4) return CU_TENSOR_MAP_SWIZZLE_NONE;
+    return L::kBK == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B;
+  };
   const CUtensorMap map_a = tensor_map(qa, 1, m, k * A_BITS / 8, kBM, L::kARowBytes, swizzle(A_BITS));
   const CUtensorMap map_b = tensor_map(qw, 1, n, k * W_BITS / 8, kBN, L::kBRowBytes, swizzle(W_BITS));
   const CUtensorMap map_out = STAGED ? tensor_map(out, 2, m, n, kBM / 2, kBN, CU_TENSOR_MAP_SWIZZLE_NONE) : map_a;

@@ -26,8 +26,11 @@
 // W4A8 (docs/format.md): a thread's 16 weight bytes hold codes 32t..32t+31 of the slice, so it
 // takes the 32 activation bytes of those codes (two pieces a row) and splits words 2c, 2c+1
 // into their even and odd bytes, the K order of the nibbles (the sums are 16x the true ones).
-// Group-scaled weights decode to the true code x multiplier (int4_decode.cuh), the multiplier
-// of a thread's 32 codes loaded once per slice.
+// Group-scaled weights decode to the true code x multiplier (int4_decode.cuh). The block's
+// multipliers ([16 rows][groups], contiguous in group_scale) are copied into shared memory at its
+// start, with its first slice. (Read from global memory per slice, each slice waited on its
+// multiplier loads, from HBM when L2 is cold: group-scaled W4A8 took 1.3-1.6x W4A8's time on
+// the H100, 694e7d0.)
 #include "common.cuh"
 #include "gemm_small_m.h"
 #include "int4_decode.cuh"
@@ -39,9 +42,15 @@ constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kSliceBytes = 64;  // bytes of a row per warp and slice: four threads x 16 bytes
 constexpr int kNB = 2;           // 8-row blocks of weights per block: 16 rows
-// Slices each thread has in flight. Against 6 on the H200, 4 was faster at 11 of 12 shapes
-// and within 0.5% at the last (docs/benchmarks.md of 8b40706).
-constexpr int kStages = 4;
+// Slices each thread has in flight: 4. Against 6 on the H200, 4 was faster at 11 of 12 shapes
+// and within 0.5% at the last (docs/benchmarks.md of 8b40706). W4A8 at M <= 16 carries 2 weight
+// and 4 activation pieces a slice: 4 slices (96 KB) and the partial sums (8 KB) fit two blocks on
+// an SM, against W4A4's three. Where the layer has more blocks than two per SM can hold at once,
+// the COMPACT variant runs instead: 3 slices, and the partial sums in the ring once every warp
+// has read its last slice, three blocks per SM.
+constexpr int stages(bool compact) { return compact ? 3 : 4; }
+// The most bytes of multipliers a block stages: 16 rows of k / 64 < 2^17 / 64 groups.
+constexpr size_t kMaxMultiplierBytes = size_t(16) * ((int64_t(1) << 17) / 64);
 // With one 16-row block of activations, their two 16-byte pieces a slice ride in the ring too
 // (through L1, which every block of the SM reads them from); with more, they are __ldg'd.
 constexpr bool activations_in_ring(int mb) { return mb == 1; }
@@ -81,20 +90,28 @@ __device__ __forceinline__ uint4 lds128(uint32_t addr) {
 }
 
 // A_BITS, W_BITS: the activations' and weights' widths; GROUPED: 4-bit weights with multipliers
-// (group_scale [n, groups]); MB: 16-row blocks of activations (1, 2 or 4). row_bytes is a weight
-// row's; an activation row has kAP times as many.
-template <int A_BITS, int W_BITS, bool GROUPED, int MB>
+// (group_scale [n, groups]); MB: 16-row blocks of activations (1, 2 or 4); COMPACT: see stages().
+// row_bytes is a weight row's; an activation row has kAP times as many.
+template <int A_BITS, int W_BITS, bool GROUPED, int MB, bool COMPACT>
 __global__ void __launch_bounds__(kThreads)
     gemm_kernel(const uint8_t* __restrict__ qa, const float* __restrict__ sa, const uint8_t* __restrict__ qw,
                 const float* __restrict__ sw, const uint8_t* __restrict__ group_scale, int groups,
                 const float* __restrict__ bias, void* __restrict__ out, Float out_dtype, int m, int n, int row_bytes) {
-  __shared__ int partial[MB * kNB * 4][kWarps][32];
   constexpr bool kActivationsInRing = activations_in_ring(MB);
   constexpr int kAP = activation_pieces(A_BITS, W_BITS);
   constexpr int kPieces = ring_pieces(MB, kAP);
+  constexpr int kStages = stages(COMPACT);
   // The epilogue's shift: 16 * code from each nibble operand expanded that way.
   constexpr int kShift = (A_BITS == 4 ? 4 : 0) + (W_BITS == 4 && !GROUPED ? 4 : 0);
-  extern __shared__ uint4 ring[];  // [kStages][kPieces][kThreads]
+  extern __shared__ uint4 ring[];  // [kStages][kPieces][kThreads], then (GROUPED) the multipliers
+  int (*partial)[kWarps][32];      // [MB * kNB * 4][kWarps][32]
+  if constexpr (COMPACT) {
+    static_assert(kStages * kPieces * kThreads * 16 >= MB * kNB * 4 * kWarps * 32 * 4, "partial sums fit the ring");
+    partial = reinterpret_cast<int(*)[kWarps][32]>(ring);
+  } else {
+    __shared__ int partial_sums[MB * kNB * 4][kWarps][32];
+    partial = partial_sums;
+  }
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   const int g = lane >> 2, quarter = lane & 3;
   const int n0 = blockIdx.x * 8 * kNB;
@@ -129,14 +146,24 @@ __global__ void __launch_bounds__(kThreads)
   };
 
   const uint8_t* w_row[kNB];
-  const uint8_t* w_group[kNB];  // this thread's first multiplier of its weight row (GROUPED)
   bool w_ok[kNB];
 #pragma unroll
   for (int nb = 0; nb < kNB; ++nb) {
     const int row = n0 + 8 * nb + g;
     w_ok[nb] = row < n;
     w_row[nb] = qw + int64_t(w_ok[nb] ? row : 0) * row_bytes + 16 * quarter;
-    w_group[nb] = GROUPED ? group_scale + int64_t(w_ok[nb] ? row : 0) * groups + quarter / 2 : nullptr;
+  }
+  // GROUPED: the multipliers of the block's rows, copied by 16-byte cp.async where group_scale
+  // is 16-byte aligned (the block's first byte lies n0 x groups in, a multiple of 16), riding in
+  // the first slice's commit group; the bytes left over (all, unaligned) by plain loads.
+  uint8_t* multipliers = reinterpret_cast<uint8_t*>(ring + kStages * kPieces * kThreads);
+  if constexpr (GROUPED) {
+    const int bytes = min(8 * kNB, n - n0) * groups;
+    const uint8_t* src = group_scale + int64_t(n0) * groups;
+    const int vectors = (reinterpret_cast<uintptr_t>(group_scale) & 15) == 0 ? bytes / 16 : 0;
+    const uint32_t dst = uint32_t(__cvta_generic_to_shared(multipliers));
+    for (int i = threadIdx.x; i < vectors; i += kThreads) copy_async16(dst + 16 * i, src + 16 * i, true);
+    for (int i = 16 * vectors + threadIdx.x; i < bytes; i += kThreads) multipliers[i] = src[i];
   }
   const uint8_t* a_row[MB][2];
   bool a_ok[MB][2];
@@ -175,6 +202,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int j = 0; j < kStages; ++j) issue(j);
   if constexpr (kEarly) load_operands();
+  if constexpr (GROUPED) {  // every thread's multiplier copies have landed
+    copy_async_wait<kStages - 1>();
+    __syncthreads();
+  }
 
   int acc[MB][kNB][4] = {};
   for (int j = 0; j < slices; ++j) {
@@ -199,7 +230,8 @@ __global__ void __launch_bounds__(kThreads)
     uint32_t multiplier[kNB];
 #pragma unroll
     for (int nb = 0; nb < kNB; ++nb) {
-      multiplier[nb] = GROUPED && in && w_ok[nb] ? uint32_t(__ldg(w_group[nb] + offset / 32)) : 1u;
+      multiplier[nb] = GROUPED && in && w_ok[nb] ? uint32_t(multipliers[(8 * nb + g) * groups + offset / 32 + quarter / 2])
+                                                 : 1u;
     }
     copy_async_wait<kStages - 1>();  // this thread's group j has landed
     if constexpr (kActivationsInRing) {
@@ -243,6 +275,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     issue(j + kStages);  // into the slot just read: its words are already in registers
   }
+  if constexpr (COMPACT) __syncthreads();  // every warp is done with the ring the partial sums overwrite
 
 #pragma unroll
   for (int mb = 0; mb < MB; ++mb) {
@@ -270,14 +303,33 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The kernel and its dynamic shared memory for this call.
+template <int A_BITS, int W_BITS, bool GROUPED, int MB, bool COMPACT>
+auto configured(int64_t k, size_t& smem) {
+  auto kernel = gemm_kernel<A_BITS, W_BITS, GROUPED, MB, COMPACT>;
+  constexpr size_t kRingBytes =
+      size_t(stages(COMPACT)) * ring_pieces(MB, activation_pieces(A_BITS, W_BITS)) * kThreads * 16;
+  constexpr size_t kPartialBytes = COMPACT ? 0 : size_t(MB) * kNB * 4 * kWarps * 32 * 4;  // static shared memory
+  // The limit is the largest any K needs: the attribute is cached per kernel and size, so a
+  // per-call size could leave a smaller limit set than a later call with a seen size needs.
+  allow_dynamic_smem(kernel, kRingBytes + kPartialBytes + (GROUPED ? kMaxMultiplierBytes : 0));
+  smem = kRingBytes + (GROUPED ? size_t(ceil_div<int64_t>(8 * kNB * (k / kWeightGroup), 16)) * 16 : 0);
+  return kernel;
+}
+
 template <int A_BITS, int W_BITS, bool GROUPED, int MB>
 void launch(const void* qa, const float* sa, const void* qw, const float* sw, const uint8_t* group_scale,
             const float* bias, void* out, Float out_dtype, int64_t m, int64_t n, int64_t k, cudaStream_t stream) {
-  auto kernel = gemm_kernel<A_BITS, W_BITS, GROUPED, MB>;
-  constexpr size_t kRingBytes = size_t(kStages) * ring_pieces(MB, activation_pieces(A_BITS, W_BITS)) * kThreads * 16;
-  constexpr size_t kPartialBytes = size_t(MB) * kNB * 4 * kWarps * 32 * 4;  // the kernel's static shared memory
-  allow_dynamic_smem(kernel, kRingBytes + kPartialBytes);
-  kernel<<<unsigned(ceil_div<int64_t>(n, 8 * kNB)), kThreads, kRingBytes, stream>>>(
+  const int64_t blocks = ceil_div<int64_t>(n, 8 * kNB);
+  size_t smem = 0;
+  auto kernel = configured<A_BITS, W_BITS, GROUPED, MB, false>(k, smem);
+  if constexpr (A_BITS == 8 && W_BITS == 4 && MB == 1) {
+    const int resident = resident_blocks_per_multiprocessor(kernel, kThreads, smem);
+    if (blocks > int64_t(resident) * current_device().multiprocessors) {
+      kernel = configured<A_BITS, W_BITS, GROUPED, MB, true>(k, smem);
+    }
+  }
+  kernel<<<unsigned(blocks), kThreads, smem, stream>>>(
       static_cast<const uint8_t*>(qa), sa, static_cast<const uint8_t*>(qw), sw, group_scale, int(k / kWeightGroup),
       bias, out, out_dtype, int(m), int(n), int(k * W_BITS / 8));
   check_launch("small-M gemm");

@@ -39,6 +39,10 @@ __device__ __forceinline__ void sts32(uint32_t addr, uint32_t v) {
   asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
 }
 
+__device__ __forceinline__ void sts128(uint32_t addr, uint32_t v0, uint32_t v1, uint32_t v2, uint32_t v3) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(v0), "r"(v1), "r"(v2), "r"(v3) : "memory");
+}
+
 // ---- mbarriers ----
 
 __device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
@@ -147,6 +151,25 @@ __device__ __forceinline__ uint64_t smem_desc_k128(const void* p) {
 
 // Byte offset of the 16-byte chunk `chunk` (0..7) of row `row` in that layout.
 __device__ __forceinline__ int swizzle128(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
+
+// The same for rows of 64 bytes in the 64-byte swizzle: 8-row groups 512 bytes apart, and the
+// 16-byte chunk c (0..3) of row r stored at chunk c ^ ((r / 2) % 4).
+__device__ __forceinline__ uint64_t smem_desc_k64(const void* p) {
+  return uint64_t((smem_addr(p) & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(512 >> 4) << 32) |
+         (uint64_t(2) << 62);
+}
+__device__ __forceinline__ int swizzle64(int row, int chunk) { return row * 64 + ((chunk ^ ((row >> 1) & 3)) << 4); }
+
+// The descriptor for rows of ROW_BYTES (128 or 64).
+template <int ROW_BYTES>
+__device__ __forceinline__ uint64_t smem_desc_k(const void* p) {
+  static_assert(ROW_BYTES == 128 || ROW_BYTES == 64, "wgmma's 128- or 64-byte swizzle");
+  if constexpr (ROW_BYTES == 128) {
+    return smem_desc_k128(p);
+  } else {
+    return smem_desc_k64(p);
+  }
+}
 
 // ---- int4 -> int8 expansion ----
 // A packed word holds 8 codes, code 2i in the low and 2i+1 in the high nibble of
