@@ -184,3 +184,15 @@ def test_lora_on_a_saved_and_reloaded_quantized_transformer(tmp_path, seed):
     for transformer in (quantized, reloaded):
         load("qwen-image", transformer, lora, "style")
     assert torch.equal(run(reloaded, inputs), run(quantized, inputs))
+
+
+def test_saving_with_adapters_loaded_is_refused_and_writes_no_weights(tmp_path, seed):
+    model, _ = build("qwen-image", seed)
+    quantized = quantized_copy(model)
+    load("qwen-image", quantized, peft_lora(model, 4, torch.Generator().manual_seed(seed), STRENGTH), "style")
+    with pytest.raises(ValueError, match="unload_lora"):
+        quantized.save_pretrained(tmp_path)
+    assert not list(tmp_path.glob("*.safetensors"))
+    quantized.unload_lora()
+    quantized.save_pretrained(tmp_path)
+    assert list(tmp_path.glob("*.safetensors"))

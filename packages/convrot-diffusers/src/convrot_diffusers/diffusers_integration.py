@@ -381,6 +381,7 @@ class ConvRotQuantizer(DiffusersQuantizer):
         model = self._model() if self._model is not None else None
         if model is None:
             raise ValueError("this ConvRotQuantizer is bound to no transformer (quantize_transformer binds one)")
+        _refuse_loaded_adapters(model)
         from .fusion import separate_layers_state
 
         state, layers = separate_layers_state(model, state_dict)
@@ -401,6 +402,23 @@ class ConvRotQuantizer(DiffusersQuantizer):
     @property
     def is_compileable(self):
         return True
+
+
+def _refuse_loaded_adapters(model) -> None:
+    """A ConvRot save holds the quantized base layers only: with LoRA adapters loaded, PEFT's wrappers would
+    rename them (``to_q.base_layer.qweight``) and the adapters' weights would go in with them, a directory
+    that loads into nothing."""
+    wrapped = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "base_layer", None), convrot.ConvLinear)
+    ]
+    if wrapped:
+        raise ValueError(
+            f"the transformer has LoRA adapters loaded ({len(wrapped)} layers, e.g. {wrapped[0]}): call "
+            "unload_lora_weights() (or transformer.unload_lora()) before saving it; save the adapters with "
+            "save_lora_adapter"
+        )
 
 
 def attach_quantizer(transformer, config: ConvRotConfig) -> None:
