@@ -60,6 +60,20 @@ def _linear(original: str, *parts: str) -> list[tuple[str, tuple[str, ...]]]:
     return [(f"{original}.{t}", tuple(f"{p}.{t}" for p in parts)) for t in ("weight", "bias")]
 
 
+def _double_block_attention(o: str, d: str) -> list[tuple[str, tuple[str, ...]]]:
+    """A BFL double block's joint attention (Flux.1 and Flux.2 name it alike): original ``o``, diffusers ``d``."""
+    return [
+        *_linear(f"{o}.img_attn.qkv", f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v"),
+        *_linear(f"{o}.txt_attn.qkv", f"{d}.attn.add_q_proj", f"{d}.attn.add_k_proj", f"{d}.attn.add_v_proj"),
+        *_linear(f"{o}.img_attn.proj", f"{d}.attn.to_out.0"),
+        *_linear(f"{o}.txt_attn.proj", f"{d}.attn.to_add_out"),
+        (f"{o}.img_attn.norm.query_norm.scale", (f"{d}.attn.norm_q.weight",)),
+        (f"{o}.img_attn.norm.key_norm.scale", (f"{d}.attn.norm_k.weight",)),
+        (f"{o}.txt_attn.norm.query_norm.scale", (f"{d}.attn.norm_added_q.weight",)),
+        (f"{o}.txt_attn.norm.key_norm.scale", (f"{d}.attn.norm_added_k.weight",)),
+    ]
+
+
 def _flux_layout(config: Mapping) -> list[tuple[str, tuple[str, ...]]]:
     entries = [
         *_linear("img_in", "x_embedder"),
@@ -79,18 +93,11 @@ def _flux_layout(config: Mapping) -> list[tuple[str, tuple[str, ...]]]:
         entries += [
             *_linear(f"{o}.img_mod.lin", f"{d}.norm1.linear"),
             *_linear(f"{o}.txt_mod.lin", f"{d}.norm1_context.linear"),
-            *_linear(f"{o}.img_attn.qkv", f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v"),
-            *_linear(f"{o}.txt_attn.qkv", f"{d}.attn.add_q_proj", f"{d}.attn.add_k_proj", f"{d}.attn.add_v_proj"),
-            *_linear(f"{o}.img_attn.proj", f"{d}.attn.to_out.0"),
-            *_linear(f"{o}.txt_attn.proj", f"{d}.attn.to_add_out"),
+            *_double_block_attention(o, d),
             *_linear(f"{o}.img_mlp.0", f"{d}.ff.net.0.proj"),
             *_linear(f"{o}.img_mlp.2", f"{d}.ff.net.2"),
             *_linear(f"{o}.txt_mlp.0", f"{d}.ff_context.net.0.proj"),
             *_linear(f"{o}.txt_mlp.2", f"{d}.ff_context.net.2"),
-            (f"{o}.img_attn.norm.query_norm.scale", (f"{d}.attn.norm_q.weight",)),
-            (f"{o}.img_attn.norm.key_norm.scale", (f"{d}.attn.norm_k.weight",)),
-            (f"{o}.txt_attn.norm.query_norm.scale", (f"{d}.attn.norm_added_q.weight",)),
-            (f"{o}.txt_attn.norm.key_norm.scale", (f"{d}.attn.norm_added_k.weight",)),
         ]
     for i in range(config["num_single_layers"]):
         o, d = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
@@ -173,18 +180,11 @@ def _flux2_layout(config: Mapping) -> list[tuple[str, tuple[str, ...]]]:
     for i in range(config["num_layers"]):
         o, d = f"double_blocks.{i}", f"transformer_blocks.{i}"
         entries += [
-            *_linear(f"{o}.img_attn.qkv", f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v"),
-            *_linear(f"{o}.txt_attn.qkv", f"{d}.attn.add_q_proj", f"{d}.attn.add_k_proj", f"{d}.attn.add_v_proj"),
-            *_linear(f"{o}.img_attn.proj", f"{d}.attn.to_out.0"),
-            *_linear(f"{o}.txt_attn.proj", f"{d}.attn.to_add_out"),
+            *_double_block_attention(o, d),
             *_linear(f"{o}.img_mlp.0", f"{d}.ff.linear_in"),
             *_linear(f"{o}.img_mlp.2", f"{d}.ff.linear_out"),
             *_linear(f"{o}.txt_mlp.0", f"{d}.ff_context.linear_in"),
             *_linear(f"{o}.txt_mlp.2", f"{d}.ff_context.linear_out"),
-            (f"{o}.img_attn.norm.query_norm.scale", (f"{d}.attn.norm_q.weight",)),
-            (f"{o}.img_attn.norm.key_norm.scale", (f"{d}.attn.norm_k.weight",)),
-            (f"{o}.txt_attn.norm.query_norm.scale", (f"{d}.attn.norm_added_q.weight",)),
-            (f"{o}.txt_attn.norm.key_norm.scale", (f"{d}.attn.norm_added_k.weight",)),
         ]
     for i in range(config["num_single_layers"]):
         o, d = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
