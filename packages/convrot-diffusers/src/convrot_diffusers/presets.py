@@ -147,8 +147,9 @@ _FLUX_MIX = (
         "to_v -0.01 dB), so Table 8's W8A8 to_v is not followed (trained MiniLM's values gain +0.30 dB, "
         "0.81 dB/MB, less per byte than its FFN layers; its last layer's +0.27 dB is its best, but Flux's last "
         "to_v measures -0.01 dB), and q, k, v keep one kind (fusable, and one ComfyUI linear1); proj_out "
-        "(+0.96 dB, 8.1 dB/GB) and proj_mlp (+0.72 dB, 7.6 dB/GB) came next, but either at W8A8 would put "
-        "Flux.1-dev's mix over 0.35x bf16 or past the derivation's budget; Table 8's bf16 proj_out in the last "
+        "(+0.96 dB, 8.1 dB/GB) and proj_mlp (+0.72 dB, 7.6 dB/GB) came next, but proj_out at W8A8 would put "
+        "Flux.1-dev's mix at 0.350x bf16, over the budget, and proj_mlp (0.343x) past the derivation's; "
+        "Table 8's bf16 proj_out in the last "
         f"block gains +0.16 / +0.16 dB at W8A8 / bf16 ({_BF16_NO_BETTER}), under the derivation's 0.2 dB",
     ),
     _KEEP_REST,
