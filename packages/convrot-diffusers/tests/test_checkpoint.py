@@ -37,7 +37,7 @@ def test_load_builds_quantized_layers_without_bf16_weights(tmp_path):
     assert loaded.x_embedder.weight.dtype == torch.bfloat16
 
 
-# Demo Flux, measured: w4a4 3.25x, mix 2.58x (2.22x when mix kept the AdaLN layers at W8A8).
+# Demo Flux, measured: w4a4 3.21x, mix 2.67x (the paper's Table 8 mix, before issue 28: 2.56x).
 @pytest.mark.parametrize("preset, floor", [("w4a4", 3.0), ("mix", 2.4)])
 def test_on_disk_size(preset, floor, tmp_path):
     """The file is the codes plus bf16 embedders; ratios are lower than a full-size model's because the

@@ -285,7 +285,15 @@ def test_in_bf16_our_model_is_the_float64_method_and_comfy_kitchens_its_bf16_rou
 
 @pytest.mark.parametrize(
     "name, preset",
-    [("flux", "w4a4"), ("sd3", "mix"), ("sd3", "w4a4"), ("flux2", "w4a4"), ("qwen-image", "w4a4"), ("wan", "w4a4")],
+    [
+        ("flux", "w4a4"),
+        ("flux", "mix"),
+        ("sd3", "mix"),
+        ("sd3", "w4a4"),
+        ("flux2", "w4a4"),
+        ("qwen-image", "w4a4"),
+        ("wan", "w4a4"),
+    ],
 )
 def test_our_files_dequantize_in_comfy_kitchen_to_our_weights(name, preset, seed, tmp_path):
     model = MODELS[name](seed=seed % 1000)
@@ -336,12 +344,13 @@ def test_our_files_dequantize_in_comfy_kitchen_to_our_weights(name, preset, seed
     assert torch.equal(forward(loaded, kwargs), forward(take_buffers(model, loaded), kwargs))
 
 
-def test_flux_mix_preset_cannot_be_written_as_one_linear1(tmp_path):
+def test_layers_of_two_kinds_cannot_be_written_as_one_linear1(tmp_path):
     model = tiny_flux()
-    convrot_diffusers.quantize_transformer(model, "mix", progress=False)
+    policy = {"single_transformer_blocks.*.attn.to_v": "w8a8", **convrot_diffusers.policy_for(model, "w4a4")}
+    convrot_diffusers.quantize_transformer(model, policy=policy, progress=False)
     with pytest.raises(ComfyQuantError, match=r"single_blocks\.0\.linear1\.weight .*attn\.to_v \(ConvLinear8bit"):
-        save_comfy(model, tmp_path / "mix.safetensors", progress=False)
-    assert not (tmp_path / "mix.safetensors").exists()
+        save_comfy(model, tmp_path / "mixed.safetensors", progress=False)
+    assert not (tmp_path / "mixed.safetensors").exists()
 
 
 @pytest.mark.parametrize(

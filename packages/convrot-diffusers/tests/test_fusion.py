@@ -9,6 +9,7 @@ import convrot_diffusers
 from convrot_diffusers import fuse_qkv_projections, unfuse_qkv_projections
 from convrot_diffusers.demo import flux_transformer, sd3_transformer
 from convrot_diffusers.fusion import FusedAwayProjection
+from convrot_diffusers.presets import policy_for
 
 
 def unfused_attention(transformer) -> list[str]:
@@ -65,12 +66,22 @@ def test_flux_fuses_through_the_flag_and_diffusers_unfuse_keeps_the_weights():
 
 def test_mixed_bit_widths_stay_unfused():
     transformer = flux_transformer()
-    convrot_diffusers.quantize_transformer(transformer, "mix", progress=False)
+    policy = {"single_transformer_blocks.*.attn.to_v": "w8a8", **policy_for(transformer, "w4a4")}
+    convrot_diffusers.quantize_transformer(transformer, policy=policy, progress=False)
     fused = fuse_qkv_projections(transformer)
-    single = transformer.single_transformer_blocks[0].attn  # mix: to_v W8A8, to_q/to_k W4A4
+    single = transformer.single_transformer_blocks[0].attn  # to_v W8A8, to_q/to_k W4A4
     assert not single.fused_projections and isinstance(single.to_v, convrot.ConvLinear8bit)
     assert transformer.transformer_blocks[0].attn.fused_projections
     assert fused == len(transformer.transformer_blocks)
+
+
+def test_mix_fuses_every_block():
+    """The mix preset gives q, k and v one kind in every block (its W8A8 layers are elsewhere)."""
+    transformer = flux_transformer()
+    convrot_diffusers.quantize_transformer(transformer, "mix", progress=False)
+    assert any(isinstance(m, convrot.ConvLinear8bit) for m in transformer.modules())
+    fused = fuse_qkv_projections(transformer)
+    assert fused == len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
 
 
 def test_layers_that_differ_in_simulation_stay_unfused():

@@ -10,8 +10,9 @@ from convrot_diffusers.metrics import frame_scores, psnr
 from convrot_diffusers.presets import layer_kind, policy_for
 
 # PSNR of the quantized pipeline's image against the bf16 pipeline's, same seed.
-# Measured on these random-weight demos at 64x64, 4 steps (seeds 0-9, mix with AdaLN at W4A4): Flux mix
-# 45.7-46.2 dB, w4a4 45.4-46.0; PixArt mix 44.6-45.6, w4a4 39.4-40.7; SD3 mix 38.4-39.3, w4a4 37.8-38.3.
+# Measured on these random-weight demos at 64x64, 4 steps (seeds 0-9): Flux mix 46.1-46.8 dB (the paper's
+# Table 8 mix, before issue 28: 45.7-46.2), w4a4 45.4-46.0; PixArt mix 44.6-45.6, w4a4 39.4-40.7; SD3 mix
+# 38.4-39.3, w4a4 37.8-38.3.
 # Quantizing the embedders and proj_out as well drops them to 24-31 dB, another transformer 15-19 dB.
 PSNR_FLOOR_DB = {
     ("flux", "mix"): 40.0,

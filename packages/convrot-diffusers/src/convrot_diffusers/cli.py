@@ -621,8 +621,9 @@ class _Parser(argparse.ArgumentParser):
 
 PRESET_HELP = (
     "mix (default): W4A4 except the image attention output projections in W8A8 (PixArt: the cross-attention's "
-    "output and values; Flux: also the single blocks' value projections) and the last block's FFN down-projection "
-    "in bf16 (Flux: also its text FFN's and the last single block's output projection); w4a4: every Linear of the "
+    "output and values) and the last block's FFN down-projection in bf16; Flux's, derived from a per-layer "
+    "measurement, has no bf16 layer in the blocks and puts the double blocks' image FFN layers, the single "
+    "blocks' AdaLN modulation and the last double block's image AdaLN in W8A8; w4a4: every Linear of the "
     "blocks in W4A4. Both keep the embedders and the final layers in bf16"
 )
 

@@ -3,7 +3,9 @@
 ``w4a4`` quantizes every Linear of the blocks to W4A4; ``w4a8`` the same layers with 8-bit
 activations (the weights, and so the file, as w4a4's); ``w4a8g64`` and ``w4a4g64`` with
 group-scaled 4-bit weights (a multiplier per 64 codes: 1/64 byte more per weight,
-docs/format.md); ``mix`` is the paper's mixed W4A4/W8A8/bf16 table.
+docs/format.md); ``mix`` mixes W4A4, W8A8 and bf16 within at most 0.35x the bf16 weight bytes: Flux's
+is derived from a per-role sensitivity measurement (benchmarks/measure_sensitivity.py), PixArt's and
+SD3's follow the ConvRot paper's Flux table (Table 8) by analogy.
 
 A preset is an ordered list of rules (glob pattern on the module name, kind,
 reason); the first matching rule decides, as in a convrot-core policy.
@@ -19,11 +21,14 @@ transformer's ``nn.ModuleList`` children holding Linear layers; everything outsi
 (patch/text/time embedders, a global AdaLN modulation as Flux.2's or Wan's, the final
 norm_out/proj_out) stays in bf16 for the catch-all's reason; inside them every Linear (per-block
 AdaLN included) is W4A4, and mix adds what the three presets' mix tables share: attention output
-projections at W8A8 and the last block's feed-forward down-projections in bf16.
+projections at W8A8 and the last block's feed-forward down-projections out of W4A4 (in bf16, as
+PixArt's and SD3's have them; Flux's measured mix has them at W8A8).
 
-The measurements quoted in the reasons come from the tiny random-weight demo
-models (docs/diffusers.md has the tables and how to reproduce them); they are
-weak evidence for trained checkpoints, where outliers drive sensitivity.
+The measurements quoted in the reasons come from random-weight models (the tiny demos, and Flux at
+real width in benchmarks/results/sensitivity_flux_h100.json) and from the one trained transformer
+available offline, all-MiniLM-L6-v2 (results/sensitivity_minilm.json); docs/diffusers.md has the
+tables and how to reproduce them. Random weights show structural sensitivity (a layer's width,
+its inputs, its place in the stack), not the outliers that drive it in trained checkpoints.
 """
 
 from __future__ import annotations
@@ -60,9 +65,11 @@ _ADALN_W4A4 = (
     "would cost 0.07 (Flux) / 0.08 (SD3) of the bf16 bytes for +1.5 / +1.3 dB demo transformer-output SQNR"
 )
 
-# benchmarks/measure_sensitivity.py (results/sensitivity_minilm.json, sensitivity_flux_tiny.json): per-role
-# sensitivity on the one trained transformer available offline, all-MiniLM-L6-v2 (a BERT encoder), and on a
-# tiny random-weight Flux. The mix rules stay the paper's; the measurement's verdict on each is in its reason.
+# benchmarks/measure_sensitivity.py: per-role sensitivity on the one trained transformer available offline,
+# all-MiniLM-L6-v2 (a BERT encoder: results/sensitivity_minilm.json) and on random-weight Flux, at real width
+# (3 double + 6 single blocks at width 3072, H100: results/sensitivity_flux_h100.json) and tiny
+# (sensitivity_flux_tiny.json). "Gain" is the model output's SQNR with that role alone moved out of all-W4A4
+# blocks, against all-W4A4 (Flux 29.98 dB, MiniLM 4.23 dB); per GB / MB: of the extra weight bytes it costs.
 _MEASURED_ATTENTION = (
     "measured on trained weights (all-MiniLM-L6-v2): the attention output projection has the lowest per-layer "
     "W4A4 SQNR (13.4 dB; values 14.2 dB, the other roles 15.4-21.2 dB), and W8A8 on it and on the values are "
@@ -70,8 +77,89 @@ _MEASURED_ATTENTION = (
 )
 _MEASURED_LAST_FF = (
     "kept in bf16 as the paper has it, though no measurement here shows bf16 buying more than W8A8 there "
-    "(output SQNR gain W8A8 / bf16: MiniLM's last FFN down-projection +0.16 / +0.16 dB, the tiny random Flux's "
-    "+0.29 / +0.28 dB)"
+    "(output SQNR gain W8A8 / bf16: MiniLM's last FFN down-projection +0.16 / +0.16 dB, the real-width random "
+    "Flux's last image FFN down-projection +0.20 / +0.20 dB, the tiny one's +0.29 / +0.28 dB)"
+)
+_FLUX_H100 = "real-width random Flux (sensitivity_flux_h100.json)"
+_FLUX_DERIVED = (
+    "taken by the derivation (the upgrades removing the most output noise per extra byte, each worth >= 0.2 dB, "
+    "within the Table 8 mix's bytes), whose mix measured 32.16 dB at 0.302x bf16 block bytes against the Table 8 "
+    "mix's 30.39 dB at 0.311x"
+)
+_BF16_NO_BETTER = "bf16 buys no more than W8A8 in every measurement, for twice the extra bytes"
+
+_FLUX_MIX = (
+    # W8A8 where the measurement finds the most output SQNR per byte ...
+    Rule(
+        "transformer_blocks.*.ff.net.2",
+        "w8a8",
+        f"image FFN down-projection (GELU-skewed inputs: the lowest per-layer W4A4 SQNR of the double blocks, "
+        f"12.6 dB); {_FLUX_H100}: W8A8 gain +0.36 dB (9.6 dB/GB) in blocks before the last, +0.20 dB (10.6 dB/GB) "
+        f"in the last, {_FLUX_DERIVED}; trained MiniLM agrees: its FFN down-projection gains +1.69 dB (1.14 dB/MB); "
+        f"the paper's Table 8 keeps the last block's in bf16, but {_BF16_NO_BETTER} (W8A8 / bf16 gain: Flux's last "
+        "+0.20 / +0.20 dB, MiniLM's last +0.16 / +0.16 dB): the measurement is followed",
+    ),
+    Rule(
+        "transformer_blocks.*.ff.net.0.proj",
+        "w8a8",
+        f"image FFN up-projection; {_FLUX_H100}: W8A8 gain +0.34 dB (9.1 dB/GB) in blocks before the last, "
+        f"{_FLUX_DERIVED}; the last block's (+0.15 dB, 8.1 dB/GB, under the 0.2 dB a one-layer role rarely "
+        "reaches) goes with them; trained MiniLM agrees: its FFN up-projection gains +1.35 dB (0.92 dB/MB)",
+    ),
+    Rule(
+        "single_transformer_blocks.*.norm.linear",
+        "w8a8",
+        f"single-block AdaLN modulation (one conditioning row sets the shift/scale/gate of every token); "
+        f"{_FLUX_H100}: W8A8 gain +0.75 dB (10.6 dB/GB) before the last block, +0.14 dB (9.7 dB/GB) in the last, "
+        f"the best per byte of all roles, {_FLUX_DERIVED}; MiniLM (BERT) has no AdaLN, the paper's Table 8 keeps "
+        "it at W4A4: the measurement is followed, its 9% of Flux.1-dev's weights at W8A8 costing 0.023 of the "
+        "bf16 bytes",
+    ),
+    Rule(
+        "transformer_blocks.<last>.norm1.linear",
+        "w8a8",
+        f"the last double block's image AdaLN modulation; {_FLUX_H100}: W8A8 gain +0.20 dB (7.2 dB/GB), "
+        f"{_FLUX_DERIVED}; the earlier double blocks' (+0.34 dB, 5.9 dB/GB) fell outside that budget, "
+        "norm1_context.linear (text stream) gains +0.01 dB",
+    ),
+    # ... and the paper's W8A8 attention output, where the trained model outweighs the random one.
+    Rule(
+        "transformer_blocks.*.attn.to_out.0",
+        "w8a8",
+        f"paper Table 8: image attention output projection; {_FLUX_H100}: W8A8 gain only +0.03 dB (3.1 dB/GB), "
+        "not taken by the derivation; kept because the trained model disagrees: MiniLM's attention output has "
+        "its lowest per-layer W4A4 SQNR (13.4 dB) and gains +0.65 dB (1.77 dB/MB, more per byte than its FFN "
+        "layers), and random weights lack the trained outliers that make it fragile; 1.5% of Flux.1-dev's "
+        "weights, 0.004 of the bf16 bytes",
+    ),
+    Rule(
+        "transformer_blocks.*",
+        "w4a4",
+        f"the rest of the double-stream blocks: attention q/k/v (W8A8 gain <= +0.01 dB each on the {_FLUX_H100}), "
+        "the text stream (ff_context, add_*_proj, to_add_out, norm1_context: <= +0.01 dB; Table 8's bf16 "
+        f"ff_context.net.2 in the last block gains -0.00 / +0.00 dB at W8A8 / bf16, so the measurement is "
+        "followed) and the earlier blocks' norm1.linear (outside the budget)",
+    ),
+    Rule(
+        "single_transformer_blocks.*",
+        "w4a4",
+        f"the rest of the single-stream blocks; {_FLUX_H100}: q/k/v gain <= +0.004 dB at W8A8 (the last block's "
+        "to_v -0.01 dB), so Table 8's W8A8 to_v is not followed (trained MiniLM's values gain +0.30 dB, "
+        "0.81 dB/MB, less per byte than its FFN layers; its last layer's +0.27 dB is its best, but Flux's last "
+        "to_v measures -0.01 dB), and q, k, v keep one kind (fusable, and one ComfyUI linear1); proj_out "
+        "(+0.96 dB, 8.1 dB/GB) and proj_mlp (+0.72 dB, 7.6 dB/GB) came next, but proj_out at W8A8 would put "
+        "Flux.1-dev's mix at 0.350x bf16, over the budget, and proj_mlp (0.343x) past the derivation's; "
+        "Table 8's bf16 proj_out in the last "
+        f"block gains +0.16 / +0.16 dB at W8A8 / bf16 ({_BF16_NO_BETTER}), under the derivation's 0.2 dB",
+    ),
+    _KEEP_REST,
+)
+
+# PixArt and SD3 have no real-width measurement: their mix follows Table 8 by analogy, as before.
+_NOT_CARRIED_OVER = (
+    "kept: the finding that bf16 buys no more than W8A8 on this role (W8A8 / bf16 output SQNR gain: Flux at "
+    "real width +0.20 / +0.20 dB, MiniLM +0.16 / +0.16 dB), on which Flux's mix puts it at W8A8, is not "
+    "measured on this architecture"
 )
 
 PRESETS: dict[str, dict[str, tuple[Rule, ...]]] = {
@@ -81,40 +169,7 @@ PRESETS: dict[str, dict[str, tuple[Rule, ...]]] = {
             Rule("single_transformer_blocks.*", "w4a4", "every Linear of the single-stream blocks, AdaLN included"),
             _KEEP_REST,
         ),
-        "mix": (
-            # ConvRot paper, Table 8 (Flux.1-dev mixed precision): the most sensitive layers stay bf16 ...
-            Rule(
-                "single_transformer_blocks.<last>.proj_out",
-                "skip",
-                "paper Table 8: last block's output projection (attention out + MLP down) feeds norm_out directly; "
-                + _MEASURED_LAST_FF,
-            ),
-            Rule(
-                "transformer_blocks.<last>.ff.net.2",
-                "skip",
-                "paper Table 8: last double block's image FFN down-projection (GELU inputs: lowest per-layer SQNR); "
-                + _MEASURED_LAST_FF,
-            ),
-            Rule(
-                "transformer_blocks.<last>.ff_context.net.2",
-                "skip",
-                "paper Table 8: last double block's text FFN down-projection",
-            ),
-            # ... and the attention output path goes W8A8; everything else in the blocks is W4A4.
-            Rule(
-                "transformer_blocks.*.attn.to_out.0",
-                "w8a8",
-                "paper Table 8: image attention output projection; " + _MEASURED_ATTENTION,
-            ),
-            Rule(
-                "single_transformer_blocks.*.attn.to_v",
-                "w8a8",
-                "paper Table 8: single-stream value projection; " + _MEASURED_ATTENTION,
-            ),
-            Rule("transformer_blocks.*", "w4a4", "the rest of the double-stream blocks, " + _ADALN_W4A4),
-            Rule("single_transformer_blocks.*", "w4a4", "the rest of the single-stream blocks, " + _ADALN_W4A4),
-            _KEEP_REST,
-        ),
+        "mix": _FLUX_MIX,
     },
     "pixart": {
         "w4a4": (
@@ -126,7 +181,8 @@ PRESETS: dict[str, dict[str, tuple[Rule, ...]]] = {
                 "transformer_blocks.<last>.ff.net.2",
                 "skip",
                 "as Flux's bf16 set: the last block's FFN down-projection, the lowest per-layer SQNR class "
-                "(demo 14.1-14.4 dB, every other class 14.9-17.6 dB) and the last write into the residual stream",
+                "(demo 14.1-14.4 dB, every other class 14.9-17.6 dB) and the last write into the residual stream; "
+                + _NOT_CARRIED_OVER,
             ),
             Rule(
                 "transformer_blocks.*.attn2.to_out.0",
@@ -154,19 +210,25 @@ PRESETS: dict[str, dict[str, tuple[Rule, ...]]] = {
                 "transformer_blocks.<last>.ff.net.2",
                 "skip",
                 "as Flux's bf16 set: the last block's FFN down-projection, the lowest per-layer SQNR class "
-                "(demo 13.8-14.0 dB, most others 14.0-16.7 dB); the last block has no text FFN (context_pre_only)",
+                "(demo 13.8-14.0 dB, most others 14.0-16.7 dB); the last block has no text FFN (context_pre_only); "
+                + _NOT_CARRIED_OVER,
             ),
             Rule(
                 "transformer_blocks.*.attn.to_out.0",
                 "w8a8",
-                "as Flux: image attention output projection (class ablation: 41.7 dB, 4th most sensitive of 18)",
+                "as Flux's mix: image attention output projection (class ablation: 41.7 dB, 4th most sensitive of 18)",
             ),
             Rule(
                 "transformer_blocks.*.attn2.to_out.0",
                 "w8a8",
                 "SD3.5's second (image-only) attention: its output projection, as attn.to_out.0",
             ),
-            Rule("transformer_blocks.*", "w4a4", "the rest of the blocks, " + _ADALN_W4A4),
+            Rule(
+                "transformer_blocks.*",
+                "w4a4",
+                "the rest of the blocks, " + _ADALN_W4A4 + "; Flux's measured W8A8 image FFN layers are not carried "
+                "over: no real-width SD3 measurement, and what fits SD3's budget depends on its own layer shares",
+            ),
             _KEEP_REST,
         ),
     },
@@ -265,7 +327,8 @@ _GENERIC_ATTENTION_OUT = (
     + _MEASURED_ATTENTION
 )
 _GENERIC_LAST_FF = (
-    "as the bf16 set of the Flux, PixArt and SD3 mix tables: the last block's feed-forward down-projection, "
+    "as the bf16 set of the PixArt and SD3 mix tables (Flux's measured mix: W8A8): the last block's "
+    "feed-forward down-projection, "
     "the lowest per-layer SQNR class and the last write into the residual stream; " + _MEASURED_LAST_FF
 )
 
