@@ -1,6 +1,7 @@
 """A quantized transformer's state dict answers weight lookups by name (diffusers' Flux.1 LoRA loader needs
 them) without listing them: saving, loading and iterating see only the tensors the model holds."""
 
+import copy
 import io
 import pickle
 from collections import OrderedDict
@@ -86,7 +87,7 @@ def test_transformers_convrot_loads_answer_the_lookup_too(tmp_path, seed):
     reloaded = diffusers.FluxTransformer2DModel.from_pretrained(tmp_path / "save")
     save_comfy(quantized, tmp_path / "comfy.safetensors", progress=False)
     from_comfy = load_comfy(tmp_path / "comfy.safetensors", model.config)
-    for transformer in (reloaded, from_comfy):
+    for transformer in (reloaded, from_comfy, copy.deepcopy(quantized)):
         assert isinstance(transformer.state_dict()[f"{name}.weight"], convrot.WeightStandIn)
         assert f"{name}.weight" not in list(transformer.state_dict())
     hooks = len(quantized._state_dict_hooks)
