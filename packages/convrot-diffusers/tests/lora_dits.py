@@ -22,15 +22,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def load(arch: str, transformer, state: dict, adapter_name: str, **kwargs) -> None:
-    """diffusers' loader: the pipeline's load_lora_weights, or for Flux.1 the transformer's load_lora_adapter on
-    the pipeline's converted state dict (FluxLoraLoaderMixin.load_lora_weights reads
-    transformer.state_dict()[f"{layer}.weight"], which a quantized layer has not: docs/diffusers.md, LoRA)."""
-    pipe = pipeline(arch, transformer)
-    if arch == "flux":
-        converted = pipe.lora_state_dict(dict(state))
-        transformer.load_lora_adapter(converted, prefix="transformer", adapter_name=adapter_name, **kwargs)
-    else:
-        pipe.load_lora_weights(dict(state), adapter_name=adapter_name, **kwargs)
+    """diffusers' loader: the architecture's pipeline's load_lora_weights (for Flux.1, FluxLoraLoaderMixin's,
+    which looks each LoRA'd layer's weight up in the transformer's state dict)."""
+    pipeline(arch, transformer).load_lora_weights(dict(state), adapter_name=adapter_name, **kwargs)
 
 
 # Architectures under test: Flux.1 (its presets and fused blocks) and Qwen-Image (the generic path).

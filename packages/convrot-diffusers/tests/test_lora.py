@@ -14,7 +14,7 @@ pytest.importorskip("peft")
 CASES = [(arch, lora_format) for arch in lora_dits.ARCHITECTURES for lora_format in ("peft", "kohya")]
 
 
-@pytest.mark.parametrize("arch, lora_format", [*CASES, ("qwen-image", "two adapters")])
+@pytest.mark.parametrize("arch, lora_format", [*CASES, *[(arch, "two adapters") for arch in lora_dits.ARCHITECTURES]])
 def test_lora_on_quantized_model_adds_no_error_beyond_quantization(arch, lora_format, seed):
     model, inputs = build(arch, seed)
     quantized = quantized_copy(model)
@@ -50,30 +50,32 @@ def test_adapter_weight_zero_and_unload_give_the_quantized_output_bit_for_bit(se
     quantized = quantized_copy(model)
     state_before = {key: tensor.clone() for key, tensor in quantized.state_dict().items()}
     reference = run(quantized, inputs)
-    load(arch, quantized, peft_lora(model, 4, torch.Generator().manual_seed(seed), STRENGTH), "style")
+    pipe = pipeline(arch, quantized)
+    pipe.load_lora_weights(peft_lora(model, 4, torch.Generator().manual_seed(seed), STRENGTH), adapter_name="style")
     with_lora = run(quantized, inputs)
     assert not torch.equal(with_lora, reference)
 
-    quantized.set_adapters(["style"], [0.0])
+    pipe.set_adapters(["style"], [0.0])
     assert torch.equal(run(quantized, inputs), reference)
-    quantized.set_adapters(["style"], [1.0])
+    pipe.set_adapters(["style"], [1.0])
     assert torch.equal(run(quantized, inputs), with_lora)
 
-    quantized.unload_lora()
+    pipe.unload_lora_weights()
     assert torch.equal(run(quantized, inputs), reference)
     after = quantized.state_dict()
     assert after.keys() == state_before.keys()
     assert all(torch.equal(after[key], state_before[key]) for key in state_before)
 
 
-def test_pipeline_unload_and_hotswap_on_quantized_qwen_image(seed):
-    model, inputs = build("qwen-image", seed)
+@pytest.mark.parametrize("arch", lora_dits.ARCHITECTURES)
+def test_pipeline_unload_and_hotswap_on_a_quantized_transformer(arch, seed):
+    model, inputs = build(arch, seed)
     quantized = quantized_copy(model)
     generator = torch.Generator().manual_seed(seed)
     first, second = peft_lora(model, 4, generator, STRENGTH), peft_lora(model, 8, generator, STRENGTH)
     reference = run(quantized, inputs)
 
-    pipe = pipeline("qwen-image", quantized)
+    pipe = pipeline(arch, quantized)
     pipe.enable_lora_hotswap(target_rank=8)
     pipe.load_lora_weights(dict(first), adapter_name="style")
     with_first = run(quantized, inputs)
@@ -81,7 +83,7 @@ def test_pipeline_unload_and_hotswap_on_quantized_qwen_image(seed):
     swapped = run(quantized, inputs)
 
     fresh = quantized_copy(model)
-    pipeline("qwen-image", fresh).load_lora_weights(dict(second), adapter_name="style")
+    pipeline(arch, fresh).load_lora_weights(dict(second), adapter_name="style")
     expected = run(fresh, inputs)
     assert not torch.equal(swapped, with_first)
     torch.testing.assert_close(swapped, expected, rtol=0, atol=1e-6 * expected.abs().max().item())
@@ -172,18 +174,29 @@ def test_compiled_lora_layer_around_a_convlinear_matches_eager(seed):
         torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
 
 
-def test_lora_on_a_saved_and_reloaded_quantized_transformer(tmp_path, seed):
+@pytest.mark.parametrize("arch", lora_dits.ARCHITECTURES)
+def test_lora_on_a_saved_and_reloaded_quantized_transformer(arch, tmp_path, seed):
     import diffusers
+    from safetensors import safe_open
 
-    model, inputs = build("qwen-image", seed)
+    model, inputs = build(arch, seed)
     quantized = quantized_copy(model)
-    quantized.save_pretrained(tmp_path)
-    reloaded = diffusers.QwenImageTransformer2DModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
-    assert all(m.float_dtype == torch.bfloat16 for m in reloaded.modules() if isinstance(m, convrot.ConvLinear))
+    state = {key: tensor.clone() for key, tensor in quantized.state_dict().items()}
     lora = peft_lora(model, 4, torch.Generator().manual_seed(seed), STRENGTH)
-    for transformer in (quantized, reloaded):
-        load("qwen-image", transformer, lora, "style")
-    assert torch.equal(run(reloaded, inputs), run(quantized, inputs))
+    load(arch, quantized, lora, "style")
+    with_lora = run(quantized, inputs)
+    pipeline(arch, quantized).unload_lora_weights()
+    quantized.save_pretrained(tmp_path)
+    (path,) = tmp_path.glob("*.safetensors")
+    with safe_open(path, framework="pt") as handle:
+        assert set(handle.keys()) == set(state)  # the quantized layers' codes, no weight of theirs
+    cls = getattr(diffusers, type(model).__name__)
+    reloaded = cls.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    assert all(m.float_dtype == torch.bfloat16 for m in reloaded.modules() if isinstance(m, convrot.ConvLinear))
+    found = reloaded.state_dict()
+    assert found.keys() == state.keys() and all(torch.equal(found[key], state[key]) for key in state)
+    load(arch, reloaded, lora, "style")
+    assert torch.equal(run(reloaded, inputs), with_lora)
 
 
 def test_saving_with_adapters_loaded_is_refused_and_writes_no_weights(tmp_path, seed):

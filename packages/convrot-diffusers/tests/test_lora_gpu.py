@@ -1,4 +1,5 @@
-"""LoRA on quantized transformers through the CUDA kernels, eager and under torch.compile (inductor).
+"""LoRA on quantized transformers through the CUDA kernels, eager and under torch.compile (inductor), loaded
+by the pipelines' load_lora_weights (lora_dits.load; Flux.1's FluxLoraLoaderMixin looks weights up by name).
 
 Run on a CUDA machine: ``python -m pytest packages/convrot-diffusers/tests/test_lora_gpu.py``.
 """

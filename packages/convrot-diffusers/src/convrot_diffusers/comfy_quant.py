@@ -50,6 +50,7 @@ from .comfy_keys import (
     original_rows,
     strip_model_prefix,
 )
+from .weight_lookup import install_weight_lookup
 
 W4A4_FORMAT = "convrot_w4a4"
 INT8_FORMAT = "int8_tensorwise"
@@ -446,6 +447,7 @@ def load_comfy(
     with torch.no_grad():
         convrot.install_skeletons(transformer, specs)
         transformer.load_state_dict(tensors, strict=True, assign=True)
+    install_weight_lookup(transformer)  # diffusers' Flux.1 LoRA loader looks layers' weights up by name
     return transformer.eval()
 
 

@@ -40,6 +40,7 @@ from diffusers.utils import get_module_from_name
 import convrot
 
 from .versions import MIN_DIFFUSERS, RANGE_TEXT, diffusers_in_range, installed_diffusers
+from .weight_lookup import install_weight_lookup
 
 QUANT_METHOD = "convrot"
 BUFFER_DTYPES_KEY = "buffer_dtypes"  # header metadata: JSON {buffer name: dtype} of non-persistent buffers
@@ -214,8 +215,10 @@ class ConvRotQuantizer(DiffusersQuantizer):
     # -- binding to the model --------------------------------------------------------------------------------
 
     def bind(self, model) -> None:
-        """Makes this the quantizer of ``model``: save_pretrained then writes a ConvRot checkpoint."""
+        """Makes this the quantizer of ``model``: save_pretrained then writes a ConvRot checkpoint, and its
+        state dict answers diffusers' Flux.1 LoRA loader's weight lookups (weight_lookup.py)."""
         self._model = weakref.ref(model)
+        install_weight_lookup(model)
         model.hf_quantizer = self
         model.is_quantized = True
         model.quantization_method = self.quantization_config.quant_method
