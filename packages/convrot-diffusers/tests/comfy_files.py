@@ -11,31 +11,12 @@ import torch
 ck = pytest.importorskip("comfy_kitchen", reason="comfy-kitchen (the reference for ComfyUI's format) is not installed")
 from comfy_kitchen.backends.eager.quantization import int8_linear as ck_int8_linear  # noqa: E402
 from comfy_kitchen.tensor import TensorCoreConvRotW4A4Layout, TensorWiseINT8Layout  # noqa: E402
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel  # noqa: E402
+from diffusers import SD3Transformer2DModel  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import convrot  # noqa: E402
 from convrot_diffusers.comfy_keys import format_for_class, original_rows  # noqa: E402
 from convrot_kernels import unpack_int4  # noqa: E402
-
-
-def tiny_flux(width: int = 256, head_dim: int = 64, double: int = 1, single: int = 1, seed: int = 0):
-    torch.manual_seed(seed)
-    heads = width // head_dim
-    rope = (16, 56, 56) if head_dim == 128 else (16, (head_dim - 16) // 2, (head_dim - 16) // 2)
-    model = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,
-        num_layers=double,
-        num_single_layers=single,
-        attention_head_dim=head_dim,
-        num_attention_heads=heads,
-        joint_attention_dim=64,
-        pooled_projection_dim=64,
-        guidance_embeds=True,
-        axes_dims_rope=rope,
-    )
-    return torch.nn.Module.to(model, torch.bfloat16).eval()
 
 
 def tiny_sd3(seed: int = 0):

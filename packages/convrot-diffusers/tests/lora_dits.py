@@ -8,7 +8,7 @@ import inspect
 
 import tiny_dits
 import torch
-from comfy_files import tiny_flux
+from tiny_dits import tiny_flux
 from torch import nn
 
 # A LoRA's B A moves each layer's output by this fraction of what the layer's own weight gives (trained

@@ -15,13 +15,13 @@ from comfy_files import (
     replace_convlinears,
     run_on_kitchen,
     tiny_dit,
-    tiny_flux,
     tiny_sd3,
     write_comfy_file,
 )
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tiny_dits import tiny_flux
 
 import convrot
 import convrot_diffusers

@@ -8,7 +8,8 @@ blocks each with random weights built from config (benchmarks/transformer_config
   compiled (regional, as the benchmark compiles), batch 1 and 2, against the plain quantized model run the
   same way: its error against bf16 at most 5% above the plain model's, and it differs from the plain model by
   at most half the plain model's own error (fused paths round some intermediates differently, which moves
-  some 4-bit codes; issue 25's criterion). q/k/v fusion alone is exact in eager mode.
+  some 4-bit codes; issue 25's criterion), plus, compiled, how far compiling moves the bf16 model itself.
+  q/k/v fusion alone is exact in eager mode.
 
 Run with ``python -m pytest -m gpu packages/convrot-diffusers/tests/test_fusions_gpu.py``.
 """
@@ -141,9 +142,15 @@ def test_fused_model_is_as_accurate_as_the_plain_one(name, preset, fusions, mode
         assert torch.equal(found, plain), f"{name} {preset} b{batch}: max |fused - plain| {(found - plain).abs().max()}"
     plain_error, fused_error = relative_error(plain, reference), relative_error(found, reference)
     difference = relative_error(found, plain)
+    # Compiled, the plain model's bf16 norms, modulations and residuals are inductor's (fp32 inside a fused
+    # kernel) where the fused model runs ours (rounded as eager rounds): part of their difference is how far
+    # compiling moves the bf16 model itself, which the bound allows on top of half the plain model's error.
+    compile_shift = relative_error(bf16_output(name, batch, mode), bf16_output(name, batch)) if mode != "eager" else 0.0
     label = f"{name} {preset} {'+'.join(fusions)} {mode} b{batch}"
+    print(f"{label}: plain {plain_error:.4f} fused {fused_error:.4f} differ {difference:.4f} shift {compile_shift:.4f}")
     assert fused_error <= 1.05 * plain_error, f"{label}: error {fused_error:.4f} vs plain {plain_error:.4f}"
-    assert difference <= 0.5 * plain_error, f"{label}: differs by {difference:.4f}, plain error {plain_error:.4f}"
+    bound = 0.5 * plain_error + compile_shift
+    assert difference <= bound, f"{label}: differs by {difference:.4f}, bound {bound:.4f}, plain {plain_error:.4f}"
 
 
 def test_sd35_keeps_its_projections_separate():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from diffusers import FluxTransformer2DModel
 
 import convrot
 from convrot_diffusers import quantize_transformer
@@ -78,6 +79,26 @@ REAL = {
     "WanTransformer3DModel": dict(num_layers=2),
     "LTX2VideoTransformer3DModel": dict(num_layers=2),
 }
+
+
+def tiny_flux(width: int = 256, head_dim: int = 64, double: int = 1, single: int = 1, seed: int = 0):
+    """A tiny random Flux.1 transformer in bf16 (its presets and fused blocks; the ComfyUI and LoRA tests)."""
+    torch.manual_seed(seed)
+    heads = width // head_dim
+    rope = (16, 56, 56) if head_dim == 128 else (16, (head_dim - 16) // 2, (head_dim - 16) // 2)
+    model = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=double,
+        num_single_layers=single,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=64,
+        pooled_projection_dim=64,
+        guidance_embeds=True,
+        axes_dims_rope=rope,
+    )
+    return torch.nn.Module.to(model, torch.bfloat16).eval()
 
 
 def _flux2_inputs(config, generator, tokens_side=4, text=8):
