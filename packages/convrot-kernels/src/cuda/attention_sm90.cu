@@ -8,11 +8,12 @@
 // overlap of softmax with the next block's Q K^T and a ping-pong of the two consumer warpgroups are
 // later optimisations, not done here: each consumer runs S -> softmax -> P.V in sequence per block.)
 // 384 threads, three warpgroups:
-//   - warpgroup 0 (producer, setmaxnreg 24): one thread issues TMA: the Q tile once, then per key
+//   - warpgroup 0 (producer, setmaxnreg 40): one thread issues TMA: the Q tile once, then per key
 //     block j the K tile and the V^T tile into a ring of kStages slots, each with its own full
 //     (TMA transaction) and empty (8 consumer warps) mbarrier, K and V separately, so S of block j
 //     needs only K_j and the K slot is released before P.V of the block runs.
-//   - warpgroups 1, 2 (consumers, setmaxnreg 240): 64 query rows each (rows 64 * wg .. of the tile).
+//   - warpgroups 1, 2 (consumers, setmaxnreg 232; 40 * 128 + 232 * 256 = 64512 of 65536 registers):
+//     64 query rows each (rows 64 * wg .. 64 * wg + 63 of the tile).
 //     Per key block: S = Q K^T by wgmma m64n128k32 .s32.s8.s8 (both operands from shared memory,
 //     D / 32 k-steps); s = float(acc) * (sq[row] * scale_log2 * sk[block]); keys >= kv_tokens -> -inf;
 //     online softmax (row max over the quad's four threads); P = e4m3(448 * p) packed from the S
@@ -66,12 +67,12 @@ namespace {
 
 constexpr int kBlockQ = 128;        // query rows per CTA (two consumer warpgroups of 64)
 constexpr int kBlockKV = 128;       // keys per K/V block (= the pre-pass's sk block)
-constexpr int kStages = 2;          // K/V ring slots
+[[maybe_unused]] constexpr int kStages = 2;  // K/V ring slots
 constexpr int kThreads = 384;       // producer warpgroup + two consumer warpgroups
-constexpr int kConsumerWarps = 8;   // arrivals on each empty barrier (lane 0 of each consumer warp)
-[[maybe_unused]] constexpr int kRowsPerWarpgroup = 64;
-[[maybe_unused]] constexpr int kSliceKeys = 32;// keys per P.V k-step
-[[maybe_unused]] constexpr float kPScale = 448.0f;// P is stored as e4m3(448 p)
+[[maybe_unused]] constexpr int kConsumerWarps = 8;  // arrivals on each empty barrier (lane 0 of each consumer warp)
+[[maybe_unused]] constexpr int kRowsPerWarpgroup = 64;  // query rows per consumer warpgroup
+[[maybe_unused]] constexpr int kSliceKeys = 32;  // keys per P.V k-step
+[[maybe_unused]] constexpr float kPScale = 448.0f;  // P is stored as e4m3(448 p)
 
 template <int D>
 struct Layout {
@@ -85,6 +86,7 @@ struct Layout {
   static constexpr int kBar = kV + kStages * kVBytes;
   static constexpr int kBarriers = 1 + 4 * kStages;
   static constexpr int kSmem = kBar + 8 * kBarriers + 1024;  // + slack to align the base to 1024
+  static_assert(127 * 127 * D < (1 << 22), "exact_float's range");
   static_assert(kQBytes % 1024 == 0 && kKBytes % 1024 == 0 && kVBytes % 1024 == 0, "1024-byte aligned tiles");
 };
 
@@ -94,6 +96,14 @@ using sm90::e4m3x4;
 using sm90::exp2_approx;
 using sm90::wgmma_rs_e4m3;
 using sm90::wgmma_ss_n128;
+
+// float(x) for |x| < 2^22, exactly, by two full-rate instructions instead of an I2F (a quarter-rate
+// conversion, as slow as the ex2 that follows): the bits of 1.5 * 2^23 plus x are the float
+// 1.5 * 2^23 + x (the binade [2^23, 2^24) has unit spacing), and the subtraction is exact.
+// |q . k| <= 127 * 127 * 128 = 2064512 < 2^22.
+__device__ __forceinline__ float exact_float(int x) {
+  return __int_as_float(x + 0x4B400000) - 12582912.0f;
+}
 
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);
@@ -154,7 +164,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
 
   if (warp < 4) {  // producer warpgroup
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
     if (warp == 0 && lane == 0) {
       // Q tile: rows bh * Nq_pad + 128 * tile .. + 127 of the [BH * Nq_pad, D] view, all D bytes.
       mbar_arrive_expect_tx(q_full, L::kQBytes);
@@ -178,7 +188,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // ---- consumers ----
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
   const int cw = warp - 4;              // consumer warp 0..7
   const int wg = cw >> 2;               // consumer warpgroup 0, 1
   const int g = lane >> 2, t = lane & 3;
@@ -204,6 +214,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     int acc[64];  // S of m64n128: see the fragment note at the top
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc[i] = 0;
+#pragma unroll
+    for (int i = 0; i < 64; ++i) pin_register(acc[i]);  // zeroed before the fence, not between it and wgmma
     mbar_wait(&k_full[ring.slot], ring.phase);
     {
       const uint8_t* k_tile = smem + L::kK + ring.slot * L::kKBytes;
@@ -224,7 +236,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float rs[2] = {sqc[0] * skb, sqc[1] * skb};
     float sf[64];
 #pragma unroll
-    for (int i = 0; i < 64; ++i) sf[i] = float(acc[i]) * rs[(i >> 1) & 1];
+    for (int i = 0; i < 64; ++i) sf[i] = exact_float(acc[i]) * rs[(i >> 1) & 1];
     const int j0 = j * kBlockKV;
     if (j0 + kBlockKV > p.kv_tokens) {  // the last block, partly padding: keys >= kv_tokens -> -inf
 #pragma unroll
