@@ -25,20 +25,31 @@ const void* row_of(const void* base, Float dtype, const HeadStrides& st, int64_t
   return static_cast<const char*>(base) + offset * (dtype == Float::f32 ? 4 : 2);
 }
 
-// Row (b, n, h) of x in fp32, rotated by rht(row, 64); returns its amax.
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// The larger of two amaxes, NaN (a non-finite value was seen) winning.
+float amax_of(float a, float b) { return std::isnan(a) || std::isnan(b) ? kNaN : std::max(a, b); }
+
+// Row (b, n, h) of x in fp32, rotated by rht(row, 64); returns its amax (NaN if a value is not finite).
 float rotated_row(const void* x, Float dtype, const HeadStrides& st, int64_t b, int64_t n, int64_t h, int64_t dim,
                   float* row) {
   const void* src = row_of(x, dtype, st, b, n, h);
   for (int64_t d = 0; d < dim; ++d) row[d] = load_float(src, dtype, d);
   float amax = 0.0f;
+  bool finite = true;
   for (int64_t g = 0; g < dim; g += kRotationGroup) rotate_group(row + g, kRotationGroup);
-  for (int64_t d = 0; d < dim; ++d) amax = std::max(amax, std::fabs(row[d]));
-  return amax;
+  for (int64_t d = 0; d < dim; ++d) {
+    finite = finite && std::isfinite(row[d]);
+    amax = std::max(amax, std::fabs(row[d]));
+  }
+  return finite ? amax : kNaN;
 }
 
+// Codes of a row at `scale`; a zero or NaN scale gives codes 0.
 void quantize_codes(const float* row, int64_t dim, float scale, int8_t* q) {
+  const bool zero = !(scale > 0.0f);
   for (int64_t d = 0; d < dim; ++d) {
-    const float r = scale == 0.0f ? 0.0f : std::nearbyint(row[d] / scale);  // half to even
+    const float r = zero ? 0.0f : std::nearbyint(row[d] / scale);  // half to even
     q[d] = int8_t(std::fmin(std::fmax(r, -kQmax), kQmax));
   }
 }
@@ -54,7 +65,7 @@ void quantize_head(const void* x, Float dtype, const HeadStrides& st, int64_t b,
     float block_amax = 0.0f;
     for (int64_t r = 0; r < count; ++r) {
       const float amax = rotated_row(x, dtype, st, b, n0 + r, h, dim, rows.data() + r * dim);
-      block_amax = std::max(block_amax, amax);
+      block_amax = amax_of(block_amax, amax);
       if (!per_block) {
         const float scale = amax / kQmax;
         scales[n0 + r] = scale;
@@ -78,7 +89,10 @@ void quantize_v(const void* v, Float dtype, const HeadStrides& st, int64_t b, in
   std::vector<float> amax(size_t(dim), 0.0f);
   for (int64_t n = 0; n < tokens; ++n) {
     const void* row = row_of(v, dtype, st, b, n, h);
-    for (int64_t c = 0; c < dim; ++c) amax[c] = std::max(amax[c], std::fabs(load_float(row, dtype, c)));
+    for (int64_t c = 0; c < dim; ++c) {
+      const float x = load_float(row, dtype, c);
+      amax[c] = std::isfinite(x) ? amax_of(amax[c], std::fabs(x)) : kNaN;
+    }
   }
   for (int64_t c = 0; c < dim; ++c) sv[c] = amax[c] / kE4m3Max;
   std::memset(vt8, 0, size_t(dim * padded));
@@ -88,7 +102,7 @@ void quantize_v(const void* v, Float dtype, const HeadStrides& st, int64_t b, in
       if (n >= tokens) continue;
       const void* row = row_of(v, dtype, st, b, n, h);
       for (int64_t c = 0; c < dim; ++c) {
-        vt8[c * padded + g + k] = sv[c] == 0.0f ? 0 : float_to_e4m3(load_float(row, dtype, c) / sv[c]);
+        vt8[c * padded + g + k] = sv[c] > 0.0f ? float_to_e4m3(load_float(row, dtype, c) / sv[c]) : 0;
       }
     }
   }
