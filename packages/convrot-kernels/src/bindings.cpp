@@ -14,6 +14,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "fp8_e4m3.h"
 #include "primitives.h"
 
 namespace nb = nanobind;
@@ -289,6 +290,15 @@ void unpack_int4(Array packed, Array q, uintptr_t stream) {
       [&] { CONVROT_CUDA_CALL(unpack_int4(src, dst, bytes, as_stream(stream))); });
 }
 
+// The portable fp32 -> e4m3 conversion both pre-passes use (fp8_e4m3.h), on the CPU, for its tests.
+void e4m3_codes(Array x, Array codes) {
+  const auto* src = static_cast<const float*>(x.data());
+  auto* dst = static_cast<uint8_t*>(codes.data());
+  const int64_t n = int64_t(x.size());
+  nb::gil_scoped_release release;
+  for (int64_t i = 0; i < n; ++i) dst[i] = float_to_e4m3(src[i]);
+}
+
 // kernel: "automatic", "small_m", "sm90_persistent", "sm90" or "simt" (checked in Python).
 void force_gemm_kernel(const std::string& kernel, int sm90_tile_n) {
 #ifdef CONVROT_WITH_CUDA
@@ -364,6 +374,7 @@ NB_MODULE(_C, m) {
         "scale_log2"_a, "out"_a, "out_batch"_a, "out_token"_a, "out_head"_a, "device"_a, "stream"_a);
   m.def("pack_int4", &convrot::pack_int4, "q"_a, "packed"_a.noconvert(), "stream"_a);
   m.def("unpack_int4", &convrot::unpack_int4, "packed"_a, "q"_a.noconvert(), "stream"_a);
+  m.def("e4m3_codes", &convrot::e4m3_codes, "x"_a, "codes"_a.noconvert());
   m.def("force_gemm_kernel", &convrot::force_gemm_kernel, "kernel"_a, "sm90_tile_n"_a);
   m.def("build_info", &convrot::build_info);
 }
