@@ -50,20 +50,20 @@ CONVROT_HOST_DEVICE inline uint8_t float_to_e4m3(float f) {
 // The value of an e4m3 code (NaN for 0x7f / 0xff).
 CONVROT_HOST_DEVICE inline float e4m3_to_float(uint8_t code) {
   const uint32_t exponent = (code >> 3) & 15u, mantissa = code & 7u;
-  float v;
-  if (exponent == 15 && mantissa == 7) {
-    v = __builtin_nanf("");
-  } else if (exponent == 0) {
-    v = float(mantissa) * (1.0f / 512.0f);
-  } else {
-    const uint32_t bits = ((exponent - 7 + 127) << 23) | (mantissa << 20);
-#ifdef __CUDA_ARCH__
-    v = __uint_as_float(bits);
-#else
-    std::memcpy(&v, &bits, 4);
-#endif
+  if (exponent == 0) {
+    const float v = float(mantissa) * (1.0f / 512.0f);
+    return (code & 0x80) ? -v : v;
   }
-  return (code & 0x80) ? -v : v;
+  const uint32_t sign = uint32_t(code & 0x80) << 24;
+  const uint32_t bits = exponent == 15 && mantissa == 7 ? sign | 0x7fc00000u  // NaN
+                                                        : sign | ((exponent - 7 + 127) << 23) | (mantissa << 20);
+  float v;
+#ifdef __CUDA_ARCH__
+  v = __uint_as_float(bits);
+#else
+  std::memcpy(&v, &bits, 4);
+#endif
+  return v;
 }
 
 }  // namespace convrot
