@@ -266,10 +266,7 @@ void attention_8bit(uintptr_t q, int64_t q_batch, int64_t q_token, int64_t q_hea
         cpu::attention_8bit_prepass(in, kind, codes);
         cpu::attention_8bit(in, codes, scale_log2, y, os, kind);
       },
-      [&] {
-        CONVROT_CUDA_CALL(attention_8bit_prepass(in, kind, codes, as_stream(stream)));
-        CONVROT_CUDA_CALL(attention_8bit(in, codes, scale_log2, y, os, kind, as_stream(stream)));
-      });
+      [&] { CONVROT_CUDA_CALL(attention_8bit(in, codes, scale_log2, y, os, kind, as_stream(stream))); });
 }
 
 void pack_int4(Array q, Array packed, uintptr_t stream) {

@@ -218,8 +218,9 @@ void rms_norm_rope(const void* x, HeadStrides xs, void* out, HeadStrides os, Flo
                    void* stream);
 void layer_norm_modulate(const void* x, void* out, Float dtype, const NormModulate& p, void* stream);
 void attention_8bit_prepass(const AttentionInputs& in, Float dtype, const AttentionCodes& codes, void* stream);
-// The sm_90a kernel over the pre-pass's codes (cuda/attention_sm90.h), dtype bf16 or fp16; throws
-// std::runtime_error on another GPU or a build without sm_90a code.
+// attention_8bit_prepass of `shape`'s operands into codes, then the sm_90a kernel over them
+// (cuda/attention_sm90.h) into out, dtype bf16 or fp16; throws std::runtime_error, before any work,
+// on another GPU or a build without sm_90a code.
 void attention_8bit(const AttentionInputs& shape, const AttentionCodes& codes, float scale_log2, void* out,
                     HeadStrides os, Float dtype, void* stream);
 

@@ -54,10 +54,8 @@ def test_e4m3_converter_matches_torch_on_every_rounding_case():
     bits = torch.cat([(hi << 8) | lo for lo in (0x00, 0x01, 0xFF)])
     bits = torch.cat([bits, bits | (1 << 31)])
     x = (bits - ((bits >> 31) << 32)).to(torch.int32).view(torch.float32)
-    special = torch.tensor(
-        [0.0, -0.0, 2.0**-10, -(2.0**-10), 2.0**-10 * 1.0001, 2.0**-11, 1e-30, 448.0, 464.0, 479.9, 1e9,
-         math.inf, -math.inf, -464.0]  # fmt: skip
-    )
+    tiny = [0.0, -0.0, 2.0**-10, -(2.0**-10), 2.0**-10 * 1.0001, 2.0**-11, 1e-30]
+    special = torch.tensor([*tiny, 448.0, 464.0, 479.9, 1e9, math.inf, -math.inf, -464.0])
     x = torch.cat([x, special])
     got, expected = e4m3_codes(x), e4m3_torch(x)
     mismatch = (got != expected).nonzero()
@@ -145,39 +143,10 @@ def test_prepass_zero_rows_and_channels_have_zero_scales_and_codes():
 # ---- the attention ----
 
 
-def attention_fp64(q, k, v, scale):
-    """softmax(scale q k^T) v in float64, [B, N, H, D] in and out."""
-    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))
-    return torch.softmax(scale * q @ k.transpose(-1, -2), -1).matmul(v).transpose(1, 2)
-
-
-def attention_simulated(q, k, v, scale):
-    """The same quantization in float64 torch: q, k rotated (block-diagonal Hadamard of 64) and
-    fake-quantized to int8 (per query, per block of 128 keys), V per channel and P (scale 448) through
-    e4m3, the normaliser from the unquantized P."""
-    b, nq, h, d = q.shape
-    nkv = k.shape[1]
-    rot = torch.block_diag(*[torch.from_numpy(ref.regular_hadamard(64))] * (d // 64))
-    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))  # [B, H, N, D]
-    q, k = q @ rot, k @ rot
-    sq = q.abs().amax(-1, keepdim=True) / 127
-    q = torch.where(sq > 0, (q / sq).round().clamp(-127, 127) * sq, 0)
-    pad = -nkv % 128
-    kb = torch.nn.functional.pad(k, (0, 0, 0, pad)).unflatten(2, (-1, 128))
-    sk = kb.abs().amax((-1, -2), keepdim=True) / 127
-    k = torch.where(sk > 0, (kb / sk).round().clamp(-127, 127) * sk, 0).flatten(2, 3)[:, :, :nkv]
-    sv = v.abs().amax(2, keepdim=True) / 448
-    v = torch.where(sv > 0, (v / sv).float().to(E4M3).double() * sv, 0)
-    s = scale * q @ k.transpose(-1, -2)
-    p = torch.exp(s - s.amax(-1, keepdim=True))
-    p8 = (448 * p).float().to(E4M3).double() / 448
-    return (p8 @ v / p.sum(-1, keepdim=True)).transpose(1, 2)
-
-
 def assert_within_twice_the_simulated_error(out, q, k, v, scale):
-    exact = attention_fp64(q, k, v, scale)
+    exact = ref.attention(q, k, v, scale)
     err = (out.double() - exact).abs().max().item()
-    sim_err = (attention_simulated(q, k, v, scale) - exact).abs().max().item()
+    sim_err = (ref.attention_8bit_simulated(q, k, v, scale) - exact).abs().max().item()
     assert err <= 2 * sim_err + 1e-3 * exact.abs().max().item(), (err, sim_err)
 
 

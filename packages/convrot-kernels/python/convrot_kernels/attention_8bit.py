@@ -108,9 +108,7 @@ def _attention_8bit(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return out
 
 
-_attention_8bit_op = torch.library.custom_op(
-    "convrot_kernels::attention_8bit", _attention_8bit, mutates_args=()
-)
+_attention_8bit_op = torch.library.custom_op("convrot_kernels::attention_8bit", _attention_8bit, mutates_args=())
 
 
 @_attention_8bit_op.register_fake

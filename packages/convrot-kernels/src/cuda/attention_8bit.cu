@@ -8,7 +8,7 @@
 //   - v scales: one block per bh, the per-channel amax over the head's keys.
 //   - v codes: one block per (128-key block, bh): codes staged in shared memory [128 keys][D], written
 //     transposed, keys permuted within groups of 32.
-// The attention itself is the sm_90a kernel of attention_sm90.cu.
+// cuda::attention_8bit checks the device, runs the pre-pass, then the sm_90a kernel of attention_sm90.cu.
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
@@ -227,10 +227,13 @@ void attention_8bit_prepass(const AttentionInputs& in, Float dtype, const Attent
 
 void attention_8bit(const AttentionInputs& shape, const AttentionCodes& codes, float scale_log2, void* out,
                     HeadStrides os, Float dtype, void* stream) {
+  // Checked before the pre-pass, so that a refused call enqueues nothing.
+  if (current_device().compute_capability != 90) fail("the kernel needs an sm_90 (Hopper) GPU");
   if (!built_for_hopper()) {
     fail("the kernel is sm_90a code, which this build lacks (build with CONVROT_CUDA_ARCHS including 90a-real)");
   }
   if (dtype != Float::bf16 && dtype != Float::f16) fail("the output must be bf16 or fp16");
+  attention_8bit_prepass(shape, dtype, codes, stream);
   Attention8bit a;
   a.batch_heads = shape.batch * shape.heads;
   a.heads = shape.heads;
