@@ -5,7 +5,7 @@
 // (fp8_e4m3.h). Simple kernels (not fused into the attention, nor into rms_norm_rope):
 //   - q, then k: one block of 128 threads per (128-row block, bh), a thread per row, its D values
 //     in registers: rotate, amax (per row for q; reduced over the block for k), codes.
-//   - v scales: one block per bh, the per-channel amax over the head's keys.
+//   - v scales: per-channel amaxes of each block of 128 keys, folded by atomicMax, then / 448.
 //   - v codes: one block per (128-key block, bh): codes staged in shared memory [128 keys][D], written
 //     transposed, keys permuted within groups of 32.
 // cuda::attention_8bit checks the device, runs the pre-pass, then the sm_90a kernel of attention_sm90.cu.
@@ -26,6 +26,7 @@ constexpr int kBlock = 128;  // rows per pre-pass block (= the attention's key b
 constexpr int kGroup = 64;   // the rotation's order
 constexpr float kQmax = 127.0f;
 constexpr float kE4m3Max = 448.0f;
+constexpr int kNaNBits = 0x7fc00000;  // the CPU backend's NaN scale (std::numeric_limits<float>::quiet_NaN())
 
 // Whether this build holds Hopper machine code (nvcc lists its targets, host side too).
 constexpr bool built_for_hopper() {
@@ -95,10 +96,10 @@ __global__ void __launch_bounds__(kBlock) qk_codes_kernel(const QkJob job, int64
     float block_amax = 0.0f;
 #pragma unroll
     for (int w = 0; w < kBlock / 32; ++w) block_amax = fmaxf(block_amax, warp_amax[w]);
-    scale = all_finite ? __fdiv_rn(block_amax, kQmax) : __int_as_float(0x7fc00000);
+    scale = all_finite ? __fdiv_rn(block_amax, kQmax) : __int_as_float(kNaNBits);
     if (threadIdx.x == 0) job.scales[bh * (job.padded / kBlock) + n0 / kBlock] = scale;
   } else {
-    scale = !valid ? 0.0f : finite ? __fdiv_rn(amax, kQmax) : __int_as_float(0x7fc00000);
+    scale = !valid ? 0.0f : finite ? __fdiv_rn(amax, kQmax) : __int_as_float(kNaNBits);
     job.scales[bh * job.padded + n] = scale;
   }
   const bool zero = !valid || !(scale > 0.0f);
@@ -118,34 +119,41 @@ __global__ void __launch_bounds__(kBlock) qk_codes_kernel(const QkJob job, int64
   for (int p = 0; p < D / 16; ++p) dst[p] = make_uint4(packed[4 * p], packed[4 * p + 1], packed[4 * p + 2], packed[4 * p + 3]);
 }
 
-// sv[bh, c] = amax over the head's keys of |v[:, c]| / 448 (NaN if a value is not finite), as the
-// CPU's: one block per bh, (1024 / D) token lanes of D channels (coalesced rows).
+// The v channels' amax: each block of 128 keys of head bh folds its per-channel amax into amax_bits
+// (sv's storage, zeroed first) by an integer atomicMax, exact for non-negative floats; a non-finite
+// value contributes the NaN 0x7fc00000, above every finite float's bits. Threads: D channels x
+// (256 / D) token lanes (coalesced rows).
 template <typename T, int D>
-__global__ void __launch_bounds__(1024) v_scales_kernel(const T* v, HeadStrides st, int64_t heads, int64_t tokens,
-                                                        float* sv) {
-  constexpr int kLanes = 1024 / D;
-  __shared__ float lane_amax[kLanes][D];
-  __shared__ int lane_finite[kLanes][D];
-  const int64_t bh = blockIdx.x, b = bh / heads, h = bh % heads;
+__global__ void __launch_bounds__(256) v_amax_kernel(const T* v, HeadStrides st, int64_t heads, int64_t tokens,
+                                                     int* amax_bits) {
+  constexpr int kLanes = 256 / D;
+  __shared__ int lane_bits[kLanes][D];
+  const int64_t bh = blockIdx.y, b = bh / heads, h = bh % heads;
+  const int64_t n0 = int64_t(blockIdx.x) * kBlock;
   const T* head = v + b * st.batch + h * st.head;
   const int c = threadIdx.x % D, lane = threadIdx.x / D;
   float amax = 0.0f;
   bool finite = true;
-  for (int64_t n = lane; n < tokens; n += kLanes) {
+  for (int64_t n = n0 + lane; n < n0 + kBlock && n < tokens; n += kLanes) {
     const float x = to_float(head[n * st.token + c]);
     finite = finite && isfinite(x);
     amax = fmaxf(amax, fabsf(x));
   }
-  lane_amax[lane][c] = amax;
-  lane_finite[lane][c] = finite;
+  lane_bits[lane][c] = finite ? __float_as_int(amax) : kNaNBits;
   __syncthreads();
   if (lane == 0) {
-    for (int l = 1; l < kLanes; ++l) {
-      amax = fmaxf(amax, lane_amax[l][c]);
-      finite = finite && lane_finite[l][c];
-    }
-    sv[bh * D + c] = finite ? __fdiv_rn(amax, kE4m3Max) : __int_as_float(0x7fc00000);
+    int bits = lane_bits[0][c];
+    for (int l = 1; l < kLanes; ++l) bits = max(bits, lane_bits[l][c]);
+    atomicMax(amax_bits + bh * D + c, bits);
   }
+}
+
+// sv = amax / 448 in place (the NaN written as the CPU's 0x7fc00000, not the GPU's canonical NaN).
+__global__ void v_scales_kernel(float* sv, int64_t count) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= count) return;
+  const int bits = __float_as_int(sv[i]);
+  sv[i] = bits == kNaNBits ? __int_as_float(kNaNBits) : __fdiv_rn(sv[i], kE4m3Max);
 }
 
 // The codes of one block of 128 keys of head bh: staged key-major in shared memory (coalesced reads of
@@ -156,7 +164,7 @@ __global__ void __launch_bounds__(256) v_codes_kernel(const T* v, HeadStrides st
                                                       int64_t padded, const float* sv, uint8_t* vt8) {
   constexpr int kThreads = 256;
   __shared__ float scale[D];
-  __shared__ uint8_t tile[kBlock][D];
+  __shared__ uint8_t tile[kBlock][D + 4];  // a row of D + 4 bytes: the transposed reads spread over the banks
   const int64_t bh = blockIdx.y, b = bh / heads, h = bh % heads;
   const int64_t n0 = int64_t(blockIdx.x) * kBlock;
   const T* head = v + b * st.batch + h * st.head;
@@ -200,7 +208,11 @@ void launch_prepass(const AttentionInputs& in, const AttentionCodes& codes, cuda
   qk_codes_kernel<T, D><<<dim3(unsigned(nkv / kBlock), unsigned(bh)), kBlock, 0, stream>>>(k, in.heads);
   check_launch("attention_8bit pre-pass (k)");
   const T* v = static_cast<const T*>(in.v);
-  v_scales_kernel<T, D><<<unsigned(bh), 1024, 0, stream>>>(v, in.vs, in.heads, in.kv_tokens, codes.sv);
+  check(cudaMemsetAsync(codes.sv, 0, size_t(bh * D) * sizeof(float), stream), "attention_8bit pre-pass (sv)");
+  v_amax_kernel<T, D><<<dim3(unsigned(nkv / kBlock), unsigned(bh)), 256, 0, stream>>>(
+      v, in.vs, in.heads, in.kv_tokens, reinterpret_cast<int*>(codes.sv));
+  check_launch("attention_8bit pre-pass (v amax)");
+  v_scales_kernel<<<unsigned(ceil_div<int64_t>(bh * D, 256)), 256, 0, stream>>>(codes.sv, bh * D);
   check_launch("attention_8bit pre-pass (v scales)");
   const dim3 v_grid(unsigned(nkv / kBlock), unsigned(bh));
   v_codes_kernel<T, D><<<v_grid, 256, 0, stream>>>(v, in.vs, in.heads, in.kv_tokens, nkv, codes.sv, codes.vt8);
