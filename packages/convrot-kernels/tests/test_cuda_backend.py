@@ -246,6 +246,16 @@ def test_rht_quantize_matches_cpu_backend_and_float64(m, k, group, dtype, bits):
     assert_codes(q, scale, rotate64(x, group), bits, cpu_q, cpu_scale)
 
 
+def test_rht_quantize_of_a_wider_row_after_a_narrower_one():
+    # 15360 and 12288 share one fast-path kernel, each above 48 KB of shared memory: the
+    # shared-memory limit set for the narrower row must not stand for the wider one.
+    for k in (15360, 12288, 15360):
+        x = torch.randn(3, k, dtype=torch.bfloat16)
+        q, scale = cuda_rht_quantize(x.cuda(), 256, 4)
+        cpu_q, cpu_scale = ck.rht_quantize(x, 256, 4)
+        assert_codes(q, scale, rotate64(x, 256), 4, cpu_q, cpu_scale)
+
+
 FUSED_SHAPES = [  # (M, width of x, width of x2, gelu_from, group)
     (5, 3072, 12288, 3072, 256),  # Flux's single-block proj_out: cat([attn, gelu(mlp)])
     (3, 12288, 0, 0, 256),  # Flux's feed-forward output layer: gelu(h)

@@ -52,6 +52,21 @@ int cached(const void* kernel, int threads, size_t bytes, Query query) {
   return answer;
 }
 
+// The dynamic shared-memory limit set on each (kernel, device).
+struct SmemLimit {
+  const void* kernel;
+  int device;
+  size_t bytes;
+};
+
+std::mutex smem_limits_lock;
+std::vector<SmemLimit> smem_limits;
+
+void set_max_dynamic_smem(const void* kernel, size_t bytes) {
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
+        "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+}
+
 }  // namespace
 
 DeviceScope::DeviceScope(int device) : previous_(current_device_index()), changed_(previous_ != device) {
@@ -75,11 +90,20 @@ const DeviceFacts& current_device() {
 void allow_dynamic_smem(const void* kernel, size_t bytes) {
   // Up to 48 KB (less the kernels' few static bytes) needs no attribute.
   if (bytes <= 46 * 1024) return;
-  cached(kernel, -1, bytes, [&] {
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
-          "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
-    return 1;
-  });
+  // The attribute is the kernel's one limit, whatever size set it last: only ever raise it, or a
+  // launch of a size set earlier would exceed a smaller size set since.
+  const int device = current_device_index();
+  std::lock_guard<std::mutex> hold(smem_limits_lock);
+  for (SmemLimit& limit : smem_limits) {
+    if (limit.kernel != kernel || limit.device != device) continue;
+    if (bytes > limit.bytes) {
+      set_max_dynamic_smem(kernel, bytes);
+      limit.bytes = bytes;
+    }
+    return;
+  }
+  set_max_dynamic_smem(kernel, bytes);
+  smem_limits.push_back(SmemLimit{kernel, device, bytes});
 }
 
 int resident_blocks_per_multiprocessor(const void* kernel, int threads, size_t smem) {

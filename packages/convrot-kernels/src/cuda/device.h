@@ -16,7 +16,7 @@ struct DeviceFacts {
 const DeviceFacts& current_device();
 
 // Lets `kernel` use `bytes` of dynamic shared memory on the current device (needed above 48 KB);
-// the attribute is set once per kernel, device and size.
+// the attribute only ever grows, set once per kernel, device and larger size.
 void allow_dynamic_smem(const void* kernel, size_t bytes);
 
 // How many blocks of `threads` threads and `smem` dynamic shared bytes of `kernel` fit on one

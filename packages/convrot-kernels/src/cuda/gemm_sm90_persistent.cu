@@ -274,6 +274,22 @@ __device__ __forceinline__ void stage_tile_as(int (&acc)[2][kBN / 2], uint32_t s
   }
 }
 
+// An expansion warp's end of a K-slice: its generic-proxy stores of the expanded B are made
+// visible to wgmma (async proxy), then one lane frees the packed slot (after the stores that
+// consumed its loads) and marks the expanded slot full; both rings move on.
+template <int S, int E>
+__device__ __forceinline__ void hand_over_expanded_slot(uint64_t* empty, uint64_t* expanded_full, Ring<S>& ring,
+                                                        Ring<E>& xring, int lane) {
+  fence_proxy_async();
+  __syncwarp();
+  if (lane == 0) {
+    mbar_arrive(&empty[ring.slot]);
+    mbar_arrive(&expanded_full[xring.slot]);
+  }
+  ring.advance();
+  xring.advance();
+}
+
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 // map_out (a 16-bit [m, n] tensor map, boxes of [128][kBN]) is used only when STAGED. GROUPED:
@@ -389,15 +405,7 @@ __global__ void __launch_bounds__(kThreads, 1)
               }
             }
           }
-          fence_proxy_async();
-          __syncwarp();
-          // The packed slot is released after the stores that consumed its loads.
-          if (lane == 0) {
-            mbar_arrive(&empty[ring.slot]);
-            mbar_arrive(&expanded_full[xring.slot]);
-          }
-          ring.advance();
-          xring.advance();
+          hand_over_expanded_slot(empty, expanded_full, ring, xring, lane);
         }
       }
     } else if constexpr (BITS == 4) {
@@ -456,15 +464,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           sts128(expanded + swizzle64(row, 2 * half), codes[0], codes[1], codes[2], codes[3]);
           sts128(expanded + swizzle64(row, 2 * half + 1), codes[4], codes[5], codes[6], codes[7]);
         }
-        fence_proxy_async();
-        __syncwarp();
-        // The packed slot is released after the stores that consumed its loads.
-        if (lane == 0) {
-          mbar_arrive(&empty[ring.slot]);
-          mbar_arrive(&expanded_full[xring.slot]);
-        }
-        ring.advance();
-        xring.advance();
+        hand_over_expanded_slot(empty, expanded_full, ring, xring, lane);
       };
       const int my_tiles = blockIdx.x < num_tiles ? (num_tiles - 1 - blockIdx.x) / gridDim.x + 1 : 0;
       const int slices = my_tiles * num_k;
