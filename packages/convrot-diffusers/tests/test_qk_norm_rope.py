@@ -289,6 +289,12 @@ def test_int8_attention_on_another_architecture_says_it_does_not_apply(class_nam
         fuse_qk_norm_rope(model, attention="int8")
 
 
+def test_int8_attention_on_an_architecture_without_flux_attention_says_so():
+    transformer = convrot_diffusers.demo.sd3_transformer()
+    with pytest.raises(ValueError, match="SD3Transformer2DModel has no FluxAttention module"):
+        fuse_qk_norm_rope(transformer, attention="int8")
+
+
 def test_int8_attention_where_no_module_has_the_stock_processor_says_so():
     class OwnProcessor(FluxAttnProcessor):  # a user's own processor: left alone
         pass

@@ -259,7 +259,8 @@ def _replace_processor(module, processor) -> None:
 
 def _check_attention_8bit_applies(transformer, modules: dict) -> None:
     """Raises ValueError (before any module changes) where attention="int8" cannot serve ``modules``
-    (name -> FluxAttention): none at all, a head dimension the op does not take, context parallelism."""
+    (name -> FluxAttention): none at all, a head dimension the op does not take, a GPU other than Hopper,
+    context parallelism."""
     if not modules:
         raise ValueError(
             f'attention="int8" comes with the fused Flux.1 attention processors; {type(transformer).__name__} '
@@ -271,6 +272,12 @@ def _check_attention_8bit_applies(transformer, modules: dict) -> None:
             raise ValueError(
                 f'attention="int8": {name} has head dimension {module.head_dim}; '
                 f"convrot_kernels.attention_8bit takes {' or '.join(map(str, ATTENTION_8BIT_HEAD_DIMS))}"
+            )
+        device = next(module.parameters()).device
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) != (9, 0):
+            raise ValueError(
+                f'attention="int8": {name} is on {torch.cuda.get_device_name(device)}; the 8-bit attention\'s CUDA '
+                "kernel needs compute capability 9.0 (Hopper, sm_90a)"
             )
         if module.processor._parallel_config is not None:
             raise ValueError(
