@@ -282,7 +282,7 @@ def test_int8_attention_refuses_head_dims_the_op_does_not_take_naming_the_layer(
     assert fuse_qk_norm_rope(transformer) == 3  # the norm fusion alone takes any head dim
 
 
-@pytest.mark.parametrize("class_name", ["WanTransformer3DModel", "Flux2Transformer2DModel"])
+@pytest.mark.parametrize("class_name", ["Flux2Transformer2DModel", "QwenImageTransformer2DModel"])
 def test_int8_attention_on_another_architecture_says_it_does_not_apply(class_name):
     model, _ = build_tiny_dit(class_name, seed=0)
     with pytest.raises(ValueError, match=class_name):
