@@ -25,8 +25,8 @@ diffusers' backends are the members of a closed enum (AttentionBackendName), whi
 extend without patching diffusers. The op has no mask, dropout or context parallelism: a call with a
 mask and a module under enable_parallelism raise instead of attending differently; calls the norm
 kernel does not cover keep the 8-bit attention (torch's norms and rotary embedding, then the op).
-On Wan the same option gives each WanAttention convrot_diffusers.wan_attention_8bit's processor
-(Wan's q/k norms span all heads: the norm kernel has nothing to fuse there).
+On Wan and Flux.2 the same option gives their attention modules the processors of
+convrot_diffusers.attention_8bit_processors (diffusers' computation, the attention by the op).
 """
 
 from __future__ import annotations
@@ -35,14 +35,13 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor, _get_qkv_projections
-from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
 
 from convrot_kernels import attention_8bit, rms_norm_rope, rms_norm_rope_into
 from convrot_kernels.attention_8bit import DTYPES as ATTENTION_8BIT_DTYPES
 from convrot_kernels.attention_8bit import HEAD_DIMS as ATTENTION_8BIT_HEAD_DIMS
 
+from . import attention_8bit_processors
 from .detect import denoiser_of
-from .wan_attention_8bit import WanAttention8bitProcessor
 
 
 def _covered(norm, dtype: torch.dtype, head_dim: int) -> bool:
@@ -261,24 +260,21 @@ def _replace_processor(module, processor) -> None:
     module.set_processor(processor)
 
 
-def _head_dim(module) -> int:
-    return module.head_dim if isinstance(module, FluxAttention) else module.inner_dim // module.heads
-
-
 def _check_attention_8bit_applies(transformer, modules: dict) -> None:
     """Raises ValueError (before any module changes) where attention="int8" cannot serve ``modules``
     (name -> attention module): none at all, a head dimension the op does not take, a GPU other than
     Hopper, context parallelism."""
     if not modules:
         raise ValueError(
-            f'attention="int8" comes with the fused Flux.1 attention processors and Wan\'s; '
+            f'attention="int8" comes with the fused Flux.1 attention processors and those of Wan and Flux.2; '
             f"{type(transformer).__name__} has no FluxAttention module with diffusers' FluxAttnProcessor (or the "
-            "fused one) and no WanAttention with WanAttnProcessor, so nothing would use it"
+            "fused one) and no Wan or Flux.2 attention module with diffusers' stock processor, so nothing would use it"
         )
     for name, module in modules.items():
-        if _head_dim(module) not in ATTENTION_8BIT_HEAD_DIMS:
+        head_dim = attention_8bit_processors.head_dim(module)
+        if head_dim not in ATTENTION_8BIT_HEAD_DIMS:
             raise ValueError(
-                f'attention="int8": {name} has head dimension {_head_dim(module)}; '
+                f'attention="int8": {name} has head dimension {head_dim}; '
                 f"convrot_kernels.attention_8bit takes {' or '.join(map(str, ATTENTION_8BIT_HEAD_DIMS))}"
             )
         device = next(module.parameters()).device
@@ -309,10 +305,10 @@ def fuse_qk_norm_rope(pipe_or_transformer, *, attention: str | None = None) -> i
 
     ``attention``: None keeps the module's diffusers attention backend; "int8" attends with
     ``convrot_kernels.attention_8bit`` (q/k int8, P/V fp8 e4m3; head dimensions 64 and 128, no mask;
-    CUDA needs Hopper, sm_90a), on Flux.1 through the fused processors and on Wan (whose q/k norms
-    span all heads, which the kernel does not fuse) through WanAttention8bitProcessor. Already fused
-    modules get the ``attention`` asked for. The processors show it (``module.processor.attention``,
-    their repr).
+    CUDA needs Hopper, sm_90a), on Flux.1 through the fused processors and on Wan and Flux.2 through
+    attention_8bit_processors' (diffusers' computation, no norm kernel: Wan's q/k norms span all heads,
+    Flux.2's classes are not Flux.1's). Already fused modules get the ``attention`` asked for. The
+    processors show it (``module.processor.attention``, their repr).
 
     Returns how many modules changed. Works on quantized and bf16 transformers alike, before or after
     ``enable_parallelism`` (the processor keeps the attention backend and parallel config; not with
@@ -322,9 +318,13 @@ def fuse_qk_norm_rope(pipe_or_transformer, *, attention: str | None = None) -> i
     check_attention(attention)
     transformer = denoiser_of(pipe_or_transformer)
     flux = _modules(transformer, FluxAttention, FluxAttnProcessor, FluxNormRopeAttnProcessor)
-    wan = _modules(transformer, WanAttention, WanAttnProcessor, WanAttention8bitProcessor)
+    others = {}
+    for attention_class, (stock, ours) in attention_8bit_processors.PROCESSORS.items():
+        others.update(
+            {name: (m, stock, ours) for name, m in _modules(transformer, attention_class, stock, ours).items()}
+        )
     if attention is not None:
-        _check_attention_8bit_applies(transformer, {**flux, **wan})
+        _check_attention_8bit_applies(transformer, {**flux, **{name: m for name, (m, _, _) in others.items()}})
     changed = 0
     for module in flux.values():
         if type(module.processor) is FluxAttnProcessor:
@@ -333,9 +333,9 @@ def fuse_qk_norm_rope(pipe_or_transformer, *, attention: str | None = None) -> i
         elif module.processor.attention != attention:
             module.processor.attention = attention
             changed += 1
-    for module in wan.values():
+    for module, stock, ours in others.values():
         if getattr(module.processor, "attention", None) != attention:
-            _replace_processor(module, WanAttnProcessor() if attention is None else WanAttention8bitProcessor())
+            _replace_processor(module, stock() if attention is None else ours())
             changed += 1
     return changed
 
@@ -347,7 +347,7 @@ def unfuse_qk_norm_rope(pipe_or_transformer) -> int:
         if isinstance(module, FluxAttention) and isinstance(module.processor, FluxNormRopeAttnProcessor):
             _replace_processor(module, FluxAttnProcessor())
             restored += 1
-        elif isinstance(module, WanAttention) and isinstance(module.processor, WanAttention8bitProcessor):
-            _replace_processor(module, WanAttnProcessor())
+        elif isinstance(getattr(module, "processor", None), attention_8bit_processors.Attention8bitProcessor):
+            _replace_processor(module, attention_8bit_processors.stock_processor(module))
             restored += 1
     return restored
