@@ -195,3 +195,15 @@ def test_int8_attention_on_a_tiny_flux2_is_the_simulated_quantization_and_unfuse
         "Flux2ParallelSelfAttnProcessor"
     ] * 2
     assert torch.equal(run(), stock)
+
+
+def test_int8_flux2_attention_compiles_in_one_graph(seed):
+    model = tiny_flux2()
+    fuse_qk_norm_rope(model, attention="int8")
+    attn = model.single_transformer_blocks[0].attn
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(1, 9, attn.query_dim, generator=g).bfloat16()
+    rope = rope_angles(g, 9, attn.head_dim)
+    compiled = torch.compile(attn, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(hidden, image_rotary_emb=rope), attn(hidden, image_rotary_emb=rope))
