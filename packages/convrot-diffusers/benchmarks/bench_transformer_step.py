@@ -12,7 +12,8 @@ that preset; "-fused": then fuse_qkv_projections (one GEMM for q, k and v;
 for bf16, diffusers' own) and, for ConvRot, fuse_activations (GELUs and Flux
 single blocks' concatenation applied inside the next layer); "-normrope": then
 fuse_qk_norm_rope (Flux's q/k RMSNorm and rotary embedding in one kernel, no
-quantization involved); torchao's float8 / int8 dynamic.
+quantization involved); "-attn8": fuse_qk_norm_rope(..., attention="int8") (those kernels and
+8-bit attention, convrot_kernels.attention_8bit: needs an sm_90a GPU); torchao's float8 / int8 dynamic.
 
     python packages/convrot-diffusers/benchmarks/bench_transformer_step.py \
         --models flux --flux-blocks 4,8 --batches 1 --out-dir $OUT
@@ -54,10 +55,13 @@ SCHEMES = (
     "w4a4",
     "w4a4-fused",
     "w4a4-fused-normrope",
+    "bf16-attn8",
+    "w4a4-fused-attn8",
     "mix",
     "mix-fused",
     "w4a8",
     "w4a8-fused",
+    "w4a8-fused-attn8",
     "w4a8g64-fused",
     "torchao-fp8",
     "torchao-int8",
@@ -82,6 +86,10 @@ VARIANTS = (
     "w4a4-fused-compiled-graph",
     "w4a4-fused-normrope-eager",
     "w4a4-fused-normrope-compiled-graph",
+    "bf16-attn8-eager",
+    "bf16-attn8-compiled-graph",
+    "w4a4-fused-attn8-eager",
+    "w4a4-fused-attn8-compiled-graph",
     "mix-eager",
     "mix-graph",
     "mix-compiled-graph",
@@ -89,12 +97,13 @@ VARIANTS = (
     "w4a8-eager",
     "w4a8-compiled-graph",
     "w4a8-fused-compiled-graph",
+    "w4a8-fused-attn8-compiled-graph",
     "w4a8g64-fused-eager",
     "w4a8g64-fused-compiled-graph",
     "torchao-fp8-compiled",
     "torchao-int8-compiled",
 )
-PROFILED_SCHEMES = ("bf16", "w4a4", "w4a4-fused", "w4a4-fused-normrope")
+PROFILED_SCHEMES = ("bf16", "w4a4", "w4a4-fused", "w4a4-fused-normrope", "w4a4-fused-attn8")
 TOP_KERNELS = 25  # kept in the JSON report
 # Kernel names to profile categories; the first pattern that matches wins.
 CATEGORIES = (
@@ -122,7 +131,7 @@ def split_variant(variant: str) -> tuple[str, str]:
 def prepare(model: torch.nn.Module, variant: str) -> torch.nn.Module:
     """Quantize per the variant's scheme, in place; returns the model."""
     full_scheme, _ = split_variant(variant)
-    scheme = full_scheme.removesuffix("-normrope")
+    scheme = full_scheme.removesuffix("-normrope").removesuffix("-attn8")
     if scheme.removesuffix("-fused") in ("w4a4", "mix", "w4a8", "w4a8g64"):
         convrot_diffusers.quantize_transformer(model, preset=scheme.removesuffix("-fused"), progress=False)
         if scheme.endswith("-fused"):
@@ -146,6 +155,8 @@ def prepare(model: torch.nn.Module, variant: str) -> torch.nn.Module:
         quantize_(model, config)
     if full_scheme.endswith("-normrope"):
         convrot_diffusers.fuse_qk_norm_rope(model)
+    elif full_scheme.endswith("-attn8"):
+        convrot_diffusers.fuse_qk_norm_rope(model, attention="int8")
     return model
 
 
@@ -377,6 +388,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     if device.type == "cpu":
         variants = [v for v in variants if v.endswith("-eager")]
+    if args.tiny and any("-attn8-" in v for v in variants):
+        print("the -attn8 variants are left out: the tiny widths' head dim 32 is not one 8-bit attention takes")
+        variants = [v for v in variants if "-attn8-" not in v]
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"device: {device_name}, torch {torch.__version__}", flush=True)
 

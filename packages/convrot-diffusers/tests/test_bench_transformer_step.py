@@ -5,8 +5,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import convrot_diffusers
+from convrot_diffusers.demo import flux_transformer
 
 BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_transformer_step.py"
 
@@ -58,6 +60,16 @@ def test_normrope_variants_install_the_fused_attention_processor(tmp_path):
     model = bench.prepare(bench.build("flux", None, True, "cpu"), "bf16-normrope-eager")
     assert convrot_diffusers.fuse_qk_norm_rope(model) == 0  # prepare gave every module the fused processor
     assert convrot_diffusers.unfuse_qk_norm_rope(model) > 0
+
+
+def test_attn8_variants_fuse_with_8_bit_attention():
+    # The benchmark's tiny Flux has head dim 32, which 8-bit attention does not take: the demo's has 64.
+    bench = load_bench()
+    for variant in ("bf16-attn8-eager", "w4a4-fused-attn8-eager"):
+        model = bench.prepare(flux_transformer().to(torch.bfloat16), variant)
+        processors = [m.processor for m in model.modules() if type(m).__name__ == "FluxAttention"]
+        assert processors and all(p.attention == "int8" for p in processors), variant
+    assert bench.split_variant("w4a4-fused-attn8-compiled-graph") == ("w4a4-fused-attn8", "compiled-graph")
 
 
 def test_rounds_time_every_variant_again(tmp_path):

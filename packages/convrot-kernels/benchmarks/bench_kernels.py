@@ -379,6 +379,55 @@ def speed_check() -> None:
             json.dump(results, f, indent=1)
 
 
+# -- attention_8bit ----------------------------------------------------------------------------------------
+
+
+def attention_8bit() -> None:
+    """attention_8bit (pre-pass + sm_90a kernel) against torch's bf16 scaled_dot_product_attention with the
+    flash and the cuDNN backends, on Flux.1's joint attention (24 heads of 128, 4096 + 512 tokens), q/k/v
+    [B, N, H, D] as diffusers holds them (SDPA reads the [B, H, N, D] transposed views); TFLOP/s count
+    4 B H N^2 D; last column: max |ours - flash| / max |flash|."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    table(
+        "| batch | ours (us) | pre-pass alone (us) | flash bf16 (us) | cuDNN bf16 (us) | ours TFLOP/s |"
+        " flash / ours | cuDNN / ours | rel. max diff |",
+        "rrrrrrrrr",
+    )
+    tokens = TEXT + IMAGE
+    for batch in (1, 4):
+        shape = (batch, tokens, HEADS, HEAD_DIM)
+        sets = [tuple(bf16(*shape) for _ in range(3)) for _ in range(copies_for(3 * 2 * batch * tokens * WIDTH))]
+
+        def ours(q, k, v):
+            ck.attention_8bit(q, k, v)
+
+        def prepass(q, k, v):
+            ck.attention_8bit_prepass(q, k, v)
+
+        def sdpa(backend, q, k, v):
+            with sdpa_kernel(backend):
+                F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+
+        flash = partial(sdpa, SDPBackend.FLASH_ATTENTION)
+        cudnn = partial(sdpa, SDPBackend.CUDNN_ATTENTION)
+        us = {name: time_per_call(fn, sets) for name, fn in (("ours", ours), ("prepass", prepass), ("flash", flash))}
+        try:
+            us["cudnn"] = time_per_call(cudnn, sets)
+        except RuntimeError:  # no cuDNN attention in this torch build or on this GPU
+            us["cudnn"] = float("nan")
+        q, k, v = sets[0]
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            expected = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        expected = expected.transpose(1, 2).float()
+        diff = (ck.attention_8bit(q, k, v).float() - expected).abs().max() / expected.abs().max()
+        tflops = 4 * batch * HEADS * tokens**2 * HEAD_DIM / (us["ours"] * 1e-6) / 1e12
+        print(
+            f"| {batch} | {us['ours']:.1f} | {us['prepass']:.1f} | {us['flash']:.1f} | {us['cudnn']:.1f} | "
+            f"{tflops:.0f} | {us['flash'] / us['ours']:.2f} | {us['cudnn'] / us['ours']:.2f} | {diff.item():.4f} |"
+        )
+
+
 @dataclass(frozen=True)
 class Case:
     run: Callable[[], None]
@@ -397,6 +446,7 @@ CASES = {
     "gemm-text-stream": Case(gemm_text_stream),
     "eager-calls": Case(eager_calls),
     "speed-check": Case(speed_check),
+    "attention-8bit": Case(attention_8bit),
 }
 
 

@@ -14,6 +14,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "fp8_e4m3.h"
 #include "primitives.h"
 
 namespace nb = nanobind;
@@ -207,6 +208,67 @@ void residual_layer_norm_modulate_rht_quantize(uintptr_t x, int dtype, int64_t b
                    device, stream);
 }
 
+// attention_8bit's operands: q [batch, q_tokens, heads, dim], k and v [batch, kv_tokens, heads, dim]
+// at the given element strides (dim contiguous), and its pre-pass buffers (primitives.h's AttentionCodes).
+AttentionInputs attention_inputs(uintptr_t q, int64_t q_batch, int64_t q_token, int64_t q_head, uintptr_t k,
+                                 int64_t k_batch, int64_t k_token, int64_t k_head, uintptr_t v, int64_t v_batch,
+                                 int64_t v_token, int64_t v_head, int64_t batch, int64_t heads, int64_t q_tokens,
+                                 int64_t kv_tokens, int64_t dim) {
+  return AttentionInputs{batch,
+                         heads,
+                         q_tokens,
+                         kv_tokens,
+                         dim,
+                         as_pointer<const void>(q),
+                         {q_batch, q_token, q_head},
+                         as_pointer<const void>(k),
+                         {k_batch, k_token, k_head},
+                         as_pointer<const void>(v),
+                         {v_batch, v_token, v_head}};
+}
+
+AttentionCodes attention_codes(uintptr_t q8, uintptr_t sq, uintptr_t k8, uintptr_t sk, uintptr_t vt8, uintptr_t sv) {
+  return AttentionCodes{as_pointer<int8_t>(q8), as_pointer<float>(sq),  as_pointer<int8_t>(k8),
+                        as_pointer<float>(sk),  as_pointer<uint8_t>(vt8), as_pointer<float>(sv)};
+}
+
+// The pre-pass alone (its codes and scales, for tests and inspection).
+void attention_8bit_prepass(uintptr_t q, int64_t q_batch, int64_t q_token, int64_t q_head, uintptr_t k,
+                            int64_t k_batch, int64_t k_token, int64_t k_head, uintptr_t v, int64_t v_batch,
+                            int64_t v_token, int64_t v_head, int dtype, int64_t batch, int64_t heads,
+                            int64_t q_tokens, int64_t kv_tokens, int64_t dim, uintptr_t q8, uintptr_t sq,
+                            uintptr_t k8, uintptr_t sk, uintptr_t vt8, uintptr_t sv, int device, uintptr_t stream) {
+  const AttentionInputs in = attention_inputs(q, q_batch, q_token, q_head, k, k_batch, k_token, k_head, v, v_batch,
+                                              v_token, v_head, batch, heads, q_tokens, kv_tokens, dim);
+  const AttentionCodes codes = attention_codes(q8, sq, k8, sk, vt8, sv);
+  const Float kind = Float(dtype);
+  dispatch(
+      device, [&] { cpu::attention_8bit_prepass(in, kind, codes); },
+      [&] { CONVROT_CUDA_CALL(attention_8bit_prepass(in, kind, codes, as_stream(stream))); });
+}
+
+// The pre-pass into the given buffers, then the attention over its codes into out (q's dtype).
+void attention_8bit(uintptr_t q, int64_t q_batch, int64_t q_token, int64_t q_head, uintptr_t k, int64_t k_batch,
+                    int64_t k_token, int64_t k_head, uintptr_t v, int64_t v_batch, int64_t v_token, int64_t v_head,
+                    int dtype, int64_t batch, int64_t heads, int64_t q_tokens, int64_t kv_tokens, int64_t dim,
+                    uintptr_t q8, uintptr_t sq, uintptr_t k8, uintptr_t sk, uintptr_t vt8, uintptr_t sv,
+                    float scale_log2, uintptr_t out, int64_t out_batch, int64_t out_token, int64_t out_head,
+                    int device, uintptr_t stream) {
+  const AttentionInputs in = attention_inputs(q, q_batch, q_token, q_head, k, k_batch, k_token, k_head, v, v_batch,
+                                              v_token, v_head, batch, heads, q_tokens, kv_tokens, dim);
+  const AttentionCodes codes = attention_codes(q8, sq, k8, sk, vt8, sv);
+  const Float kind = Float(dtype);
+  const HeadStrides os{out_batch, out_token, out_head};
+  void* y = as_pointer<void>(out);
+  dispatch(
+      device,
+      [&] {
+        cpu::attention_8bit_prepass(in, kind, codes);
+        cpu::attention_8bit(in, codes, scale_log2, y, os, kind);
+      },
+      [&] { CONVROT_CUDA_CALL(attention_8bit(in, codes, scale_log2, y, os, kind, as_stream(stream))); });
+}
+
 void pack_int4(Array q, Array packed, uintptr_t stream) {
   const auto* src = static_cast<const int8_t*>(q.data());
   auto* dst = static_cast<uint8_t*>(packed.data());
@@ -223,6 +285,15 @@ void unpack_int4(Array packed, Array q, uintptr_t stream) {
   dispatch(
       device_of(packed), [&] { cpu::unpack_int4(src, dst, bytes); },
       [&] { CONVROT_CUDA_CALL(unpack_int4(src, dst, bytes, as_stream(stream))); });
+}
+
+// The portable fp32 -> e4m3 conversion both pre-passes use (fp8_e4m3.h), on the CPU, for its tests.
+void e4m3_codes(Array x, Array codes) {
+  const auto* src = static_cast<const float*>(x.data());
+  auto* dst = static_cast<uint8_t*>(codes.data());
+  const int64_t n = int64_t(x.size());
+  nb::gil_scoped_release release;
+  for (int64_t i = 0; i < n; ++i) dst[i] = float_to_e4m3(src[i]);
 }
 
 // kernel: "automatic", "small_m", "sm90_persistent", "sm90" or "simt" (checked in Python).
@@ -290,8 +361,17 @@ NB_MODULE(_C, m) {
         "dtype"_a, "batch"_a, "tokens"_a, "k"_a, "x_batch_stride"_a, "branch"_a, "gate"_a, "gate_stride"_a, "sum"_a,
         "scale"_a, "shift"_a, "modulation_stride"_a, "eps"_a, "group_size"_a, "bits"_a, "q"_a, "q_scale"_a,
         "device"_a, "stream"_a);
+  m.def("attention_8bit_prepass", &convrot::attention_8bit_prepass, "q"_a, "q_batch"_a, "q_token"_a, "q_head"_a,
+        "k"_a, "k_batch"_a, "k_token"_a, "k_head"_a, "v"_a, "v_batch"_a, "v_token"_a, "v_head"_a, "dtype"_a,
+        "batch"_a, "heads"_a, "q_tokens"_a, "kv_tokens"_a, "dim"_a, "q8"_a, "sq"_a, "k8"_a, "sk"_a, "vt8"_a,
+        "sv"_a, "device"_a, "stream"_a);
+  m.def("attention_8bit", &convrot::attention_8bit, "q"_a, "q_batch"_a, "q_token"_a, "q_head"_a, "k"_a,
+        "k_batch"_a, "k_token"_a, "k_head"_a, "v"_a, "v_batch"_a, "v_token"_a, "v_head"_a, "dtype"_a, "batch"_a,
+        "heads"_a, "q_tokens"_a, "kv_tokens"_a, "dim"_a, "q8"_a, "sq"_a, "k8"_a, "sk"_a, "vt8"_a, "sv"_a,
+        "scale_log2"_a, "out"_a, "out_batch"_a, "out_token"_a, "out_head"_a, "device"_a, "stream"_a);
   m.def("pack_int4", &convrot::pack_int4, "q"_a, "packed"_a.noconvert(), "stream"_a);
   m.def("unpack_int4", &convrot::unpack_int4, "packed"_a, "q"_a.noconvert(), "stream"_a);
+  m.def("e4m3_codes", &convrot::e4m3_codes, "x"_a, "codes"_a.noconvert());
   m.def("force_gemm_kernel", &convrot::force_gemm_kernel, "kernel"_a, "sm90_tile_n"_a);
   m.def("build_info", &convrot::build_info);
 }

@@ -111,6 +111,39 @@ struct GemmCodes {
   int64_t act_row_bytes(int64_t k) const { return k * act_bits / 8; }
 };
 
+// The operands of attention_8bit (docs/format.md): q [batch, q_tokens, heads, dim] and k, v
+// [batch, kv_tokens, heads, dim] at the given element strides (dim contiguous), one dtype.
+struct AttentionInputs {
+  int64_t batch, heads, q_tokens, kv_tokens, dim;
+  const void* q;
+  HeadStrides qs;
+  const void* k;
+  HeadStrides ks;
+  const void* v;
+  HeadStrides vs;
+};
+
+// Token counts rounded up to attention_8bit's key block (128): the padded rows of its codes.
+constexpr int64_t kAttentionBlock = 128;
+constexpr int64_t attention_padded(int64_t tokens) {
+  return (tokens + kAttentionBlock - 1) / kAttentionBlock * kAttentionBlock;
+}
+
+// attention_8bit's pre-pass outputs (docs/format.md), BH = batch * heads: q8 int8 [BH, Nq_pad, D],
+// sq [BH, Nq_pad], k8 int8 [BH, Nkv_pad, D], sk [BH, Nkv_pad / 128], vt8 e4m3 codes [BH, D, Nkv_pad]
+// (keys permuted within groups of 32), sv [BH, D].
+struct AttentionCodes {
+  int8_t* q8;
+  float* sq;
+  int8_t* k8;
+  float* sk;
+  uint8_t* vt8;
+  float* sv;
+};
+
+// The stored position k (0..31) of a group of 32 keys in vt8 holds key attention_key_of(k).
+constexpr int attention_key_of(int k) { return 16 * (k / 16) + 8 * ((k % 4) / 2) + 2 * ((k % 16) / 4) + (k % 2); }
+
 namespace cpu {
 
 // out[r, :] = rht(x[r, :], group) for each of `rows` rows of `k` elements.
@@ -133,6 +166,14 @@ void unpack_int4(const uint8_t* packed, int8_t* q, int64_t n_bytes);
 
 // out[b, s, h, :] = rms_norm_rope(x[b, s, h, :]) for every row; out may be x itself.
 void rms_norm_rope(const void* x, HeadStrides xs, void* out, HeadStrides os, Float dtype, const NormRope& p);
+
+// attention_8bit's pre-pass: the codes and scales of q, k, v into `codes`.
+void attention_8bit_prepass(const AttentionInputs& in, Float dtype, const AttentionCodes& codes);
+
+// attention_8bit over the pre-pass's codes (the reference of the sm_90a kernel's math), out
+// [batch, q_tokens, heads, dim] at strides os (dim contiguous) in dtype; scale_log2 = scale * log2(e).
+void attention_8bit(const AttentionInputs& shape, const AttentionCodes& codes, float scale_log2, void* out,
+                    HeadStrides os, Float dtype);
 
 // out [batch, tokens, k] (contiguous) = layer_norm_modulate of the rows of x and p.prefix.
 void layer_norm_modulate(const void* x, void* out, Float dtype, const NormModulate& p);
@@ -176,6 +217,12 @@ void unpack_int4(const uint8_t* packed, int8_t* q, int64_t n_bytes, void* stream
 void rms_norm_rope(const void* x, HeadStrides xs, void* out, HeadStrides os, Float dtype, const NormRope& p,
                    void* stream);
 void layer_norm_modulate(const void* x, void* out, Float dtype, const NormModulate& p, void* stream);
+void attention_8bit_prepass(const AttentionInputs& in, Float dtype, const AttentionCodes& codes, void* stream);
+// attention_8bit_prepass of `shape`'s operands into codes, then the sm_90a kernel over them
+// (cuda/attention_sm90.h) into out, dtype bf16 or fp16; throws std::runtime_error, before any work,
+// on another GPU or a build without sm_90a code.
+void attention_8bit(const AttentionInputs& shape, const AttentionCodes& codes, float scale_log2, void* out,
+                    HeadStrides os, Float dtype, void* stream);
 
 }  // namespace cuda
 #endif

@@ -125,3 +125,31 @@ def layer_norm_modulate_torch(x: torch.Tensor, scale: torch.Tensor, shift: torch
     """The same in x's precision with torch's eager ops, as diffusers' AdaLayerNormZeroSingle computes it."""
     normed = torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps)
     return normed * (1 + scale[:, None]) + shift[:, None]
+
+
+def attention(q, k, v, scale: float) -> torch.Tensor:
+    """softmax(scale q k^T) v in float64 (on q's device), [B, N, H, D] in and out."""
+    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))
+    return torch.softmax(scale * q @ k.transpose(-1, -2), -1).matmul(v).transpose(1, 2)
+
+
+def attention_8bit_simulated(q, k, v, scale: float) -> torch.Tensor:
+    """The same quantization in float64 torch: q, k rotated (block-diagonal Hadamard of 64) and
+    fake-quantized to int8 (per query, per block of 128 keys), V per channel and P (scale 448) through
+    e4m3, the normaliser from the unquantized P."""
+    d, nkv = q.shape[-1], k.shape[1]
+    rot = torch.block_diag(*[torch.from_numpy(regular_hadamard(64))] * (d // 64)).to(q.device)
+    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))  # [B, H, N, D]
+    q, k = q @ rot, k @ rot
+    sq = q.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(sq > 0, (q / sq).round().clamp(-127, 127) * sq, 0)
+    pad = -nkv % 128
+    kb = torch.nn.functional.pad(k, (0, 0, 0, pad)).unflatten(2, (-1, 128))
+    sk = kb.abs().amax((-1, -2), keepdim=True) / 127
+    k = torch.where(sk > 0, (kb / sk).round().clamp(-127, 127) * sk, 0).flatten(2, 3)[:, :, :nkv]
+    sv = v.abs().amax(2, keepdim=True) / 448
+    v = torch.where(sv > 0, (v / sv).float().to(torch.float8_e4m3fn).double() * sv, 0)
+    s = scale * q @ k.transpose(-1, -2)
+    p = torch.exp(s - s.amax(-1, keepdim=True))
+    p8 = (448 * p).float().to(torch.float8_e4m3fn).double() / 448
+    return (p8 @ v / p.sum(-1, keepdim=True)).transpose(1, 2)

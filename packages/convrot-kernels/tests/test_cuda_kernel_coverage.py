@@ -161,3 +161,18 @@ def test_linear(bits):
     x = randn(2, 9, 3072).cuda()
     expected = ck.gemm(*ck.rht_quantize(x.view(18, 3072), 256, bits), qw, sw, bits=bits).view(2, 9, 64)
     assert torch.equal(ck.linear(x, qw, sw, bits=bits), expected)
+
+
+@pytest.mark.parametrize(("nq", "nkv", "d"), [(130, 200, 128), (64, 77, 64)])
+def test_attention_8bit_prepass(nq, nkv, d):
+    # Every tensor of the codes (sv's scales by atomicMax of each 128-key block, then / 448).
+    assert_equal(ck.attention_8bit_prepass, randn(1, nq, 2, d), randn(1, nkv, 2, d), randn(1, nkv, 2, d))
+
+
+@pytest.mark.skipif(not HOPPER, reason="the 8-bit attention kernel is sm_90a code")
+@pytest.mark.parametrize(("nq", "nkv", "d"), [(130, 300, 128), (64, 77, 64)])
+def test_attention_8bit(nq, nkv, d):
+    # The same codes; ex2.approx and the tensor cores' fp8 sums against std::exp2 in fp32 differ far
+    # less than a percent of the output's range (the quantization's own error is larger).
+    (gpu,), (cpu,) = both(ck.attention_8bit, randn(1, nq, 2, d), randn(1, nkv, 2, d), randn(1, nkv, 2, d))
+    assert (gpu.float() - cpu.float()).abs().max() <= 1e-2 * cpu.float().abs().max()

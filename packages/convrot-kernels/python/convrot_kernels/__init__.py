@@ -1,15 +1,16 @@
 """ConvRot kernel primitives: regular Hadamard rotation, 4/8-bit quantization and
 int4/int8 GEMM (alone or as one quantized layer, ``linear``), on CPU and CUDA tensors, the
-attention heads' RMSNorm with the rotary embedding, and DiT blocks' LayerNorm with AdaLN
-modulation (alone or fused into the quantization). Every function checks its arguments and
-raises TypeError or ValueError naming the one at fault; CUDA work runs on the operands' device,
-on PyTorch's current stream there. The numeric contract is docs/format.md."""
+attention heads' RMSNorm with the rotary embedding, DiT blocks' LayerNorm with AdaLN
+modulation (alone or fused into the quantization), and softmax attention with 8-bit operands.
+Every function checks its arguments and raises TypeError or ValueError naming the one at fault;
+CUDA work runs on the operands' device, on PyTorch's current stream there. The numeric contract is docs/format.md."""
 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
 from . import _C
+from .attention_8bit import AttentionCodes, attention_8bit, attention_8bit_prepass
 from .gemm import gemm
 from .gemm_kernel_choice import forced_gemm_kernel
 from .int4_packing import pack_int4, unpack_int4
@@ -36,6 +37,9 @@ def build_info() -> dict:
 
 
 __all__ = [
+    "AttentionCodes",
+    "attention_8bit",
+    "attention_8bit_prepass",
     "build_info",
     "gemm",
     "forced_gemm_kernel",

@@ -1,0 +1,405 @@
+// 8-bit attention for Hopper (sm_90a): O = softmax(scale * Q K^T) V per (batch, head), non-causal,
+// on the codes of the pre-pass (docs: /work/ATTN_SPEC.md, issue 31): q8/k8 int8 with per-query and
+// per-128-key-block scales (rows Hadamard-rotated), V^T as fp8 e4m3 with per-channel scales and the
+// keys of each 32-key group permuted (p(k) below). Softmax and accumulation in fp32, base 2.
+//
+// One CTA per (128-query tile, bh): blockIdx.x = bh * q_tiles + tile, so the CTAs of one head run
+// side by side and share its K/V blocks in L2. (A persistent schedule, FA3's intra-warpgroup
+// overlap of softmax with the next block's Q K^T and a ping-pong of the two consumer warpgroups are
+// later optimisations, not done here: each consumer runs S -> softmax -> P.V in sequence per block.)
+// 384 threads, three warpgroups:
+//   - warpgroup 0 (producer, setmaxnreg 40): one thread issues TMA: the Q tile once, then per key
+//     block j the K tile and the V^T tile into a ring of kStages slots, each with its own full
+//     (TMA transaction) and empty (8 consumer warps) mbarrier, K and V separately, so S of block j
+//     needs only K_j and the K slot is released before P.V of the block runs.
+//   - warpgroups 1, 2 (consumers, setmaxnreg 232; 40 * 128 + 232 * 256 = 64512 of 65536 registers):
+//     64 query rows each (rows 64 * wg .. 64 * wg + 63 of the tile).
+//     Per key block: S = Q K^T by wgmma m64n128k32 .s32.s8.s8 (both operands from shared memory,
+//     D / 32 k-steps); s = float(acc) * (sq[row] * scale_log2 * sk[block]); keys >= kv_tokens -> -inf;
+//     online softmax (row max over the quad's four threads); P = e4m3(448 * p) packed from the S
+//     registers straight into wgmma's A fragment; O += P V by wgmma m64n{D}k32 .f32.e4m3.e4m3 with
+//     A from registers and B the V^T tile, 4 k-steps of 32 keys.
+//   Epilogue: O * sv[c] / (448 * l) rounded to bf16 / fp16, plain stores, rows < q_tokens only.
+//
+// Shared memory (dynamic, base aligned to 1024 bytes as the 128-byte swizzle needs):
+//   [kQ]  Q tile   [128 rows][D bytes]        TMA box {D, 128} of q8 viewed as [BH * Nq_pad, D]
+//   [kK]  K slots  kStages x [128 keys][D bytes]   box {D, 128} of k8 as [BH * Nkv_pad, D]
+//   [kV]  V slots  kStages x [D channels][128 key bytes]  box {128, D} of vt8 as [BH * D, Nkv_pad]
+//   [kBar] mbarriers: q_full, k_full[S], k_empty[S], v_full[S], v_empty[S]
+// Q and K rows are D bytes: D = 128 in the 128-byte swizzle (rows 128 bytes, 8-row groups 1024 bytes
+// apart, 16-byte chunk c of row r at chunk c ^ (r % 8)), D = 64 in the 64-byte swizzle (rows 64
+// bytes, 8-row groups 512 apart, chunk c at c ^ ((r / 2) % 4)). V^T rows are 128 key bytes, always
+// the 128-byte swizzle. TMA writes those swizzles (CU_TENSOR_MAP_SWIZZLE_128B / _64B) and the wgmma
+// descriptors (sm90_ptx.cuh smem_desc_k128 / _k64: SBO = 8-row group stride, layout type) read them.
+// A k-step of 32 bytes advances the descriptor's start address by 32 bytes inside the swizzled row
+// (the hardware applies the XOR to the computed address; the persistent GEMM does the same). Every
+// tile's base is a multiple of 1024 bytes, and a consumer warpgroup's 64-row half of Q starts at
+// 64 * D bytes (8192 or 4096: whole 8-row groups), so the swizzle phase matches.
+//
+// Fragments (PTX ISA wgmma figures; warp w of a warpgroup, lane = 4 g + t): an m64nN fp32/s32
+// accumulator holds d[4 j + {0, 1}] = row 16 w + g, columns 8 j + 2 t + {0, 1}, and d[4 j + {2, 3}] =
+// row 16 w + g + 8, the same columns. The 8-bit A fragment of m64nNk32: reg0 = row g, k = 4 t .. 4 t + 3
+// (byte 0 the lowest k), reg1 = row g + 8 same k, reg2 = row g, k = 16 + 4 t .., reg3 = row g + 8 same.
+// The pre-pass stores key p(k) = 16 (k / 16) + 8 ((k % 4) / 2) + 2 ((k % 16) / 4) + k % 2 at position k
+// of each 32-key group of V^T. Position k = 4 t + i (i = 0..3) holds key 8 (i / 2) + 2 t + i % 2, i.e.
+// keys 2t, 2t+1, 8+2t, 9+2t: S columns j = 4 s, 4 s + 1 of k32 slice s. So for slice s
+//   reg0 = e4m3x4(d[16s+0], d[16s+1], d[16s+4], d[16s+5])    reg1 = (d[16s+2], d[16s+3], d[16s+6], d[16s+7])
+//   reg2 = e4m3x4(d[16s+8], d[16s+9], d[16s+12], d[16s+13])  reg3 = (d[16s+10], d[16s+11], d[16s+14], d[16s+15])
+// (positions 16 + 4 t + i hold keys 16 + 8 (i / 2) + 2 t + i % 2: columns j = 4 s + 2, 4 s + 3).
+#include "attention_sm90.h"
+
+#include <cuda.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "common.cuh"
+#include "tensor_map.h"
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#include "sm90_ptx.cuh"
+#include "wgmma_fp8_ops.cuh"
+#include "wgmma_ops.cuh"
+#endif
+
+namespace convrot::cuda {
+namespace {
+
+constexpr int kBlockQ = 128;        // query rows per CTA (two consumer warpgroups of 64)
+constexpr int kBlockKV = 128;       // keys per K/V block (= the pre-pass's sk block)
+[[maybe_unused]] constexpr int kStages = 2;  // K/V ring slots
+constexpr int kThreads = 384;       // producer warpgroup + two consumer warpgroups
+[[maybe_unused]] constexpr int kConsumerWarps = 8;  // arrivals on each empty barrier (lane 0 of each consumer warp)
+[[maybe_unused]] constexpr int kRowsPerWarpgroup = 64;  // query rows per consumer warpgroup
+[[maybe_unused]] constexpr int kSliceKeys = 32;  // keys per P.V k-step
+[[maybe_unused]] constexpr float kPScale = 448.0f;  // P is stored as e4m3(448 p)
+
+template <int D>
+struct Layout {
+  static_assert(D == 64 || D == 128, "head dims 64 and 128");
+  static constexpr int kQBytes = kBlockQ * D;
+  static constexpr int kKBytes = kBlockKV * D;
+  static constexpr int kVBytes = D * kBlockKV;
+  static constexpr int kQ = 0;
+  static constexpr int kK = kQ + kQBytes;
+  static constexpr int kV = kK + kStages * kKBytes;
+  static constexpr int kBar = kV + kStages * kVBytes;
+  static constexpr int kBarriers = 1 + 4 * kStages;
+  static constexpr int kSmem = kBar + 8 * kBarriers + 1024;  // + slack to align the base to 1024
+  static_assert(127 * 127 * D < (1 << 22), "exact_float's range");
+  static_assert(kQBytes % 1024 == 0 && kKBytes % 1024 == 0 && kVBytes % 1024 == 0, "1024-byte aligned tiles");
+};
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+using namespace sm90_ptx;
+using sm90::e4m3x4;
+using sm90::exp2_approx;
+using sm90::wgmma_rs_e4m3;
+using sm90::wgmma_ss_n128;
+
+// float(x) for |x| < 2^22, exactly, by two full-rate instructions instead of an I2F (a quarter-rate
+// conversion, as slow as the ex2 that follows): the bits of 1.5 * 2^23 plus x are the float
+// 1.5 * 2^23 + x (the binade [2^23, 2^24) has unit spacing), and the subtraction is exact.
+// |q . k| <= 127 * 127 * 128 = 2064512 < 2^22.
+__device__ __forceinline__ float exact_float(int x) {
+  return __int_as_float(x + 0x4B400000) - 12582912.0f;
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x = lo in the low half
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+#endif
+
+struct Params {
+  const float* sq;
+  const float* sk;
+  const float* sv;
+  void* out;
+  int64_t out_batch, out_token, out_head;
+  int heads, q_tokens, kv_tokens, q_pad, kv_pad, q_tiles;
+  float scale_log2;
+  bool pairs;  // out's rows and strides allow 4-byte stores of element pairs
+};
+
+template <int D, typename OutT>
+__global__ void __launch_bounds__(kThreads, 1)
+    attention_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
+                     const __grid_constant__ CUtensorMap map_v, const Params p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using L = Layout<D>;
+  constexpr int kSteps = D / 32;                    // k-steps of S = Q K^T
+  constexpr int kSlices = kBlockKV / kSliceKeys;    // k-steps of O += P V (4)
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  uint64_t* q_full = reinterpret_cast<uint64_t*>(smem + L::kBar);
+  uint64_t* k_full = q_full + 1;
+  uint64_t* k_empty = k_full + kStages;
+  uint64_t* v_full = k_empty + kStages;
+  uint64_t* v_empty = v_full + kStages;
+
+  const int tile = int(blockIdx.x % unsigned(p.q_tiles));
+  const int bh = int(blockIdx.x / unsigned(p.q_tiles));
+  const int num_blocks = p.kv_pad / kBlockKV;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+
+  if (threadIdx.x == 0) {
+    mbar_init(q_full, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&k_full[s], 1);
+      mbar_init(&v_full[s], 1);
+      mbar_init(&k_empty[s], kConsumerWarps);
+      mbar_init(&v_empty[s], kConsumerWarps);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (warp < 4) {  // producer warpgroup
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    if (warp == 0 && lane == 0) {
+      // Q tile: rows bh * Nq_pad + 128 * tile .. + 127 of the [BH * Nq_pad, D] view, all D bytes.
+      mbar_arrive_expect_tx(q_full, L::kQBytes);
+      tma_load_2d(smem + L::kQ, &map_q, 0, bh * p.q_pad + tile * kBlockQ, q_full);
+      Ring<kStages> ring;
+      for (int j = 0; j < num_blocks; ++j) {
+        // K block j: rows bh * Nkv_pad + 128 j .. of the [BH * Nkv_pad, D] view.
+        mbar_wait(&k_empty[ring.slot], ring.phase ^ 1);
+        mbar_arrive_expect_tx(&k_full[ring.slot], L::kKBytes);
+        tma_load_2d(smem + L::kK + ring.slot * L::kKBytes, &map_k, 0, bh * p.kv_pad + j * kBlockKV,
+                    &k_full[ring.slot]);
+        // V^T block j: rows (channels) bh * D .. bh * D + D - 1, byte columns 128 j .. 128 j + 127 of
+        // the [BH * D, Nkv_pad] view.
+        mbar_wait(&v_empty[ring.slot], ring.phase ^ 1);
+        mbar_arrive_expect_tx(&v_full[ring.slot], L::kVBytes);
+        tma_load_2d(smem + L::kV + ring.slot * L::kVBytes, &map_v, j * kBlockKV, bh * D, &v_full[ring.slot]);
+        ring.advance();
+      }
+    }
+    return;
+  }
+
+  // ---- consumers ----
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+  const int cw = warp - 4;              // consumer warp 0..7
+  const int wg = cw >> 2;               // consumer warpgroup 0, 1
+  const int g = lane >> 2, t = lane & 3;
+  const int row0 = tile * kBlockQ + wg * kRowsPerWarpgroup + (cw & 3) * 16 + g;  // rows row0, row0 + 8 of the head
+  // sq * scale_log2 of this thread's two rows (padding rows exist in sq, with sq = 0).
+  float sqc[2];
+  sqc[0] = p.sq[int64_t(bh) * p.q_pad + row0] * p.scale_log2;
+  sqc[1] = p.sq[int64_t(bh) * p.q_pad + row0 + 8] * p.scale_log2;
+  const float* sk = p.sk + int64_t(bh) * num_blocks;
+
+  float o[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY};  // running row max (base-2 logits)
+  float l[2] = {0.0f, 0.0f};            // this thread's partial row sums (its 32 columns), reduced at the end
+
+  const uint64_t desc_q = smem_desc_k<D>(smem + L::kQ + wg * kRowsPerWarpgroup * D);
+  mbar_wait(q_full, 0);
+
+  Ring<kStages> ring;
+  for (int j = 0; j < num_blocks; ++j) {
+    const float skb = sk[j];
+    int acc[64];  // S of m64n128: see the fragment note at the top
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0;
+#pragma unroll
+    for (int i = 0; i < 64; ++i) pin_register(acc[i]);  // zeroed before the fence, not between it and wgmma
+    mbar_wait(&k_full[ring.slot], ring.phase);
+    {
+      const uint8_t* k_tile = smem + L::kK + ring.slot * L::kKBytes;
+      wgmma_fence();
+#pragma unroll
+      for (int s = 0; s < kSteps; ++s) {
+        // k-step s: bytes 32 s .. 32 s + 31 of every Q and K row.
+        wgmma_ss_n128(acc, desc_q + ((32 * s) >> 4), smem_desc_k<D>(k_tile + 32 * s));
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+#pragma unroll
+      for (int i = 0; i < 64; ++i) pin_register(acc[i]);
+    }
+    if (lane == 0) mbar_arrive(&k_empty[ring.slot]);
+
+    // ---- online softmax (base 2) ----
+    const float rs[2] = {sqc[0] * skb, sqc[1] * skb};
+    float sf[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) sf[i] = exact_float(acc[i]) * rs[(i >> 1) & 1];
+    const int j0 = j * kBlockKV;
+    if (j0 + kBlockKV > p.kv_tokens) {  // the last block, partly padding: keys >= kv_tokens -> -inf
+#pragma unroll
+      for (int i = 0; i < 64; ++i) {
+        const int key = j0 + 8 * (i >> 2) + 2 * t + (i & 1);
+        if (key >= p.kv_tokens) sf[i] = -INFINITY;
+      }
+    }
+    float m_new[2] = {m[0], m[1]};
+#pragma unroll
+    for (int i = 0; i < 64; ++i) m_new[(i >> 1) & 1] = fmaxf(m_new[(i >> 1) & 1], sf[i]);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      m_new[r] = fmaxf(m_new[r], __shfl_xor_sync(0xffffffffu, m_new[r], 1));
+      m_new[r] = fmaxf(m_new[r], __shfl_xor_sync(0xffffffffu, m_new[r], 2));
+    }
+    // Every block has at least one key < kv_tokens, so m_new is finite; m = -inf before the first
+    // block gives alpha = 2^-inf = 0 (O and l are 0 then).
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      alpha[r] = exp2_approx(m[r] - m_new[r]);
+      m[r] = m_new[r];
+      l[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int i = 0; i < 64; ++i) {
+      const int r = (i >> 1) & 1;
+      sf[i] = exp2_approx(sf[i] - m[r]);  // p; masked keys: 2^-inf = 0
+      l[r] += sf[i];
+    }
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
+
+    // P as e4m3(448 p) in the A fragments of the four k32 slices (see the top).
+    uint32_t a[kSlices][4];
+#pragma unroll
+    for (int s = 0; s < kSlices; ++s) {
+      const float* d = sf + 16 * s;
+      a[s][0] = e4m3x4(kPScale * d[0], kPScale * d[1], kPScale * d[4], kPScale * d[5]);
+      a[s][1] = e4m3x4(kPScale * d[2], kPScale * d[3], kPScale * d[6], kPScale * d[7]);
+      a[s][2] = e4m3x4(kPScale * d[8], kPScale * d[9], kPScale * d[12], kPScale * d[13]);
+      a[s][3] = e4m3x4(kPScale * d[10], kPScale * d[11], kPScale * d[14], kPScale * d[15]);
+    }
+#pragma unroll
+    for (int s = 0; s < kSlices; ++s) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) pin_register(a[s][r]);
+    }
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) sm90::pin_register(o[i]);
+
+    mbar_wait(&v_full[ring.slot], ring.phase);
+    {
+      const uint8_t* v_tile = smem + L::kV + ring.slot * L::kVBytes;
+      const uint64_t desc_v = smem_desc_k128(v_tile);
+      wgmma_fence();
+#pragma unroll
+      for (int s = 0; s < kSlices; ++s) {
+        // k-step s: stored key positions 32 s .. 32 s + 31 (bytes of every V^T row).
+        wgmma_rs_e4m3<D>(o, a[s], desc_v + ((32 * s) >> 4));
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+#pragma unroll
+      for (int i = 0; i < D / 2; ++i) sm90::pin_register(o[i]);
+    }
+    if (lane == 0) mbar_arrive(&v_empty[ring.slot]);
+    ring.advance();
+  }
+
+  // ---- epilogue: out = O * sv[c] / (448 l) ----
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    inv[r] = 1.0f / (kPScale * l[r]);
+  }
+  const int b = bh / p.heads, h = bh % p.heads;
+  OutT* out = static_cast<OutT*>(p.out) + int64_t(b) * p.out_batch + int64_t(h) * p.out_head;
+  const float* sv = p.sv + int64_t(bh) * D;
+#pragma unroll
+  for (int jj = 0; jj < D / 8; ++jj) {
+    const int c = 8 * jj + 2 * t;
+    const float sv0 = sv[c], sv1 = sv[c + 1];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = row0 + 8 * r;
+      if (row >= p.q_tokens) continue;
+      const float y0 = o[4 * jj + 2 * r] * sv0 * inv[r];
+      const float y1 = o[4 * jj + 2 * r + 1] * sv1 * inv[r];
+      OutT* dst = out + int64_t(row) * p.out_token + c;
+      if (p.pairs) {
+        *reinterpret_cast<uint32_t*>(dst) = pack2<OutT>(y0, y1);
+      } else {
+        dst[0] = from_float<OutT>(y0);
+        dst[1] = from_float<OutT>(y1);
+      }
+    }
+  }
+#endif
+}
+
+template <int D, typename OutT>
+void launch(const Attention8bit& a, cudaStream_t stream) {
+  using L = Layout<D>;
+  const int64_t q_pad = ceil_div<int64_t>(a.q_tokens, kBlockQ) * kBlockQ;
+  const int64_t kv_pad = ceil_div<int64_t>(a.kv_tokens, kBlockKV) * kBlockKV;
+  const CUtensorMapSwizzle qk_swizzle = D == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B;
+  // 2-D uint8 views: rows x byte columns, boxes {rows, columns}.
+  const CUtensorMap map_q = tensor_map(a.q8, 1, a.batch_heads * q_pad, D, kBlockQ, D, qk_swizzle);
+  const CUtensorMap map_k = tensor_map(a.k8, 1, a.batch_heads * kv_pad, D, kBlockKV, D, qk_swizzle);
+  const CUtensorMap map_v = tensor_map(a.vt8, 1, a.batch_heads * D, kv_pad, D, kBlockKV, CU_TENSOR_MAP_SWIZZLE_128B);
+  Params p;
+  p.sq = a.sq;
+  p.sk = a.sk;
+  p.sv = a.sv;
+  p.out = a.out;
+  p.out_batch = a.out_batch;
+  p.out_token = a.out_token;
+  p.out_head = a.out_head;
+  p.heads = int(a.heads);
+  p.q_tokens = int(a.q_tokens);
+  p.kv_tokens = int(a.kv_tokens);
+  p.q_pad = int(q_pad);
+  p.kv_pad = int(kv_pad);
+  p.q_tiles = int(q_pad / kBlockQ);
+  p.scale_log2 = a.scale_log2;
+  p.pairs = (reinterpret_cast<uintptr_t>(a.out) & 3) == 0 && a.out_batch % 2 == 0 && a.out_token % 2 == 0 &&
+            a.out_head % 2 == 0;
+  const int64_t grid = a.batch_heads * p.q_tiles;
+  auto kernel = attention_kernel<D, OutT>;
+  allow_dynamic_smem(kernel, L::kSmem);
+  kernel<<<unsigned(grid), kThreads, L::kSmem, stream>>>(map_q, map_k, map_v, p);
+  check_launch("sm90 8-bit attention");
+}
+
+}  // namespace
+
+void attention_8bit_sm90(const Attention8bit& a, void* stream) {
+  const auto fail = [](const std::string& why) {
+    throw std::runtime_error("convrot_kernels attention_8bit (sm90): " + why);
+  };
+  if (current_device().compute_capability != 90) fail("needs an sm_90 (Hopper) device");
+  if (a.dim != 64 && a.dim != 128) fail("head dim must be 64 or 128, got " + std::to_string(a.dim));
+  if (a.batch_heads < 1 || a.heads < 1 || a.batch_heads % a.heads != 0) fail("batch_heads must be a multiple of heads");
+  if (a.q_tokens < 1 || a.kv_tokens < 1) fail("q_tokens and kv_tokens must be at least 1");
+  if (!aligned16(a.q8) || !aligned16(a.k8) || !aligned16(a.vt8)) fail("q8, k8 and vt8 must be 16-byte aligned (TMA)");
+  // TMA coordinates and the kernel's row indices are 32-bit.
+  const int64_t q_pad = ceil_div<int64_t>(a.q_tokens, kBlockQ) * kBlockQ;
+  const int64_t kv_pad = ceil_div<int64_t>(a.kv_tokens, kBlockKV) * kBlockKV;
+  constexpr int64_t kMax = int64_t(1) << 31;
+  if (a.batch_heads * q_pad >= kMax || a.batch_heads * kv_pad >= kMax || a.batch_heads * a.dim >= kMax)
+    fail("too many rows for 32-bit TMA coordinates");
+  const cudaStream_t s = as_stream(stream);
+  if (a.dim == 128) {
+    if (a.out_bf16) launch<128, __nv_bfloat16>(a, s);
+    else launch<128, __half>(a, s);
+  } else {
+    if (a.out_bf16) launch<64, __nv_bfloat16>(a, s);
+    else launch<64, __half>(a, s);
+  }
+}
+
+}  // namespace convrot::cuda
