@@ -45,6 +45,7 @@ def test_the_state_dict_answers_quantized_layers_weights_without_listing_them(se
 
 
 def test_under_a_lora_the_base_layers_weight_is_answered_and_no_lora_layers_weight_is_invented(seed):
+    pytest.importorskip("peft")
     model, _ = build("flux", seed)
     quantized = quantized_copy(model)
     name = "transformer_blocks.0.attn.to_q"
