@@ -112,15 +112,20 @@ def demo(session: nox.Session) -> None:
 @nox.session(venv_backend="none", default=False)
 def gpu(session: nox.Session) -> None:
     """On a CUDA machine, in the current environment (which must hold torch with CUDA,
-    scikit-build-core, nanobind and the packages' dependencies: it installs them with
-    --no-deps, for machines without network): build the kernels, run the GPU tests,
+    scikit-build-core, nanobind, pytest-xdist and the packages' dependencies: it installs them
+    with --no-deps, for machines without network): build the kernels, run the GPU tests,
     run one small call of every kernel under compute-sanitizer's memcheck and racecheck,
     and run the kernel benchmarks."""
     pip = ("python", "-m", "pip", "install", "--no-build-isolation", "--no-deps")
     session.run(*pip, *(f"./packages/{name}" for name in PACKAGES), external=True, env={"CONVROT_CUDA": "ON"})
-    # One pytest run per package, as in `tests`: test files of different packages share names.
+    # One pytest run per package, as in `tests`: test files of different packages share names. Four
+    # workers share the GPU, each given whole files: the real-width models' tests spend most of their
+    # time compiling (inductor, on the CPU), which one process cannot spread over the cores.
+    workers = ("-n", "4", "--dist", "loadfile")
     for name in PACKAGES:
-        session.run("python", "-m", "pytest", "-m", "gpu", f"packages/{name}/tests", *session.posargs, external=True)
+        session.run(
+            "python", "-m", "pytest", "-m", "gpu", *workers, f"packages/{name}/tests", *session.posargs, external=True
+        )
     for tool in ("memcheck", "racecheck"):
         session.run(
             "compute-sanitizer", f"--tool={tool}", "--error-exitcode=1", "--target-processes=all",
