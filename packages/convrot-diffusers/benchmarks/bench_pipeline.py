@@ -11,7 +11,9 @@ Reported per variant, over --calls timed calls after one warm-up call: the wall 
 (CUDA-synchronized), the median ms per denoising step (the transformer and the scheduler's step,
 CUDA events at each step's end; a call's first step also holds the call's own set-up and is left
 out), the decode time (from the last step's end to the call's end: unpacking, VAE decode and
-postprocessing), and the peak GPU memory of a call (weights included).
+postprocessing), and the peak GPU memory of a call (weights included). A variant that cannot run
+here (torchao or mslk missing, no sm_90 GPU) is reported as skipped with the reason; one that fails
+is reported with its error, and the others still run.
 
 Variants are bench_transformer_step.py's schemes and modes ("w4a4-fused-normrope-compiled-graph"...).
 The transformer is prepared as there; "graph" captures the transformer's forward in one CUDA graph on
@@ -32,6 +34,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -291,7 +294,7 @@ def release(device) -> None:
         torch.cuda.empty_cache()
 
 
-def table(results: list[dict], skipped: list[dict]) -> str:
+def table(results: list[dict], skipped: list[dict], failed: list[dict]) -> str:
     lines = [
         f"| batch | variant | s/call | ms/step (min-max) | decode ms | call speed-up vs {ANCHOR} | peak GiB | "
         "transformer weights GiB |",
@@ -306,11 +309,12 @@ def table(results: list[dict], skipped: list[dict]) -> str:
             f"{r['peak_gib']:.2f} | {r['transformer_weight_gib']:.2f} |"
         )
     lines += [f"| {s['batch']} | {s['variant']} | skipped: {s['reason']} | | | | | |" for s in skipped]
+    lines += [f"| {f['batch']} | {f['variant']} | failed: {f['error'][:200]} | | | | | |" for f in failed]
     return "\n".join(lines)
 
 
 def write_report(out_dir: Path, summary: dict) -> None:
-    report = "\n\n".join([summary["header"], table(summary["results"], summary["skipped"])])
+    report = "\n\n".join([summary["header"], table(summary["results"], summary["skipped"], summary["failed"])])
     (out_dir / "pipeline.md").write_text(report + "\n")
     (out_dir / "pipeline.json").write_text(json.dumps(summary, indent=1))
 
@@ -377,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
         "steps": args.steps,
         "results": [],
         "skipped": [],
+        "failed": [],
     }
     for batch in (int(b) for b in args.batches.split(",")):
         print(f"batch {batch}:", flush=True)
@@ -389,6 +394,9 @@ def main(argv: list[str] | None = None) -> None:
             except step_bench.Skipped as error:
                 print(f"  {variant}: skipped ({error})", flush=True)
                 summary["skipped"].append({"batch": batch, "variant": variant, "reason": str(error)})
+            except Exception as error:  # one variant's failure (a kernel, a compile) leaves the others' numbers
+                traceback.print_exc()
+                summary["failed"].append({"batch": batch, "variant": variant, "error": repr(error)})
             release(device)
             write_report(args.out_dir, summary)  # after every variant: a run cut short keeps its numbers
     write_report(args.out_dir, summary)

@@ -99,3 +99,22 @@ def test_graphed_transformer_replays_the_eager_pipeline():
         images.append(image.float())
     # The same kernels in a graph: each step's new inputs reach it, so the images agree.
     torch.testing.assert_close(images[1], images[0], atol=1e-2, rtol=0)
+
+
+def test_a_failing_variant_is_reported_and_the_others_still_run(tmp_path, monkeypatch):
+    bench = load_bench()
+    prepare = bench.step_bench.prepare
+
+    def failing_prepare(model, variant):
+        if variant == "w4a4-fused-eager":
+            raise RuntimeError("a kernel that does not launch")
+        return prepare(model, variant)
+
+    monkeypatch.setattr(bench.step_bench, "prepare", failing_prepare)
+    argv = ["--tiny", "--flux-blocks", "1,1", "--steps", "2", "--calls", "1", "--out-dir", str(tmp_path)]
+    bench.main([*argv, "--variants", "w4a4-fused-eager,bf16-eager"])
+    report = json.loads((tmp_path / "pipeline.json").read_text())
+    assert [r["variant"] for r in report["results"]] == ["bf16-eager"]
+    assert [f["variant"] for f in report["failed"]] == ["w4a4-fused-eager"]
+    assert "a kernel that does not launch" in report["failed"][0]["error"]
+    assert "| 1 | w4a4-fused-eager | failed:" in (tmp_path / "pipeline.md").read_text()
