@@ -284,9 +284,12 @@ def run_variant(args, name, batch, variant, device) -> tuple[dict, Live] | None:
     # Memory already held (by variants kept for later rounds) is not this variant's.
     baseline = torch.cuda.memory_allocated() if device.type == "cuda" else 0
     blocks = args.flux_blocks if name == "flux" else args.blocks
-    model = build(name, blocks, args.tiny, device)
-    inputs = MODELS[name].inputs(model, batch, args.tiny, device)
+    scheme = split_variant(variant)[0]
     try:
+        if scheme.startswith("torchao"):
+            torchao_config(scheme)  # skips before the model is built
+        model = build(name, blocks, args.tiny, device)
+        inputs = MODELS[name].inputs(model, batch, args.tiny, device)
         prepare(model, variant)
     except (ImportError, Skipped) as error:
         print(f"  {variant}: skipped ({error})", flush=True)
