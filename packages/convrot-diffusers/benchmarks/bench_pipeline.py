@@ -213,9 +213,14 @@ def timed_call(pipe, embeds: dict, args, device) -> dict:
     intervals = clock.intervals_ms()
     if len(intervals) != args.steps + 1:
         raise RuntimeError(f"expected {args.steps} step callbacks, got {len(intervals) - 1}")
-    if not torch.isfinite(image).all():
-        raise RuntimeError("the pipeline returned non-finite pixels")
-    return {"wall_s": wall_s, "steps_ms": intervals[1:-1], "first_step_ms": intervals[0], "decode_ms": intervals[-1]}
+    return {
+        "wall_s": wall_s,
+        "steps_ms": intervals[1:-1],
+        "first_step_ms": intervals[0],
+        "decode_ms": intervals[-1],
+        # Random weights: the pixels mean nothing, but a non-finite one would point at a broken variant.
+        "image_finite": bool(torch.isfinite(image).all()),
+    }
 
 
 def run_variant(args, batch: int, variant: str, device) -> dict:
@@ -258,6 +263,8 @@ def run_variant(args, batch: int, variant: str, device) -> dict:
         "vae_weight_gib": step_bench.weight_bytes(pipe.vae) / 2**30,
         "setup_s": setup_s,
     }
+    if not all(c["image_finite"] for c in calls):
+        print(f"  {variant}: the image holds non-finite pixels", flush=True)
     print(
         f"  {variant:36s} call {result['wall_s_median']:7.3f} s  step {result['step_ms_median']:8.2f} ms  "
         f"decode {result['decode_ms_median']:7.2f} ms  peak {result['peak_gib']:6.2f} GiB  setup {setup_s:5.1f} s",
@@ -365,7 +372,9 @@ def main(argv: list[str] | None = None) -> None:
     header = (
         f"Device: {device_name}; {'; '.join(f'{k} {v}' for k, v in versions.items())}; command: `{command}`\n\n"
         f"Flux.1 pipeline, {blocks[0]} double + {blocks[1]} single blocks, {args.height}x{args.width}, "
-        f"{args.steps} steps, {args.calls} timed calls per variant; {note}; VAE eager in bf16, output_type='pt'."
+        f"{args.steps} steps, {args.calls} timed calls per variant; {note}; the graph modes replay the "
+        "transformer's forward as one CUDA graph per step, the scheduler's step and the VAE (bf16) run eagerly; "
+        "output_type='pt'."
     )
     print(header, flush=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)

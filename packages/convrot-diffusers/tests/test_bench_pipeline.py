@@ -33,6 +33,7 @@ def test_smoke_run_times_steps_and_decode_and_writes_its_report(tmp_path):
         for call in r["calls"]:
             assert len(call["steps_ms"]) == steps - 1  # the first step holds the call's set-up
             assert call["decode_ms"] > 0
+            assert call["image_finite"]
             assert 1e3 * call["wall_s"] >= sum(call["steps_ms"]) + call["first_step_ms"] + call["decode_ms"] - 1
         assert r["step_ms_min"] <= r["step_ms_median"] <= r["step_ms_max"]
         assert r["vae_weight_gib"] > 0
