@@ -76,10 +76,25 @@ def test_torchao_fp8_int4_is_a_variant_that_skips_where_it_cannot_run():
         bench.step_bench.torchao_config("torchao-fp8-int4")
 
 
-@pytest.mark.gpu
-def test_graphed_transformer_replays_the_eager_pipeline():
-    bench = load_bench()
-    device = torch.device("cuda")
+class ReplayedCall:
+    """A CUDA graph's semantics on the CPU: replay reruns the captured call on the captured input tensors and
+    writes into the captured output, so stale inputs or a fresh output tensor would show."""
+
+    def __init__(self, call):
+        self.call = call
+
+    def replay(self):
+        for kept, new in zip(self.output, self.call(), strict=True):
+            kept.copy_(new)
+
+
+def fake_capture_graph(call):
+    graph = ReplayedCall(call)
+    graph.output = call()
+    return graph, graph.output
+
+
+def graphed_and_eager_images(bench, device, **call):
     images = []
     for graphed in (False, True):
         transformer = bench.build("flux", (1, 2), True, device)
@@ -87,19 +102,41 @@ def test_graphed_transformer_replays_the_eager_pipeline():
             bench.graph_forward(transformer)
         pipe = bench.flux_pipeline(transformer, bench.flux_vae(True, device))
         embeds = bench.prompt_embeds(transformer, 1, True, device)
+        generator = torch.Generator(device).manual_seed(0)
         with torch.inference_mode():
-            image = pipe(
-                **embeds,
-                height=32,
-                width=32,
-                num_inference_steps=4,
-                generator=torch.Generator(device).manual_seed(0),
-                output_type="pt",
-                return_dict=False,
-            )[0]
+            image = pipe(**embeds, generator=generator, output_type="pt", return_dict=False, **call)[0]
         images.append(image.float())
-    # The same kernels in a graph: each step's new inputs reach it, so the images agree.
-    torch.testing.assert_close(images[1], images[0], atol=1e-2, rtol=0)
+    return images
+
+
+def test_graphed_transformer_copies_each_step_s_inputs_into_the_captured_ones(monkeypatch):
+    bench = load_bench()
+    monkeypatch.setattr(bench.step_bench, "capture_graph", fake_capture_graph)
+    eager, graphed = graphed_and_eager_images(bench, "cpu", height=32, width=32, num_inference_steps=3)
+    torch.testing.assert_close(graphed, eager, atol=0, rtol=0)
+
+
+def test_graphed_transformer_refuses_a_call_unlike_the_captured_one(monkeypatch):
+    bench = load_bench()
+    monkeypatch.setattr(bench.step_bench, "capture_graph", fake_capture_graph)
+    transformer = bench.build("flux", (1, 1), True, "cpu")
+    bench.graph_forward(transformer)
+    pipe = bench.flux_pipeline(transformer, bench.flux_vae(True, "cpu"))
+    embeds = bench.prompt_embeds(transformer, 1, True, "cpu")
+    with torch.inference_mode():
+        pipe(**embeds, height=32, width=32, num_inference_steps=2, output_type="pt")
+        with pytest.raises(ValueError, match="hidden_states"):
+            pipe(**embeds, height=64, width=32, num_inference_steps=2, output_type="pt")
+        with pytest.raises(TypeError, match="keyword"):
+            transformer(torch.zeros(1))
+
+
+@pytest.mark.gpu
+def test_graphed_transformer_replays_the_eager_pipeline():
+    bench = load_bench()
+    eager, graphed = graphed_and_eager_images(bench, torch.device("cuda"), height=32, width=32, num_inference_steps=4)
+    # The same kernels in a CUDA graph: each step's new inputs reach it, so the images agree.
+    torch.testing.assert_close(graphed, eager, atol=1e-2, rtol=0)
 
 
 def test_a_failing_variant_is_reported_and_the_others_still_run(tmp_path, monkeypatch):
