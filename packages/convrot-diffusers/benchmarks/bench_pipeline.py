@@ -341,6 +341,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", type=Path, default=Path("bench-out"))
     args = parser.parse_args(argv)
 
+    from diffusers.utils import is_transformers_available
+
+    if not is_transformers_available():  # diffusers then hands out a FluxPipeline that raises when built
+        parser.error("FluxPipeline needs the transformers package importable (its text encoders' classes)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.tiny:
         parser.error("no CUDA device: the real-size pipeline needs a GPU (use --tiny for a CPU smoke run)")
