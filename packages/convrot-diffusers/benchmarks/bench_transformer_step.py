@@ -126,9 +126,17 @@ CATEGORIES = (
 )
 
 
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    # A tensor subclass (torchao's quantized weights) is the sum of the tensors it holds, not its
+    # nominal dtype's bytes.
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
-    tensors = list(model.parameters()) + list(model.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(tensor_bytes(t) for t in [*model.parameters(), *model.buffers()])
 
 
 def split_variant(variant: str) -> tuple[str, str]:
