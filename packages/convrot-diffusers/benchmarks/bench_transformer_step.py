@@ -13,10 +13,14 @@ for bf16, diffusers' own) and, for ConvRot, fuse_activations (GELUs and Flux
 single blocks' concatenation applied inside the next layer); "-normrope": then
 fuse_qk_norm_rope (Flux's q/k RMSNorm and rotary embedding in one kernel, no
 quantization involved); "-attn8": fuse_qk_norm_rope(..., attention="int8") (those kernels and
-8-bit attention, convrot_kernels.attention_8bit: needs an sm_90a GPU); torchao's float8 / int8 dynamic.
+8-bit attention, convrot_kernels.attention_8bit: needs an sm_90a GPU); torchao's float8 / int8 dynamic,
+and "torchao-fp8-int4" (Float8DynamicActivationInt4WeightConfig: fp8 activations, int4 weights in
+groups of 128, the mslk package's sm_90 kernels; reported as skipped where those are missing).
 
     python packages/convrot-diffusers/benchmarks/bench_transformer_step.py \
         --models flux --flux-blocks 4,8 --batches 1 --out-dir $OUT
+
+Without --flux-blocks, Flux is the whole Flux.1 transformer (19 double + 38 single blocks).
 
 With --rounds R above 1, a model and batch's variants stay in memory after their first
 measurement and are timed again in turn, R rounds of --iters steps in all; each figure is then
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import importlib.util
 import json
 import re
 import statistics
@@ -61,9 +66,11 @@ SCHEMES = (
     "mix-fused",
     "w4a8",
     "w4a8-fused",
+    "w4a8-fused-normrope",
     "w4a8-fused-attn8",
     "w4a8g64-fused",
     "torchao-fp8",
+    "torchao-fp8-int4",
     "torchao-int8",
 )
 # eager; graph: the step captured in one CUDA graph; compiled: regional torch.compile;
@@ -97,10 +104,12 @@ VARIANTS = (
     "w4a8-eager",
     "w4a8-compiled-graph",
     "w4a8-fused-compiled-graph",
+    "w4a8-fused-normrope-compiled-graph",
     "w4a8-fused-attn8-compiled-graph",
     "w4a8g64-fused-eager",
     "w4a8g64-fused-compiled-graph",
     "torchao-fp8-compiled",
+    "torchao-fp8-int4-compiled",
     "torchao-int8-compiled",
 )
 PROFILED_SCHEMES = ("bf16", "w4a4", "w4a4-fused", "w4a4-fused-normrope", "w4a4-fused-attn8")
@@ -117,9 +126,17 @@ CATEGORIES = (
 )
 
 
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    # A tensor subclass (torchao's quantized weights) is the sum of the tensors it holds, not its
+    # nominal dtype's bytes.
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
-    tensors = list(model.parameters()) + list(model.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(tensor_bytes(t) for t in [*model.parameters(), *model.buffers()])
 
 
 def split_variant(variant: str) -> tuple[str, str]:
@@ -128,8 +145,44 @@ def split_variant(variant: str) -> tuple[str, str]:
     return scheme, variant[len(scheme) + 1 :]
 
 
+class Skipped(Exception):
+    """A variant this machine cannot run (a missing package or GPU feature); the message says why."""
+
+
+def torchao_config(scheme: str):
+    """torchao's config for a "torchao-*" scheme; raises Skipped where this machine cannot run it."""
+    try:  # an installed but broken mslk (torchao imports it) fails with other errors than ImportError
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            Int8DynamicActivationInt8WeightConfig,
+            PerRow,
+        )
+    except Exception as error:
+        raise Skipped(f"torchao does not import: {error}") from error
+    if scheme == "torchao-fp8":
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    if scheme == "torchao-int8":
+        return Int8DynamicActivationInt8WeightConfig()
+    try:
+        from torchao.quantization import Float8DynamicActivationInt4WeightConfig
+    except ImportError as error:
+        raise Skipped(f"this torchao has no Float8DynamicActivationInt4WeightConfig ({error})") from error
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
+        raise Skipped("Float8DynamicActivationInt4WeightConfig runs mslk's sm_90 kernels: needs a Hopper GPU or later")
+    if importlib.util.find_spec("mslk") is None:
+        raise Skipped("Float8DynamicActivationInt4WeightConfig needs the mslk package (mslk-cuda), not installed")
+    return Float8DynamicActivationInt4WeightConfig()
+
+
+def int4_groups_fit(module: torch.nn.Module, _name: str) -> bool:
+    # mslk's int4 kernel takes K and N in whole groups of 128: Flux's x_embedder (K = 64) and
+    # proj_out (N = 64) stay bf16, as torchao's fp8 leaves the layers its kernel cannot take.
+    return isinstance(module, torch.nn.Linear) and module.in_features % 128 == 0 and module.out_features % 128 == 0
+
+
 def prepare(model: torch.nn.Module, variant: str) -> torch.nn.Module:
-    """Quantize per the variant's scheme, in place; returns the model."""
+    """Quantize per the variant's scheme, in place; returns the model. Raises Skipped (or ImportError)
+    where this machine cannot run the variant."""
     full_scheme, _ = split_variant(variant)
     scheme = full_scheme.removesuffix("-normrope").removesuffix("-attn8")
     if scheme.removesuffix("-fused") in ("w4a4", "mix", "w4a8", "w4a8g64"):
@@ -140,19 +193,10 @@ def prepare(model: torch.nn.Module, variant: str) -> torch.nn.Module:
     elif scheme == "bf16-fused":
         model.fuse_qkv_projections()
     elif scheme.startswith("torchao"):
-        from torchao.quantization import (
-            Float8DynamicActivationFloat8WeightConfig,
-            Int8DynamicActivationInt8WeightConfig,
-            PerRow,
-            quantize_,
-        )
+        config = torchao_config(scheme)
+        from torchao.quantization import quantize_
 
-        config = (
-            Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
-            if scheme == "torchao-fp8"
-            else Int8DynamicActivationInt8WeightConfig()
-        )
-        quantize_(model, config)
+        quantize_(model, config, filter_fn=int4_groups_fit if scheme == "torchao-fp8-int4" else None)
     if full_scheme.endswith("-normrope"):
         convrot_diffusers.fuse_qk_norm_rope(model)
     elif full_scheme.endswith("-attn8"):
@@ -160,26 +204,37 @@ def prepare(model: torch.nn.Module, variant: str) -> torch.nn.Module:
     return model
 
 
+def compile_model(model: torch.nn.Module) -> None:
+    # Regional compilation: each repeated block compiles once, not the whole model.
+    if hasattr(model, "compile_repeated_blocks"):
+        model.compile_repeated_blocks(fullgraph=True)
+    else:
+        model.compile(fullgraph=True)
+
+
+def capture_graph(call: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
+    """One call captured in a CUDA graph, after three on a side stream (which compile it, if compiled);
+    returns the graph and the captured call's output, which every replay overwrites."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = call()
+    return graph, output
+
+
 def step_function(model, inputs, variant: str, device):
     """A zero-argument callable running one step the variant's way (eager, captured graph or compiled)."""
     _, mode = split_variant(variant)
     if mode.startswith("compiled"):
-        # Regional compilation: each repeated block compiles once, not the whole model.
-        if hasattr(model, "compile_repeated_blocks"):
-            model.compile_repeated_blocks(fullgraph=True)
-        else:
-            model.compile(fullgraph=True)
+        compile_model(model)
     if not mode.endswith("graph") or device.type != "cuda":
         return lambda: model(**inputs)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # compiles, if compiled, before the capture
-            model(**inputs)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        model(**inputs)
+    graph, _ = capture_graph(lambda: model(**inputs))
     return graph.replay
 
 
@@ -237,11 +292,14 @@ def run_variant(args, name, batch, variant, device) -> tuple[dict, Live] | None:
     # Memory already held (by variants kept for later rounds) is not this variant's.
     baseline = torch.cuda.memory_allocated() if device.type == "cuda" else 0
     blocks = args.flux_blocks if name == "flux" else args.blocks
-    model = build(name, blocks, args.tiny, device)
-    inputs = MODELS[name].inputs(model, batch, args.tiny, device)
+    scheme = split_variant(variant)[0]
     try:
+        if scheme.startswith("torchao"):
+            torchao_config(scheme)  # skips before the model is built
+        model = build(name, blocks, args.tiny, device)
+        inputs = MODELS[name].inputs(model, batch, args.tiny, device)
         prepare(model, variant)
-    except ImportError as error:
+    except (ImportError, Skipped) as error:
         print(f"  {variant}: skipped ({error})", flush=True)
         return None
     started = time.perf_counter()

@@ -87,3 +87,16 @@ def test_rounds_below_one_are_refused(tmp_path):
     bench = load_bench()
     with pytest.raises(SystemExit):
         bench.main(["--tiny", "--rounds", "0", "--out-dir", str(tmp_path)])
+
+
+def test_weight_bytes_count_what_a_tensor_subclass_holds():
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    bench = load_bench()
+    layer = torch.nn.Linear(64, 32, dtype=torch.bfloat16)
+    plain = bench.weight_bytes(layer)
+    assert plain == (64 * 32 + 32) * 2
+    # A weight held as torchao holds one, in inner tensors: two int8 [32, 64] tensors, not one tensor's nominal bytes.
+    codes = [torch.randint(-8, 8, (32, 64), dtype=torch.int8) for _ in range(2)]
+    layer.weight = torch.nn.Parameter(TwoTensor(*codes), requires_grad=False)
+    assert bench.weight_bytes(layer) == 2 * 32 * 64 + 32 * 2
