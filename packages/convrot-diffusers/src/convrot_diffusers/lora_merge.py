@@ -64,7 +64,9 @@ def _dequantized(layer: ConvLinear) -> torch.Tensor:
         )
     codes = unpack_int4(layer.qweight).to(torch.float64)
     steps = layer.weight_group_scale.to(torch.float64).repeat_interleave(WEIGHT_GROUP, dim=-1)
-    return rotate_groups(codes * steps * layer.weight_scale.to(torch.float64)[:, None], layer.rotation, layer.group_size)
+    return rotate_groups(
+        codes * steps * layer.weight_scale.to(torch.float64)[:, None], layer.rotation, layer.group_size
+    )
 
 
 def _steps(layer: ConvLinear, scale: torch.Tensor, group_scale: torch.Tensor | None) -> torch.Tensor:
@@ -87,10 +89,14 @@ def _requantized(layer: ConvLinear, weight: torch.Tensor, clip_search: bool) -> 
 def _delta(name: str, module, adapters: list[str]) -> torch.Tensor:
     """sum over ``adapters`` of scaling x B A (float64), the scaling including set_adapters' weight."""
     base = module.get_base_layer()
-    delta = torch.zeros(base.out_features, base.in_features, dtype=torch.float64, device=module.lora_A[adapters[0]].weight.device)
+    delta = torch.zeros(
+        base.out_features, base.in_features, dtype=torch.float64, device=module.lora_A[adapters[0]].weight.device
+    )
     for adapter in adapters:
         if module.use_dora.get(adapter) or getattr(module, "fan_in_fan_out", False):
-            raise ValueError(f"merge_lora: {name}'s adapter {adapter!r} is DoRA or fan-in-fan-out, which it does not merge")
+            raise ValueError(
+                f"merge_lora: {name}'s adapter {adapter!r} is DoRA or fan-in-fan-out, which it does not merge"
+            )
         down, up = module.lora_A[adapter], module.lora_B[adapter]
         if not (isinstance(down, nn.Linear) and isinstance(up, nn.Linear)) or up.bias is not None:
             raise ValueError(f"merge_lora: {name}'s adapter {adapter!r} is not a plain B A (a LoRA bias or variant)")
@@ -103,7 +109,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).norm().item() / norm if norm else (a - b).norm().item()
 
 
-def merge_lora(pipe_or_transformer, adapter_names: list[str] | str | None = None, clip_search: bool = False) -> MergeReport:
+def merge_lora(
+    pipe_or_transformer, adapter_names: list[str] | str | None = None, clip_search: bool = False
+) -> MergeReport:
     """Merges LoRAs into a quantized transformer's weights and removes its LoRA layers; returns a MergeReport.
 
     For every layer PEFT wrapped, W_eff = its weight + sum over ``adapter_names`` (default: the active
@@ -153,7 +161,9 @@ def merge_lora(pipe_or_transformer, adapter_names: list[str] | str | None = None
             w_base = _dequantized(base)
             w_eff = w_base + delta
             buffers = _requantized(base, w_eff, clip_search)
-            merged = base._with_buffers(buffers["qweight"], buffers["weight_scale"], base.bias, buffers.get("weight_group_scale"))
+            merged = base._with_buffers(
+                buffers["qweight"], buffers["weight_scale"], base.bias, buffers.get("weight_group_scale")
+            )
             w_merged = _dequantized(merged)
             base_steps = _steps(base, base.weight_scale, base.weight_group_scale)
             merged_steps = _steps(base, buffers["weight_scale"], buffers.get("weight_group_scale"))
@@ -170,7 +180,9 @@ def merge_lora(pipe_or_transformer, adapter_names: list[str] | str | None = None
             w_base = base.weight.detach().to(torch.float64)
             w_eff = w_base + delta
             buffers = {"weight": w_eff.to(base.weight.dtype)}
-            entry = LayerMergeError("float", _rel(buffers["weight"].to(torch.float64), w_eff), _rel(w_eff, w_base), 0.0, 0.0)
+            entry = LayerMergeError(
+                "float", _rel(buffers["weight"].to(torch.float64), w_eff), _rel(w_eff, w_base), 0.0, 0.0
+            )
         if not all(torch.isfinite(t).all() for t in buffers.values() if t.is_floating_point()):
             raise ValueError(f"merge_lora: {name}'s merged weight is not finite")
         updates[name] = (base, buffers)
