@@ -151,3 +151,20 @@ def test_bad_input_raises_before_any_change(seed):
     pipe.unload_lora_weights()
     with pytest.raises(ValueError, match="no LoRA loaded"):
         convrot_diffusers.merge_lora(pipe)
+
+
+def test_merging_beside_flux_fusions_leaves_them_in_place(seed):
+    model, inputs = build("flux", seed)
+    quantized = quantized_copy(model)
+    unquantized_error = rel(run(quantized, inputs), run(model, inputs))
+    state = peft_lora(model, 4, torch.Generator().manual_seed(seed), STRENGTH)
+    pipe = pipeline("flux", quantized)
+    pipe.load_lora_weights({key: value for key, value in state.items() if ".attn." in key}, adapter_name="style")
+    convrot_diffusers.fuse_activations(quantized)  # the feed-forwards fuse, the LoRA'd attention steps aside
+    fused_ff = quantized.transformer_blocks[0].ff.net[2]
+    assert fused_ff.gelu_from == 0
+    with_lora = run(quantized, inputs)
+    report = convrot_diffusers.merge_lora(pipe)
+    assert report.layers and all(".attn." in name for name in report.layers)
+    assert quantized.transformer_blocks[0].ff.net[2] is fused_ff and fused_ff.gelu_from == 0
+    assert rel(run(quantized, inputs), with_lora) <= 1.2 * unquantized_error
