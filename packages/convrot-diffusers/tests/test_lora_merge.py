@@ -136,9 +136,13 @@ def test_bad_input_raises_before_any_change(seed):
     model, inputs, quantized, pipe = _with_lora("flux", seed)
     with_lora = run(quantized, inputs)
     state = {key: tensor.clone() for key, tensor in quantized.state_dict().items()}
-    for names, match in ((["nope"], "unknown adapter.*nope.*loaded: \\['style'\\]"), ([], "unknown adapter")):
+    for names, match in ((["nope"], "unknown adapter.*nope.*loaded: \\['style'\\]"), ([], "no adapter is active")):
         with pytest.raises(ValueError, match=match):
             convrot_diffusers.merge_lora(pipe, names)
+    pipe.disable_lora()
+    with pytest.raises(ValueError, match="disabled"):
+        convrot_diffusers.merge_lora(pipe)
+    pipe.enable_lora()
     # A layer it cannot merge, found after others it could: nothing is changed either.
     last = [m for m in quantized.modules() if hasattr(m, "lora_B")][-1]
     last.lora_B["style"].bias = torch.nn.Parameter(torch.zeros(last.out_features, dtype=torch.bfloat16))

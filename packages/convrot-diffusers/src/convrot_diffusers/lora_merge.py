@@ -135,14 +135,19 @@ def merge_lora(
         raise ValueError(f"merge_lora: {type(transformer).__name__} has no LoRA loaded (load_lora_weights first)")
     loaded = sorted({adapter for module in wrapped.values() for adapter in module.lora_A})
     if adapter_names is None:
+        if any(module.disable_adapters for module in wrapped.values()):
+            raise ValueError(
+                f"merge_lora: the LoRAs are disabled (disable_lora): enable_lora, or name the adapters to merge "
+                f"(loaded: {loaded})"
+            )
         names = sorted({a for module in wrapped.values() for a in module.active_adapters if a in module.lora_A})
     else:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         unknown = [a for a in names if a not in loaded]
-        if unknown or not names:
-            raise ValueError(f"merge_lora: unknown adapter(s) {unknown or names}; loaded: {loaded}")
+        if unknown:
+            raise ValueError(f"merge_lora: unknown adapter(s) {unknown}; loaded: {loaded}")
     if not names:
-        raise ValueError(f"merge_lora: no adapter is active (loaded: {loaded}); name the adapters to merge")
+        raise ValueError(f"merge_lora: no adapter is active or named (loaded: {loaded}); name the adapters to merge")
 
     report = MergeReport(adapters=names, discarded=[a for a in loaded if a not in names])
     updates = {}
