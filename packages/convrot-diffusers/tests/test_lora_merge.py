@@ -155,6 +155,14 @@ def test_bad_input_raises_before_any_change(seed):
     with pytest.raises(ValueError, match="LoRA bias"):
         convrot_diffusers.merge_lora(pipe)
     last.lora_B["style"].bias = None
+    up = last.lora_B["style"].weight
+    kept = up.detach().clone()
+    with torch.no_grad():
+        up[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="merge_lora: .*(NaN or Inf|not finite)"):
+        convrot_diffusers.merge_lora(pipe)
+    with torch.no_grad():
+        up.copy_(kept)
     after = quantized.state_dict()
     assert after.keys() == state.keys() and all(torch.equal(after[key], state[key]) for key in state)
     assert torch.equal(run(quantized, inputs), with_lora)

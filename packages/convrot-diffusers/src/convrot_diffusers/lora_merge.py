@@ -165,7 +165,10 @@ def merge_lora(
                 raise ValueError(f"merge_lora: {name} is group-scaled ({base.kind}); clip_search is for per-row scales")
             w_base = _dequantized(base)
             w_eff = w_base + delta
-            buffers = _requantized(base, w_eff, clip_search)
+            try:
+                buffers = _requantized(base, w_eff, clip_search)
+            except ValueError as error:  # a weight with NaN or Inf: the quantizer's message, with the layer's name
+                raise ValueError(f"merge_lora: {name}: {error}") from None
             merged = base._with_buffers(
                 buffers["qweight"], buffers["weight_scale"], base.bias, buffers.get("weight_group_scale")
             )
@@ -188,8 +191,8 @@ def merge_lora(
             entry = LayerMergeError(
                 "float", _rel(buffers["weight"].to(torch.float64), w_eff), _rel(w_eff, w_base), 0.0, 0.0
             )
-        if not all(torch.isfinite(t).all() for t in buffers.values() if t.is_floating_point()):
-            raise ValueError(f"merge_lora: {name}'s merged weight is not finite")
+            if not torch.isfinite(buffers["weight"]).all():
+                raise ValueError(f"merge_lora: {name}'s merged weight is not finite")
         updates[name] = (base, buffers)
         report.layers[name] = entry
     report.error = (squared_error / squared_norm) ** 0.5 if squared_norm else 0.0
