@@ -35,6 +35,7 @@ class WeightStandIn(torch.Tensor):
             return WeightStandIn(stand_in.layer_name, stand_in.shape, stand_in.dtype, stand_in.device)
         raise NotImplementedError(
             f"{stand_in.layer_name}.weight stands in for a float weight it does not hold (the layer stores "
-            f"quantized codes): {func} cannot run on it. Merging a LoRA into a quantized layer (fuse_lora) "
-            "is not supported: keep the LoRA as a side path (load_lora_weights, set_adapters)"
+            f"quantized codes): {func} cannot run on it. Merging a LoRA into a quantized layer in place "
+            "(fuse_lora) is not supported: keep the LoRA as a side path (load_lora_weights, set_adapters), or "
+            "requantize the layers with it merged: convrot_diffusers.merge_lora(pipe)"
         )
