@@ -41,8 +41,14 @@ def test_lora_on_quantized_model_adds_no_error_beyond_quantization(arch, lora_fo
     # at 1.101x), so their bound is 1.15x: a LoRA path that added error of its own would still exceed it.
     bound = 1.15 if len(adapters) > 1 else 1.1
     assert lora_error <= bound * error, f"seed {seed}: {lora_error:.4f} with the LoRA, {error:.4f} without"
-    # The LoRA did act on the quantized model: without it, it would be further from bf16 + LoRA.
-    assert lora_error < rel(outputs["convrot"], outputs["bf16+lora"]), f"seed {seed}"
+    # The LoRA did act on the quantized model: it moved its output by about what it moves bf16's (1.3-1.6x
+    # measured on Flux.1 seeds). A kohya LoRA moves these tiny models' outputs by 0.5-0.7%, below the
+    # quantization error, so "closer to bf16 + LoRA than without it" failed on some seeds.
+    lora_effect = rel(outputs["bf16+lora"], outputs["bf16"])
+    moved = rel(outputs["convrot+lora"], outputs["convrot"])
+    assert moved >= 0.5 * lora_effect, (
+        f"seed {seed}: the LoRA moved the quantized output by {moved:.4f}, bf16 by {lora_effect:.4f}"
+    )
     lora_layers = [m for m in quantized.modules() if type(m).__name__ == "Linear" and hasattr(m, "base_layer")]
     assert lora_layers and all(isinstance(m.base_layer, convrot.ConvLinear) for m in lora_layers)
     assert all(m.lora_A[name].weight.dtype == torch.bfloat16 for m in lora_layers for name in m.lora_A)
