@@ -7,7 +7,7 @@ from tiny_dits import build as build_tiny_dit
 
 import convrot_diffusers
 import convrot_kernels
-from convrot_diffusers import fuse_qk_norm_rope, qk_norm_rope, unfuse_qk_norm_rope
+from convrot_diffusers import attention_8bit_processors, fuse_qk_norm_rope, qk_norm_rope, unfuse_qk_norm_rope
 from convrot_diffusers.demo import T5_WIDTH, flux_transformer
 from convrot_diffusers.qk_norm_rope import FluxNormRopeAttnProcessor
 
@@ -232,7 +232,7 @@ def test_int8_attention_is_the_simulated_quantization_and_unfuse_undoes_it(quant
         calls.append((query, key, value))
         return convrot_kernels.attention_8bit(query, key, value, **kwargs)
 
-    monkeypatch.setattr(qk_norm_rope, "attention_8bit", recording)
+    monkeypatch.setattr(attention_8bit_processors, "attention_8bit", recording)
     got = run(transformer, inputs)
     assert len(calls) == 6
     # Each call on the model's own q, k, v computes the quantization the op states: far closer to its
@@ -245,7 +245,7 @@ def test_int8_attention_is_the_simulated_quantization_and_unfuse_undoes_it(quant
         assert relative_error(op, simulated) <= 0.25 * relative_error(exact.transpose(1, 2), simulated)
     # And the model's output moves as far from stock attention's as the simulated quantization moves it
     # (the blocks after an attention carry last-bit differences on, so not closer than that).
-    monkeypatch.setattr(qk_norm_rope, "attention_8bit", simulated_attention_8bit)
+    monkeypatch.setattr(attention_8bit_processors, "attention_8bit", simulated_attention_8bit)
     simulated = run(transformer, inputs)
     quantization, found = relative_error(simulated, stock), relative_error(got, stock)
     assert 0.5 * quantization <= found <= 1.5 * quantization, (found, quantization)

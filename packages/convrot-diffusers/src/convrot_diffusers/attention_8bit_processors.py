@@ -25,6 +25,27 @@ from convrot_kernels.attention_8bit import DTYPES
 TEXT_CONTEXT = 512  # Wan's text context length: the tokens of an image-to-video context after the image's
 
 
+def attend_8bit(query, key, value, attention_mask, parallel_config) -> torch.Tensor:
+    """[B, S, heads, head_dim] q, k, v -> [B, S, heads * head_dim] by convrot_kernels.attention_8bit, after
+    the checks of what a call may bring that the op does not take (every processor with attention="int8")."""
+    if attention_mask is not None:
+        raise ValueError(
+            'attention="int8" (convrot_kernels.attention_8bit) takes no attention mask; this call has '
+            "one: fuse_qk_norm_rope(..., attention=None) attends with diffusers' backends, which do"
+        )
+    if parallel_config is not None:
+        raise ValueError(
+            'attention="int8" attends within one device: it does not run under diffusers\' context '
+            "parallelism (enable_parallelism); fuse_qk_norm_rope(..., attention=None) does"
+        )
+    if query.dtype not in DTYPES:
+        raise TypeError(
+            f'attention="int8" takes bf16 or fp16 activations; this call has {query.dtype} '
+            "(run the transformer in bf16)"
+        )
+    return attention_8bit(query, key, value).flatten(2, 3)
+
+
 class Attention8bitProcessor:
     """What the processors share: the op in place of dispatch_attention_fn, and the calls it refuses."""
 
@@ -37,20 +58,7 @@ class Attention8bitProcessor:
 
     def _attend(self, query, key, value, attention_mask=None) -> torch.Tensor:
         """[B, S, heads, head_dim] q, k, v -> [B, S, heads * head_dim]."""
-        if attention_mask is not None:
-            raise ValueError(
-                'attention="int8" (convrot_kernels.attention_8bit) takes no attention mask; this call has one'
-            )
-        if self._parallel_config is not None:
-            raise ValueError(
-                'attention="int8" attends within one device: it does not run under diffusers\' context parallelism'
-            )
-        if query.dtype not in DTYPES:
-            raise TypeError(
-                f'attention="int8" takes bf16 or fp16 activations; this call has {query.dtype} (run the transformer '
-                "in bf16)"
-            )
-        return attention_8bit(query, key, value).flatten(2, 3)
+        return attend_8bit(query, key, value, attention_mask, self._parallel_config)
 
 
 def _wan_rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -36,8 +36,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor, _get_qkv_projections
 
-from convrot_kernels import attention_8bit, rms_norm_rope, rms_norm_rope_into
-from convrot_kernels.attention_8bit import DTYPES as ATTENTION_8BIT_DTYPES
+from convrot_kernels import rms_norm_rope, rms_norm_rope_into
 from convrot_kernels.attention_8bit import HEAD_DIMS as ATTENTION_8BIT_HEAD_DIMS
 
 from . import attention_8bit_processors
@@ -225,22 +224,7 @@ class FluxNormRopeAttnProcessor:
 
     def _attention(self, query, key, value, attention_mask) -> torch.Tensor:
         if self.attention == "int8":
-            if attention_mask is not None:
-                raise ValueError(
-                    'attention="int8" (convrot_kernels.attention_8bit) takes no attention mask; this call has '
-                    "one: fuse_qk_norm_rope(..., attention=None) attends with diffusers' backends, which do"
-                )
-            if self._parallel_config is not None:
-                raise ValueError(
-                    'attention="int8" attends within one device: it does not run under diffusers\' context '
-                    "parallelism (enable_parallelism); fuse_qk_norm_rope(..., attention=None) does"
-                )
-            if query.dtype not in ATTENTION_8BIT_DTYPES:
-                raise TypeError(
-                    f'attention="int8" takes bf16 or fp16 activations; this call has {query.dtype} '
-                    "(run the transformer in bf16)"
-                )
-            return attention_8bit(query, key, value).flatten(2, 3)
+            return attention_8bit_processors.attend_8bit(query, key, value, attention_mask, self._parallel_config)
         hidden_states = dispatch_attention_fn(
             query,
             key,
