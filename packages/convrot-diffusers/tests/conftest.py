@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import importlib.util
 import random
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from convrot_diffusers.demo import DEMOS, demo_pipeline
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """benchmarks/{name}.py imported as the module `name`, afresh (registered in sys.modules, where the
+    dataclasses of a module look their module up)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
 
 # Smaller and shorter than the CLI demo, to keep the suite fast on 2 cores.
 TEST_CALL = {"height": 64, "width": 64, "num_inference_steps": 4}

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 from tiny_dits import build as build_dit
 from tiny_dits import run as run_dit
 
@@ -28,7 +26,6 @@ from convrot_diffusers.metrics import sqnr
 
 pytestmark = pytest.mark.gpu
 
-CONFIGS = Path(__file__).parents[1] / "benchmarks" / "transformer_configs.py"
 BLOCKS = (2, 4)  # double, single
 MAX_LOSS_DB = 1.0
 
@@ -39,11 +36,7 @@ def _hopper() -> bool:
 
 @functools.cache
 def transformer_configs():
-    spec = importlib.util.spec_from_file_location("transformer_configs", CONFIGS)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("transformer_configs")
 
 
 @functools.cache

@@ -1,19 +1,14 @@
 """The multi-GPU benchmark's workers run (CPU, shrunken widths, a group of one process), so that the
 script cannot rot between two-GPU runs; the launcher around them is `torchrun`'s."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import parallel_ranks
-
-BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_parallel.py"
+from conftest import load_benchmark
 
 
 def test_workers_write_their_results(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_parallel", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_parallel")
     for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
         monkeypatch.setenv(name, value)
     small = ["--tiny", "--flux-blocks=1,2", "--images=2", "--steps=1", "--iters=2", "--warmup=0"]

@@ -1,20 +1,14 @@
 """The whole-pipeline benchmark runs end to end (CPU, shrunken widths), so it cannot rot between GPU runs."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
-
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+from conftest import load_benchmark
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_pipeline", BENCHMARKS / "bench_pipeline.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_benchmark("bench_pipeline")
 
 
 def test_smoke_run_times_steps_and_decode_and_writes_its_report(tmp_path):

@@ -1,23 +1,17 @@
 """The transformer-step benchmark runs end to end (CPU, shrunken widths), so it cannot rot between GPU runs."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
 import convrot_diffusers
 from convrot_diffusers.demo import flux_transformer
 
-BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_transformer_step.py"
-
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_transformer_step", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_benchmark("bench_transformer_step")
 
 
 def test_benchmark_smoke_run_writes_its_report(tmp_path):

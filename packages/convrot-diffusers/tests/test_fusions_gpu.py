@@ -18,19 +18,16 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
 import convrot
 import convrot_diffusers
 
 pytestmark = pytest.mark.gpu
 
-CONFIGS = Path(__file__).parents[1] / "benchmarks" / "transformer_configs.py"
 BLOCKS = {"flux": (1, 2), "pixart": (2,), "sd3": (2,)}
 APPLY = {
     "qkv": convrot_diffusers.fuse_qkv_projections,
@@ -52,11 +49,7 @@ BATCHES = (1, 2)
 
 @functools.cache
 def transformer_configs():
-    spec = importlib.util.spec_from_file_location("transformer_configs", CONFIGS)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("transformer_configs")
 
 
 @functools.cache

@@ -1,18 +1,13 @@
 """The sensitivity measurement behind the mix preset runs end to end (CPU, shrunken Flux), and its
 derivation takes the upgrades that buy the most output SQNR per byte, within the budget."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "measure_sensitivity.py"
+from conftest import load_benchmark
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("measure_sensitivity", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+    return load_benchmark("measure_sensitivity")
 
 
 def role(name, w8a8_db, skip_db, w8a8_bytes, skip_bytes):
