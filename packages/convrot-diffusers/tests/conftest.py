@@ -51,6 +51,18 @@ def seed() -> int:
     return random.randrange(2**31)
 
 
+@pytest.fixture(scope="module")
+def room_for_compiled_cases():
+    """Compiled blocks of one class share their code across a module's models (the graph takes parameters
+    as inputs); each case's shapes (batch sizes) and fused classes add entries, more than dynamo keeps by
+    default (8: a module compiling more cases fails with "recompile limit exceeded" under fullgraph)."""
+    config = torch._dynamo.config
+    saved = config.cache_size_limit, config.accumulated_cache_size_limit
+    config.cache_size_limit, config.accumulated_cache_size_limit = 256, 1024
+    yield
+    config.cache_size_limit, config.accumulated_cache_size_limit = saved
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _threads():
     torch.set_num_threads(2)

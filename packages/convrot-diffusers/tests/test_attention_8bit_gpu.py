@@ -24,7 +24,7 @@ from tiny_dits import run as run_dit
 import convrot_diffusers
 from convrot_diffusers.metrics import sqnr
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("room_for_compiled_cases")]
 
 BLOCKS = (2, 4)  # double, single
 MAX_LOSS_DB = 1.0

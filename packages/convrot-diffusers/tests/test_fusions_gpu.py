@@ -26,7 +26,7 @@ from conftest import load_benchmark
 import convrot
 import convrot_diffusers
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("room_for_compiled_cases")]
 
 BLOCKS = {"flux": (1, 2), "pixart": (2,), "sd3": (2,)}
 APPLY = {
@@ -61,17 +61,6 @@ def bf16_model(name: str):
 def inputs(name: str, batch: int) -> dict:
     torch.manual_seed(1000 + batch)
     return transformer_configs().MODELS[name].inputs(bf16_model(name), batch, False, "cuda")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _room_for_every_case():
-    """Blocks of one class share their compiled code across the cases' models (the graph takes parameters
-    as inputs); each case's shapes and fused classes add entries, more than dynamo keeps by default."""
-    config = torch._dynamo.config
-    saved = config.cache_size_limit, config.accumulated_cache_size_limit
-    config.cache_size_limit, config.accumulated_cache_size_limit = 256, 1024
-    yield
-    config.cache_size_limit, config.accumulated_cache_size_limit = saved
 
 
 @torch.no_grad()
