@@ -280,9 +280,9 @@ __device__ __forceinline__ void stage_tile_as(int (&acc)[2][kBN / 2], uint32_t s
 
 // The ring position of an expansion warp that takes every STRIDE-th K-slice of the CTA's walk
 // (W4A8: slice s goes to warp s % 3), starting at `slot`. The warp skips the other warps' slices,
-// so a parity wait alone cannot tell a slot's current round from the round STRIDE slices before
-// it unless that round was this warp's own: with SLOTS a multiple of STRIDE, the previous round
-// of every slot it waits on is one it waited on itself.
+// and a parity wait cannot tell "this round done" from "the round before not done yet": with
+// SLOTS a multiple of STRIDE, the previous round of every slot it waits on was its own, so it
+// has seen that round done.
 template <int SLOTS, int STRIDE>
 struct StridedRing {
   static_assert(SLOTS % STRIDE == 0, "each slot's previous round is the same warp's");
