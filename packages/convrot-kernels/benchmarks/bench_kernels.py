@@ -384,20 +384,26 @@ def speed_check() -> None:
 
 def attention_8bit() -> None:
     """attention_8bit (pre-pass + sm_90a kernel) against torch's bf16 scaled_dot_product_attention with the
-    flash and the cuDNN backends, on Flux.1's joint attention (24 heads of 128, 4096 + 512 tokens), q/k/v
+    flash and the cuDNN backends, on Flux.1's joint attention (24 heads of 128, 4096 + 512 tokens, batch 1
+    and 4) and Wan 2.1 14B's self-attention at 480p, 81 frames (40 heads of 128, 32760 tokens), q/k/v
     [B, N, H, D] as diffusers holds them (SDPA reads the [B, H, N, D] transposed views); TFLOP/s count
     4 B H N^2 D; last column: max |ours - flash| / max |flash|."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     table(
-        "| batch | ours (us) | pre-pass alone (us) | flash bf16 (us) | cuDNN bf16 (us) | ours TFLOP/s |"
+        "| shape | batch | ours (us) | pre-pass alone (us) | flash bf16 (us) | cuDNN bf16 (us) | ours TFLOP/s |"
         " flash / ours | cuDNN / ours | rel. max diff |",
-        "rrrrrrrrr",
+        "lrrrrrrrrr",
     )
-    tokens = TEXT + IMAGE
-    for batch in (1, 4):
-        shape = (batch, tokens, HEADS, HEAD_DIM)
-        sets = [tuple(bf16(*shape) for _ in range(3)) for _ in range(copies_for(3 * 2 * batch * tokens * WIDTH))]
+    for name, batch, tokens, heads in (
+        ("Flux.1", 1, TEXT + IMAGE, HEADS),
+        ("Flux.1", 4, TEXT + IMAGE, HEADS),
+        ("Wan 2.1 480p", 1, 32760, 40),
+    ):
+        shape = (batch, tokens, heads, HEAD_DIM)
+        sets = [
+            tuple(bf16(*shape) for _ in range(3)) for _ in range(copies_for(3 * 2 * batch * tokens * heads * HEAD_DIM))
+        ]
 
         def ours(q, k, v):
             ck.attention_8bit(q, k, v)
@@ -421,9 +427,9 @@ def attention_8bit() -> None:
             expected = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         expected = expected.transpose(1, 2).float()
         diff = (ck.attention_8bit(q, k, v).float() - expected).abs().max() / expected.abs().max()
-        tflops = 4 * batch * HEADS * tokens**2 * HEAD_DIM / (us["ours"] * 1e-6) / 1e12
+        tflops = 4 * batch * heads * tokens**2 * HEAD_DIM / (us["ours"] * 1e-6) / 1e12
         print(
-            f"| {batch} | {us['ours']:.1f} | {us['prepass']:.1f} | {us['flash']:.1f} | {us['cudnn']:.1f} | "
+            f"| {name} | {batch} | {us['ours']:.1f} | {us['prepass']:.1f} | {us['flash']:.1f} | {us['cudnn']:.1f} | "
             f"{tflops:.0f} | {us['flash'] / us['ours']:.2f} | {us['cudnn'] / us['ours']:.2f} | {diff.item():.4f} |"
         )
 

@@ -113,6 +113,33 @@ def test_prepass_reads_strided_views_and_non_finite_rows():
         assert torch.equal(bits(got.cpu()), bits(expected)), name
 
 
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_prepass_reads_unaligned_rows_and_writes_zero_and_non_finite_scales(d, dtype):
+    """Rows that do not start at a 16-byte boundary (an element past an aligned allocation) take the
+    2-byte loads; an all-zero q row and k block give scale 0, non-finite values NaN scales, in
+    several tiles, the tail ones included (N_q 259, N_kv 389)."""
+    b, nq, nkv, h = 2, 259, 389, 3
+    q, k, v = (
+        torch.randn(b, n, h, d + 1, device="cuda").to(dtype)[..., 1:] for n in (nq, nkv, nkv)
+    )  # fmt: skip
+    assert all(t.data_ptr() % 16 and t.stride(-1) == 1 for t in (q, k, v))
+    q[1, 5] = 0  # an all-zero row in each head
+    k[0, 128:256] = 0  # an all-zero block of keys
+    q[0, 258, 2, 7] = math.inf  # the tail tile
+    q[1, 130, 0, d - 1] = math.nan
+    k[1, 384, 1, 3] = -math.inf  # the tail block
+    k[0, 3, 0, 0] = math.nan
+    v[1, 388, 2, d - 2] = math.nan  # the last key
+    v[0, 0, 0, 5] = math.inf
+    gpu = ck.attention_8bit_prepass(q, k, v)
+    cpu = ck.attention_8bit_prepass(q.cpu(), k.cpu(), v.cpu())
+    assert cpu.sq.isnan().sum() == 2 and cpu.sk.isnan().sum() == 2 and cpu.sv.isnan().sum() == 2
+    assert (cpu.sq == 0).any() and (cpu.sk == 0).any()
+    for name, got, expected in zip(ck.AttentionCodes._fields, gpu, cpu, strict=True):
+        assert torch.equal(bits(got.cpu()), bits(expected)), name
+
+
 def simulated_error(q, k, v, scale, exact, heads_per_chunk=4):
     """max |simulated - exact| and the exact output's max, a few heads at a time (float64 scores of
     Flux's shapes take GBs)."""

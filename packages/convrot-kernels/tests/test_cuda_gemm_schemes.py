@@ -161,6 +161,18 @@ def test_persistent_w4a8_ends_in_half_a_slice(m, n, k, out_dtype):
     check(m, n, k, (4, 8, False), out_dtype, (m + n) % 2 == 0, "sm90_persistent")
 
 
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("scheme", [(4, 8, False), (4, 8, True)], ids=["w4a8", "w4a8g64"])
+@pytest.mark.parametrize("k", [64, 128, 192, 320, 3136])
+def test_persistent_w4a8_slices_taken_in_turn(k, scheme, out_dtype):
+    # The persistent kernel's W4A8 expansion warps take the K-slices of a CTA's walk in turn
+    # (slice s by warp s % 3), across tile boundaries: 4608 x 3200 is 414 tiles, so on 132 SMs
+    # some CTAs walk four; K of 1, 2, 3, 5 and 49 slices moves each warp's slices (and their
+    # group multipliers) through the tiles differently; bf16 output takes the staged layout's
+    # rings, fp32 the unstaged one's.
+    check(4608, 3200, k, scheme, out_dtype, True, "sm90_persistent")
+
+
 @pytest.mark.parametrize("kernel", ["small_m", "sm90_persistent"])
 @pytest.mark.parametrize("act_bits", [4, 8])
 def test_group_scales_at_an_odd_address(kernel, act_bits):

@@ -165,8 +165,17 @@ def test_linear(bits):
 
 @pytest.mark.parametrize(("nq", "nkv", "d"), [(130, 200, 128), (64, 77, 64)])
 def test_attention_8bit_prepass(nq, nkv, d):
-    # Every tensor of the codes (sv's scales by atomicMax of each 128-key block, then / 448).
+    # Every tensor of the codes (q and k tiles and v's amaxes in one grid, then v's codes with sv).
     assert_equal(ck.attention_8bit_prepass, randn(1, nq, 2, d), randn(1, nkv, 2, d), randn(1, nkv, 2, d))
+
+
+def test_attention_8bit_prepass_of_unaligned_rows():
+    # Rows that do not start at 16-byte boundaries: the 2-byte loads.
+    full = [randn(1, n, 2, 129) for n in (70, 140, 140)]
+    gpu = ck.attention_8bit_prepass(*(t.cuda()[..., 1:] for t in full))
+    cpu = ck.attention_8bit_prepass(*(t[..., 1:] for t in full))
+    for a, b in zip(gpu, cpu, strict=True):
+        assert torch.equal(a.cpu(), b)
 
 
 @pytest.mark.skipif(not HOPPER, reason="the 8-bit attention kernel is sm_90a code")

@@ -1,13 +1,38 @@
 // cuda::attention_8bit_prepass and cuda::attention_8bit (docs/format.md, attention_8bit).
 //
-// The pre-pass writes the CPU backend's bytes: the same butterflies (common.cuh's h4, then the exact
-// 2^-3 scaling), IEEE divisions and round-half-even, and the one fp32 -> e4m3 converter
-// (fp8_e4m3.h). Simple kernels (not fused into the attention, nor into rms_norm_rope):
-//   - q, then k: one block of 128 threads per (128-row block, bh), a thread per row, its D values
-//     in registers: rotate, amax (per row for q; reduced over the block for k), codes.
-//   - v scales: per-channel amaxes of each block of 128 keys, folded by atomicMax, then / 448.
-//   - v codes: one block per (128-key block, bh): codes staged in shared memory [128 keys][D], written
-//     transposed, keys permuted within groups of 32.
+// The pre-pass writes the CPU backend's bytes: the same butterflies (common.cuh's h4, stages 16, 4, 1
+// of each group of 64, then the exact 2^-3 scaling), IEEE divisions (__fdiv_rn) and round-half-even
+// (rintf), and the one fp32 -> e4m3 converter (fp8_e4m3.h). It is memory-bound work (it reads q, k, v,
+// reads v a second time and writes the codes, ~155 MB at Flux's shape), so it is built to keep the
+// loads coalesced and many of them in flight; the arithmetic (~15 us of issue at Flux's shape) hides
+// under them. Two kernels and a memset (sv's words to 0xFF, the empty amax):
+//   1. qkv_kernel, one grid over the 128-row tiles of q, of k, then of v (tile index: the head
+//      fastest, so that concurrent blocks read neighbouring heads of the same tokens):
+//      - a q or k tile (2D threads): its 128 rows staged in shared memory by coalesced 16-byte loads
+//        (a row is D / 8 consecutive lanes; rows whose start is not 16-byte aligned are read by 2-byte
+//        loads into the same vectors), each group of 64 values in a 144-byte slot (16 bytes of
+//        padding: the reads below hit 8 different 16-byte bank quads per quarter warp). Then a thread
+//        per group of 64 rotates its group in registers with the CPU's stage order, and the row's amax
+//        (q, the two groups of D = 128 by one shuffle) or the block's (k, shuffles, then shared
+//        memory) gives the scale; each thread writes its 64 codes as four 16-byte stores. Padding rows
+//        are staged as zeros, whose amax 0 and codes 0 are what the CPU writes for them. q and k are
+//        read with the streaming (evict-first) hint, so that L2 keeps v for kernel 2.
+//      - a v tile: the per-channel amax of 128 keys, 16-byte loads (D / 8 lanes a row, 16 rows a
+//        pass), the values' |x| compared as integer bits (exact for non-negative floats; a non-finite
+//        value counts as the NaN 0x7fc00000, above every finite float's bits), reduced over the block
+//        in shared memory and folded into sv's word as atomicMin(~bits), so that the 0xFF memset is
+//        the empty amax. The complemented word has its top bit set; a scale (>= +0 or the NaN
+//        0x7fc00000) never does.
+//   2. v_codes_kernel, a block per (128-key tile, bh), the tiles in the reverse of kernel 1's order
+//      (the v tiles kernel 1 read last are the likeliest still in L2): each block reads sv's D words;
+//      a word with its top bit set is ~amax and becomes amax / 448 (the NaN written as the CPU's
+//      0x7fc00000), which the block stores back; a word without is a scale another block stored.
+//      Every block stores the same value, so the race is benign, and no launch of its own is needed
+//      for sv. The codes (16-byte loads as above) are staged key-major in shared memory, then written
+//      transposed with the keys permuted within groups of 32, 128 contiguous bytes a warp store.
+// The two passes over v are inherent: sv is a per-channel amax over all of a head's keys.
+// Registers (sm_90a, ptxas): qkv_kernel 97 at D = 128 (two blocks of 256 threads an SM, up to 64 KB of
+// loads in flight), 82 at D = 64; v_codes_kernel 67-70 and 52-53; no spills.
 // cuda::attention_8bit checks the device, runs the pre-pass, then the sm_90a kernel of attention_sm90.cu.
 #include <algorithm>
 #include <cmath>
@@ -22,11 +47,14 @@ namespace convrot::cuda {
 
 namespace {
 
-constexpr int kBlock = 128;  // rows per pre-pass block (= the attention's key block, sk's block)
+constexpr int kBlock = 128;  // rows per pre-pass tile (= the attention's key block, sk's block)
 constexpr int kGroup = 64;   // the rotation's order
+constexpr int kSlot = 144;   // bytes of shared memory a staged group of 64 16-bit values takes (128 + 16)
 constexpr float kQmax = 127.0f;
 constexpr float kE4m3Max = 448.0f;
 constexpr int kNaNBits = 0x7fc00000;  // the CPU backend's NaN scale (std::numeric_limits<float>::quiet_NaN())
+
+[[noreturn]] void fail(const std::string& why) { throw std::runtime_error("convrot_kernels attention_8bit: " + why); }
 
 // Whether this build holds Hopper machine code (nvcc lists its targets, host side too).
 constexpr bool built_for_hopper() {
@@ -49,7 +77,42 @@ struct QkJob {
   bool vec;  // rows start at 16-byte boundaries: vector loads
 };
 
-// One butterfly stage of stride S over a group of 64 (the CPU's order: bases ascending, then j).
+struct VJob {
+  const void* x;
+  HeadStrides st;
+  int64_t tokens, padded;
+  bool vec;
+};
+
+struct Prepass {
+  QkJob q, k;
+  VJob v;
+  uint32_t* sv;  // sv's words: ~amax bits during kernel 1
+  int64_t heads, bh;
+  int64_t q_tiles, k_tiles;  // tiles of q, of k (= of v) in all, bh * padded / 128
+};
+
+// Eight consecutive 16-bit elements (element 0 in the low half of x): one 16-byte load, or eight
+// 2-byte ones where the row is not 16-byte aligned. `stream`: the evict-first hint (read once).
+template <bool kStream>
+__device__ __forceinline__ uint4 load8(const void* p, bool vec) {
+  if (vec) {
+    const uint4* v = static_cast<const uint4*>(p);
+    return kStream ? __ldcs(v) : __ldg(v);
+  }
+  const unsigned short* e = static_cast<const unsigned short*>(p);
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const unsigned short lo = kStream ? __ldcs(e + 2 * i) : __ldg(e + 2 * i);
+    const unsigned short hi = kStream ? __ldcs(e + 2 * i + 1) : __ldg(e + 2 * i + 1);
+    w[i] = uint32_t(lo) | (uint32_t(hi) << 16);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// One butterfly stage of stride S over a group of 64 (the CPU's order: bases ascending, then j; the
+// butterflies of a stage are independent, so any order gives the same values).
 template <int S>
 __device__ __forceinline__ void rotation_stage(float* v) {
 #pragma unroll
@@ -59,127 +122,202 @@ __device__ __forceinline__ void rotation_stage(float* v) {
   }
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kBlock) qk_codes_kernel(const QkJob job, int64_t heads) {
-  const int64_t n0 = int64_t(blockIdx.x) * kBlock;
-  const int64_t bh = blockIdx.y, b = bh / heads, h = bh % heads;
-  const int64_t n = n0 + threadIdx.x;
-  const bool valid = n < job.tokens;
+// Rows a pass of 2D threads covers when D / 8 lanes read a row of D 16-bit values: 16.
+template <int D>
+constexpr int kRowsPerPass = 2 * D / (D / 8);
 
-  float v[D];
+// The codes and scale(s) of one 128-row tile of q or k (blockDim.x = 2D).
+template <typename T, int D>
+__device__ __forceinline__ void qk_tile(const QkJob& job, int64_t heads, int64_t bh_count, int64_t tile,
+                                        unsigned char* smem) {
+  constexpr int kThreads = 2 * D, kChunks = D / 8, kRows = kRowsPerPass<D>, kPasses = kBlock / kRows;
+  constexpr int kParts = D / kGroup;  // groups of 64 a row
+  const int64_t bh = tile % bh_count, n0 = tile / bh_count * kBlock;
+  const int64_t b = bh / heads, h = bh % heads;
+  const T* head = static_cast<const T*>(job.x) + b * job.st.batch + h * job.st.head;
+  const int tid = threadIdx.x;
+  {
+    const int chunk = tid % kChunks, lane = tid / kChunks;
+    uint4 raw[kPasses];
+#pragma unroll
+    for (int i = 0; i < kPasses; ++i) {
+      const int64_t n = n0 + lane + i * kRows;
+      raw[i] = n < job.tokens ? load8<true>(head + n * job.st.token + 8 * chunk, job.vec) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int i = 0; i < kPasses; ++i) {
+      const int r = lane + i * kRows;
+      *reinterpret_cast<uint4*>(smem + (r * kParts + chunk / 8) * kSlot + 16 * (chunk % 8)) = raw[i];
+    }
+  }
+  __syncthreads();
+
+  // Thread tid: group `part` of row r.
+  const int r = tid / kParts, part = tid % kParts;
+  float v[kGroup];
+#pragma unroll
+  for (int j = 0; j < kGroup / 8; ++j) {
+    vector_to_float<T>(*reinterpret_cast<const uint4*>(smem + tid * kSlot + 16 * j), v + 8 * j);
+  }
+  rotation_stage<16>(v);
+  rotation_stage<4>(v);
+  rotation_stage<1>(v);
   bool finite = true;
   float amax = 0.0f;
-  if (valid) {
-    const T* row = static_cast<const T*>(job.x) + b * job.st.batch + n * job.st.token + h * job.st.head;
-    load_chunk<T, D>(row, job.vec, v);
 #pragma unroll
-    for (int g = 0; g < D; g += kGroup) {
-      rotation_stage<16>(v + g);
-      rotation_stage<4>(v + g);
-      rotation_stage<1>(v + g);
-    }
-#pragma unroll
-    for (int d = 0; d < D; ++d) {
-      v[d] = __fmul_rn(v[d], 0.125f);  // 2^-log4(64), exact
-      finite = finite && isfinite(v[d]);
-      amax = fmaxf(amax, fabsf(v[d]));
-    }
+  for (int d = 0; d < kGroup; ++d) {
+    v[d] = __fmul_rn(v[d], 0.125f);  // 2^-log4(64), exact
+    finite = finite && isfinite(v[d]);
+    amax = fmaxf(amax, fabsf(v[d]));
+  }
+  if constexpr (kParts == 2) {  // the row's other group is in the neighbouring lane
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+    finite = __shfl_xor_sync(0xffffffffu, int(finite), 1) && finite;
   }
   float scale;
   if (job.per_block) {
-    __shared__ float warp_amax[kBlock / 32];
+    __shared__ float warp_amax[kThreads / 32];
     float m = amax;
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-    if (threadIdx.x % 32 == 0) warp_amax[threadIdx.x / 32] = m;
+    if (tid % 32 == 0) warp_amax[tid / 32] = m;
     const bool all_finite = __syncthreads_and(finite);
     float block_amax = 0.0f;
 #pragma unroll
-    for (int w = 0; w < kBlock / 32; ++w) block_amax = fmaxf(block_amax, warp_amax[w]);
+    for (int w = 0; w < kThreads / 32; ++w) block_amax = fmaxf(block_amax, warp_amax[w]);
     scale = all_finite ? __fdiv_rn(block_amax, kQmax) : __int_as_float(kNaNBits);
-    if (threadIdx.x == 0) job.scales[bh * (job.padded / kBlock) + n0 / kBlock] = scale;
+    if (tid == 0) job.scales[bh * (job.padded / kBlock) + n0 / kBlock] = scale;
   } else {
-    scale = !valid ? 0.0f : finite ? __fdiv_rn(amax, kQmax) : __int_as_float(kNaNBits);
-    job.scales[bh * job.padded + n] = scale;
+    // A padding row was staged as zeros: amax 0, scale 0, as the CPU writes.
+    scale = finite ? __fdiv_rn(amax, kQmax) : __int_as_float(kNaNBits);
+    if (part == 0) job.scales[bh * job.padded + n0 + r] = scale;
   }
-  const bool zero = !valid || !(scale > 0.0f);
-  uint32_t packed[D / 4];
+  const bool zero = !(scale > 0.0f);
+  uint4* dst = reinterpret_cast<uint4*>(job.codes + (bh * job.padded + n0 + r) * D + part * kGroup);
 #pragma unroll
-  for (int w = 0; w < D / 4; ++w) {
-    uint32_t word = 0;
+  for (int p = 0; p < kGroup / 16; ++p) {
+    uint32_t packed[4];
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float r = zero ? 0.0f : fminf(fmaxf(rintf(__fdiv_rn(v[4 * w + e], scale)), -kQmax), kQmax);
-      word |= uint32_t(uint8_t(int8_t(r))) << (8 * e);
+    for (int w = 0; w < 4; ++w) {
+      uint32_t word = 0;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float x = v[16 * p + 4 * w + e];
+        const float q = zero ? 0.0f : fminf(fmaxf(rintf(__fdiv_rn(x, scale)), -kQmax), kQmax);
+        word |= uint32_t(uint8_t(int8_t(q))) << (8 * e);
+      }
+      packed[w] = word;
     }
-    packed[w] = word;
+    dst[p] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
   }
-  uint4* dst = reinterpret_cast<uint4*>(job.codes + (bh * job.padded + n) * D);
+}
+
+// The per-channel amax of one 128-key tile of v, folded into sv's words (blockDim.x = 2D).
+template <typename T, int D>
+__device__ __forceinline__ void v_amax_tile(const VJob& job, uint32_t* sv, int64_t heads, int64_t bh_count,
+                                            int64_t tile, unsigned char* smem) {
+  constexpr int kChunks = D / 8, kRows = kRowsPerPass<D>, kPasses = kBlock / kRows;
+  const int64_t bh = tile % bh_count, n0 = tile / bh_count * kBlock;
+  const int64_t b = bh / heads, h = bh % heads;
+  const T* head = static_cast<const T*>(job.x) + b * job.st.batch + h * job.st.head;
+  const int tid = threadIdx.x, chunk = tid % kChunks, lane = tid / kChunks;
+  uint4 raw[kPasses];
 #pragma unroll
-  for (int p = 0; p < D / 16; ++p) dst[p] = make_uint4(packed[4 * p], packed[4 * p + 1], packed[4 * p + 2], packed[4 * p + 3]);
-}
-
-// The v channels' amax: each block of 128 keys of head bh folds its per-channel amax into amax_bits
-// (sv's storage, zeroed first) by an integer atomicMax, exact for non-negative floats; a non-finite
-// value contributes the NaN 0x7fc00000, above every finite float's bits. Threads: D channels x
-// (256 / D) token lanes (coalesced rows).
-template <typename T, int D>
-__global__ void __launch_bounds__(256) v_amax_kernel(const T* v, HeadStrides st, int64_t heads, int64_t tokens,
-                                                     int* amax_bits) {
-  constexpr int kLanes = 256 / D;
-  __shared__ int lane_bits[kLanes][D];
-  const int64_t bh = blockIdx.y, b = bh / heads, h = bh % heads;
-  const int64_t n0 = int64_t(blockIdx.x) * kBlock;
-  const T* head = v + b * st.batch + h * st.head;
-  const int c = threadIdx.x % D, lane = threadIdx.x / D;
-  float amax = 0.0f;
-  bool finite = true;
-  for (int64_t n = n0 + lane; n < n0 + kBlock && n < tokens; n += kLanes) {
-    const float x = to_float(head[n * st.token + c]);
-    finite = finite && isfinite(x);
-    amax = fmaxf(amax, fabsf(x));
+  for (int i = 0; i < kPasses; ++i) {
+    const int64_t n = n0 + lane + i * kRows;
+    raw[i] = n < job.tokens ? load8<false>(head + n * job.st.token + 8 * chunk, job.vec) : make_uint4(0, 0, 0, 0);
   }
-  lane_bits[lane][c] = finite ? __float_as_int(amax) : kNaNBits;
+  int m[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // |x|'s bits; padding keys (zeros) add nothing
+#pragma unroll
+  for (int i = 0; i < kPasses; ++i) {
+    float x[8];
+    vector_to_float<T>(raw[i], x);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) m[e] = max(m[e], isfinite(x[e]) ? __float_as_int(fabsf(x[e])) : kNaNBits);
+  }
+  int* lanes = reinterpret_cast<int*>(smem);  // [kRows][D]
+  int4* mine = reinterpret_cast<int4*>(lanes + lane * D + 8 * chunk);
+  mine[0] = make_int4(m[0], m[1], m[2], m[3]);
+  mine[1] = make_int4(m[4], m[5], m[6], m[7]);
   __syncthreads();
-  if (lane == 0) {
-    int bits = lane_bits[0][c];
-    for (int l = 1; l < kLanes; ++l) bits = max(bits, lane_bits[l][c]);
-    atomicMax(amax_bits + bh * D + c, bits);
+  if (tid < D) {
+    int bits = lanes[tid];
+#pragma unroll
+    for (int l = 1; l < kRows; ++l) bits = max(bits, lanes[l * D + tid]);
+    atomicMin(sv + bh * D + tid, ~uint32_t(bits));
   }
 }
 
-// sv = amax / 448 in place (the NaN written as the CPU's 0x7fc00000, not the GPU's canonical NaN).
-__global__ void v_scales_kernel(float* sv, int64_t count) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= count) return;
-  const int bits = __float_as_int(sv[i]);
-  sv[i] = bits == kNaNBits ? __int_as_float(kNaNBits) : __fdiv_rn(sv[i], kE4m3Max);
+// Kernel 1: the tiles of q, then of k, then of v's amaxes.
+template <typename T, int D>
+__global__ void __launch_bounds__(2 * D) qkv_kernel(const Prepass p) {
+  constexpr int kQkBytes = kBlock * (D / kGroup) * kSlot, kVBytes = kRowsPerPass<D> * D * 4;
+  __shared__ __align__(16) unsigned char smem[kQkBytes > kVBytes ? kQkBytes : kVBytes];
+  const int64_t t = blockIdx.x;
+  if (t < p.q_tiles) {
+    qk_tile<T, D>(p.q, p.heads, p.bh, t, smem);
+  } else if (t < p.q_tiles + p.k_tiles) {
+    qk_tile<T, D>(p.k, p.heads, p.bh, t - p.q_tiles, smem);
+  } else {
+    v_amax_tile<T, D>(p.v, p.sv, p.heads, p.bh, t - p.q_tiles - p.k_tiles, smem);
+  }
 }
 
-// The codes of one block of 128 keys of head bh: staged key-major in shared memory (coalesced reads of
-// v's rows), then written transposed with the keys permuted: the stored position k (0..31) of a 32-key
-// group holds key attention_key_of(k) (primitives.h), four positions (4 bytes) a thread.
+// Kernel 2: the codes of one 128-key tile of v (the tiles in the reverse of kernel 1's order), staged
+// key-major in shared memory, then written transposed with the keys permuted: the stored position k
+// (0..31) of a 32-key group holds key attention_key_of(k) (primitives.h), four positions (4 bytes) a
+// thread.
 template <typename T, int D>
-__global__ void __launch_bounds__(256) v_codes_kernel(const T* v, HeadStrides st, int64_t heads, int64_t tokens,
-                                                      int64_t padded, const float* sv, uint8_t* vt8) {
-  constexpr int kThreads = 256;
+__global__ void __launch_bounds__(256) v_codes_kernel(const VJob job, int64_t heads, int64_t bh_count,
+                                                      int64_t tiles, uint32_t* sv, uint8_t* vt8) {
+  constexpr int kThreads = 256, kChunks = D / 8, kRows = kThreads / kChunks, kPasses = kBlock / kRows;
   __shared__ float scale[D];
-  __shared__ uint8_t tile[kBlock][D + 4];  // a row of D + 4 bytes: the transposed reads spread over the banks
-  const int64_t bh = blockIdx.y, b = bh / heads, h = bh % heads;
-  const int64_t n0 = int64_t(blockIdx.x) * kBlock;
-  const T* head = v + b * st.batch + h * st.head;
-  if (threadIdx.x < D) scale[threadIdx.x] = sv[bh * D + threadIdx.x];
-  __syncthreads();
-  for (int i = threadIdx.x; i < kBlock * D; i += kThreads) {
-    const int r = i / D, c = i % D;
-    const int64_t n = n0 + r;
-    uint8_t code = 0;
-    if (n < tokens && scale[c] > 0.0f) code = float_to_e4m3(__fdiv_rn(to_float(head[n * st.token + c]), scale[c]));
-    tile[r][c] = code;
+  __shared__ __align__(16) uint8_t tile[kBlock][D + 4];  // D + 4 bytes a row: the transposed reads
+                                                         // spread over the banks
+  const int64_t t = tiles - 1 - int64_t(blockIdx.x);
+  const int64_t bh = t % bh_count, n0 = t / bh_count * kBlock;
+  const int64_t b = bh / heads, h = bh % heads;
+  const T* head = static_cast<const T*>(job.x) + b * job.st.batch + h * job.st.head;
+  const int tid = threadIdx.x, chunk = tid % kChunks, lane = tid / kChunks;
+  uint4 raw[kPasses];
+#pragma unroll
+  for (int i = 0; i < kPasses; ++i) {
+    const int64_t n = n0 + lane + i * kRows;
+    raw[i] = n < job.tokens ? load8<false>(head + n * job.st.token + 8 * chunk, job.vec) : make_uint4(0, 0, 0, 0);
+  }
+  if (tid < D) {
+    const uint32_t word = __ldcg(sv + bh * D + tid);
+    float s;
+    if (word & 0x80000000u) {  // ~amax bits: this block is among the first to see the head's amax
+      const uint32_t amax = ~word;
+      s = amax == uint32_t(kNaNBits) ? __int_as_float(kNaNBits) : __fdiv_rn(__uint_as_float(amax), kE4m3Max);
+      sv[bh * D + tid] = __float_as_uint(s);  // every block stores this same value
+    } else {
+      s = __uint_as_float(word);  // stored by another block
+    }
+    scale[tid] = s;
   }
   __syncthreads();
-  uint32_t* out = reinterpret_cast<uint32_t*>(vt8 + bh * D * padded + n0);
-  for (int i = threadIdx.x; i < D * kBlock / 4; i += kThreads) {
+  float s[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) s[e] = scale[8 * chunk + e];
+#pragma unroll
+  for (int i = 0; i < kPasses; ++i) {
+    float x[8];
+    vector_to_float<T>(raw[i], x);  // a padding key is zeros: codes 0
+    uint32_t w[2] = {0, 0};
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const uint32_t code = s[e] > 0.0f ? float_to_e4m3(__fdiv_rn(x[e], s[e])) : 0u;
+      w[e / 4] |= code << (8 * (e % 4));
+    }
+    uint32_t* row = reinterpret_cast<uint32_t*>(&tile[lane + i * kRows][8 * chunk]);
+    row[0] = w[0];
+    row[1] = w[1];
+  }
+  __syncthreads();
+  uint32_t* out = reinterpret_cast<uint32_t*>(vt8 + bh * D * job.padded + n0);
+  for (int i = tid; i < D * kBlock / 4; i += kThreads) {
     const int c = i / (kBlock / 4), pos = 4 * (i % (kBlock / 4));
     uint32_t word = 0;
 #pragma unroll
@@ -187,7 +325,7 @@ __global__ void __launch_bounds__(256) v_codes_kernel(const T* v, HeadStrides st
       const int k = (pos + e) % 32, g = (pos + e) / 32;
       word |= uint32_t(tile[32 * g + attention_key_of(k)][c]) << (8 * e);
     }
-    out[int64_t(c) * (padded / 4) + i % (kBlock / 4)] = word;
+    out[int64_t(c) * (job.padded / 4) + i % (kBlock / 4)] = word;
   }
 }
 
@@ -201,25 +339,23 @@ template <typename T, int D>
 void launch_prepass(const AttentionInputs& in, const AttentionCodes& codes, cudaStream_t stream) {
   const int64_t bh = in.batch * in.heads;
   const int64_t nq = attention_padded(in.q_tokens), nkv = attention_padded(in.kv_tokens);
-  const QkJob q{in.q, in.qs, in.q_tokens, nq, codes.q8, codes.sq, false, rows_aligned16<T>(in.q, in.qs)};
-  const QkJob k{in.k, in.ks, in.kv_tokens, nkv, codes.k8, codes.sk, true, rows_aligned16<T>(in.k, in.ks)};
-  qk_codes_kernel<T, D><<<dim3(unsigned(nq / kBlock), unsigned(bh)), kBlock, 0, stream>>>(q, in.heads);
-  check_launch("attention_8bit pre-pass (q)");
-  qk_codes_kernel<T, D><<<dim3(unsigned(nkv / kBlock), unsigned(bh)), kBlock, 0, stream>>>(k, in.heads);
-  check_launch("attention_8bit pre-pass (k)");
-  const T* v = static_cast<const T*>(in.v);
-  check(cudaMemsetAsync(codes.sv, 0, size_t(bh * D) * sizeof(float), stream), "attention_8bit pre-pass (sv)");
-  v_amax_kernel<T, D><<<dim3(unsigned(nkv / kBlock), unsigned(bh)), 256, 0, stream>>>(
-      v, in.vs, in.heads, in.kv_tokens, reinterpret_cast<int*>(codes.sv));
-  check_launch("attention_8bit pre-pass (v amax)");
-  v_scales_kernel<<<unsigned(ceil_div<int64_t>(bh * D, 256)), 256, 0, stream>>>(codes.sv, bh * D);
-  check_launch("attention_8bit pre-pass (v scales)");
-  const dim3 v_grid(unsigned(nkv / kBlock), unsigned(bh));
-  v_codes_kernel<T, D><<<v_grid, 256, 0, stream>>>(v, in.vs, in.heads, in.kv_tokens, nkv, codes.sv, codes.vt8);
+  Prepass p;
+  p.q = QkJob{in.q, in.qs, in.q_tokens, nq, codes.q8, codes.sq, false, rows_aligned16<T>(in.q, in.qs)};
+  p.k = QkJob{in.k, in.ks, in.kv_tokens, nkv, codes.k8, codes.sk, true, rows_aligned16<T>(in.k, in.ks)};
+  p.v = VJob{in.v, in.vs, in.kv_tokens, nkv, rows_aligned16<T>(in.v, in.vs)};
+  p.sv = reinterpret_cast<uint32_t*>(codes.sv);
+  p.heads = in.heads;
+  p.bh = bh;
+  p.q_tiles = bh * (nq / kBlock);
+  p.k_tiles = bh * (nkv / kBlock);
+  const int64_t blocks = p.q_tiles + 2 * p.k_tiles;
+  if (blocks > 0x7fffffff) fail("too many 128-row tiles for one grid");
+  check(cudaMemsetAsync(codes.sv, 0xFF, size_t(bh * D) * sizeof(float), stream), "attention_8bit pre-pass (sv)");
+  qkv_kernel<T, D><<<unsigned(blocks), 2 * D, 0, stream>>>(p);
+  check_launch("attention_8bit pre-pass (q, k, v amax)");
+  v_codes_kernel<T, D><<<unsigned(p.k_tiles), 256, 0, stream>>>(p.v, in.heads, bh, p.k_tiles, p.sv, codes.vt8);
   check_launch("attention_8bit pre-pass (v codes)");
 }
-
-[[noreturn]] void fail(const std::string& why) { throw std::runtime_error("convrot_kernels attention_8bit: " + why); }
 
 }  // namespace
 

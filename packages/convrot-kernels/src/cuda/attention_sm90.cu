@@ -4,22 +4,22 @@
 // keys of each 32-key group permuted (p(k) below). Softmax and accumulation in fp32, base 2.
 //
 // One CTA per (128-query tile, bh): blockIdx.x = bh * q_tiles + tile, so the CTAs of one head run
-// side by side and share its K/V blocks in L2. (A persistent schedule, FA3's intra-warpgroup
-// overlap of softmax with the next block's Q K^T and a ping-pong of the two consumer warpgroups are
-// later optimisations, not done here: each consumer runs S -> softmax -> P.V in sequence per block.)
+// side by side and share its K/V blocks in L2. (A persistent schedule is a later optimisation.)
 // 384 threads, three warpgroups:
-//   - warpgroup 0 (producer, setmaxnreg 40): one thread issues TMA: the Q tile once, then per key
-//     block j the K tile and the V^T tile into a ring of kStages slots, each with its own full
-//     (TMA transaction) and empty (8 consumer warps) mbarrier, K and V separately, so S of block j
-//     needs only K_j and the K slot is released before P.V of the block runs.
-//   - warpgroups 1, 2 (consumers, setmaxnreg 232; 40 * 128 + 232 * 256 = 64512 of 65536 registers):
+//   - warpgroup 0 (producer, setmaxnreg 24): two threads issue TMA into rings of kStages slots, each
+//     slot with its own full (TMA transaction) and empty (8 consumer warps) mbarrier: one the Q tile
+//     once and then the K tile of each key block j, the other the V^T tile of each block (the
+//     consumers release K_j right after S_j and V_j a block later, so the two rings run apart).
+//   - warpgroups 1, 2 (consumers, setmaxnreg 240; 24 * 128 + 240 * 256 = 64512 of 65536 registers):
 //     64 query rows each (rows 64 * wg .. 64 * wg + 63 of the tile).
 //     Per key block: S = Q K^T by wgmma m64n128k32 .s32.s8.s8 (both operands from shared memory,
-//     D / 32 k-steps); s = float(acc) * (sq[row] * scale_log2 * sk[block]); keys >= kv_tokens -> -inf;
-//     online softmax (row max over the quad's four threads); P = e4m3(448 * p) packed from the S
-//     registers straight into wgmma's A fragment; O += P V by wgmma m64n{D}k32 .f32.e4m3.e4m3 with
-//     A from registers and B the V^T tile, 4 k-steps of 32 keys.
-//   Epilogue: O * sv[c] / (448 * l) rounded to bf16 / fp16, plain stores, rows < q_tokens only.
+//     D / 32 k-steps); the online softmax of SoftmaxRows (base 2, row max over the quad's four
+//     threads) writes P = e4m3(448 p) from the S registers straight into wgmma's A fragment;
+//     O += P V by wgmma m64n{D}k32 .f32.e4m3.e4m3 with A from registers and B the V^T tile, 4
+//     k-steps of 32 keys. FA3's two overlaps: within a warpgroup, S_j and P_{j-1} V_{j-1} are issued
+//     together and the softmax of S_j runs while P_{j-1} V_{j-1} does (two P buffers); between the
+//     two warpgroups, TurnOrder alternates their issue, so one's softmax meets the other's products.
+//   Epilogue: O * sv[c] / l (l sums 448 p) rounded to bf16 / fp16, plain stores, rows < q_tokens only.
 //
 // Shared memory (dynamic, base aligned to 1024 bytes as the 128-byte swizzle needs):
 //   [kQ]  Q tile   [128 rows][D bytes]        TMA box {D, 128} of q8 viewed as [BH * Nq_pad, D]
@@ -67,12 +67,11 @@ namespace {
 
 constexpr int kBlockQ = 128;        // query rows per CTA (two consumer warpgroups of 64)
 constexpr int kBlockKV = 128;       // keys per K/V block (= the pre-pass's sk block)
-[[maybe_unused]] constexpr int kStages = 2;  // K/V ring slots
+[[maybe_unused]] constexpr int kStages = 3;  // K/V ring slots
 constexpr int kThreads = 384;       // producer warpgroup + two consumer warpgroups
 [[maybe_unused]] constexpr int kConsumerWarps = 8;  // arrivals on each empty barrier (lane 0 of each consumer warp)
 [[maybe_unused]] constexpr int kRowsPerWarpgroup = 64;  // query rows per consumer warpgroup
 [[maybe_unused]] constexpr int kSliceKeys = 32;  // keys per P.V k-step
-[[maybe_unused]] constexpr float kPScale = 448.0f;  // P is stored as e4m3(448 p)
 
 template <int D>
 struct Layout {
@@ -96,6 +95,7 @@ using sm90::e4m3x4;
 using sm90::exp2_approx;
 using sm90::wgmma_rs_e4m3;
 using sm90::wgmma_ss_n128;
+using sm90::wgmma_ss_n128_overwrite;
 
 // float(x) for |x| < 2^22, exactly, by two full-rate instructions instead of an I2F (a quarter-rate
 // conversion, as slow as the ex2 that follows): the bits of 1.5 * 2^23 plus x are the float
@@ -104,6 +104,88 @@ using sm90::wgmma_ss_n128;
 __device__ __forceinline__ float exact_float(int x) {
   return __int_as_float(x + 0x4B400000) - 12582912.0f;
 }
+
+// FA3's ping-pong of the two consumer warpgroups: each issues its wgmmas only in its turn, and
+// passes the turn on once they are issued, so that one warpgroup's softmax runs while the other's
+// products occupy the tensor cores (the softmax's SFU and FP32 work is about as long as a block's
+// two products). Named barrier kTurnBarrier + w is warpgroup w's turn: its 128 threads wait on it
+// (bar.sync) and the other warpgroup's 128 arrive (bar.arrive). Warpgroup 1 hands warpgroup 0 the
+// first turn; both take the same number of turns (one per issue point), and warpgroup 1 does not
+// pass on its last one, so every arrival is matched by a wait.
+struct TurnOrder {
+  static constexpr int kTurnBarrier = 1;   // ids 1, 2 (0 is __syncthreads)
+  static constexpr int kTurnThreads = 256; // both consumer warpgroups
+  int wg;
+  __device__ __forceinline__ void start() const {
+    if (wg == 1) named_barrier_arrive(kTurnBarrier, kTurnThreads);
+  }
+  __device__ __forceinline__ void wait() const { named_barrier_sync(kTurnBarrier + wg, kTurnThreads); }
+  __device__ __forceinline__ void pass(bool last) const {
+    if (!(last && wg == 1)) named_barrier_arrive(kTurnBarrier + (wg ^ 1), kTurnThreads);
+  }
+};
+
+// The online softmax of one thread's two query rows (base 2), block by block. acc holds the int32
+// scores of the thread's share of a 64 x 128 S tile (the fragment note at the top: element i is
+// row (i >> 1) & 1, block key 8 (i >> 2) + 2 t + (i & 1)); rs[r] = sq * scale * log2(e) * sk of
+// the block, so s = float(acc) * rs. Per block it updates the running max m and the partial row sum
+// l (this thread's 32 columns, reduced over the quad at the end), returns alpha = 2^(m_old - m) for
+// the rescale of O, and writes P = e4m3(448 p) straight into the A fragments of the four k32 slices.
+// The work per score is what bounds this kernel beside the tensor cores, so it is kept to one
+// integer max, one integer add, one FFMA, one ex2, one add to l and half a conversion:
+//   - rs > 0 (or NaN), so max_j(float(acc_j) * rs) = float(max_j acc_j) * rs: the max runs on the
+//     integers (exact_float of the max alone).
+//   - 448 p = 2^(s - m + log2 448): P's fixed scale is folded into the exponent, and l sums 448 p.
+//   - float(acc) * rs - bias = (bits(acc + 0x4B400000) as float) * rs - (1.5 * 2^23 * rs + bias):
+//     the float 1.5 * 2^23 + acc times rs, exact inside the FFMA, less one rounded per-row bias
+//     (relative error 2^-24 of 1.5 * 2^23 * rs, at most ~6x the largest score the block could
+//     reach; the same shift for every key of the row's block).
+// Keys >= N_kv of a partial last block get no share of the max and p = 0 (every block holds at least
+// one real key, so m stays finite; before the first block m = -inf gives alpha = 0).
+struct SoftmaxRows {
+  static constexpr float kLog2PScale = 8.807354922057604f;  // log2(448)
+  static constexpr float kMagic = 12582912.0f;               // 1.5 * 2^23, bits 0x4B400000
+  static constexpr int kSlices = kBlockKV / kSliceKeys;
+  float m[2] = {-INFINITY, -INFINITY};
+  float l[2] = {0.0f, 0.0f};
+
+  template <bool kMasked>
+  __device__ __forceinline__ void block(const int (&acc)[64], const float (&rs)[2], int keys_left, int t,
+                                        float (&alpha)[2], uint32_t (&pa)[kSlices][4]) {
+    const auto masked = [&](int i) { return kMasked && 8 * (i >> 2) + 2 * t + (i & 1) >= keys_left; };
+    int mx[2] = {INT_MIN, INT_MIN};
+#pragma unroll
+    for (int i = 0; i < 64; ++i) {
+      if (!masked(i)) mx[(i >> 1) & 1] = max(mx[(i >> 1) & 1], acc[i]);
+    }
+    float bias[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = max(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = max(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      const float m_new = fmaxf(m[r], exact_float(mx[r]) * rs[r]);
+      alpha[r] = exp2_approx(m[r] - m_new);
+      m[r] = m_new;
+      l[r] *= alpha[r];
+      bias[r] = fmaf(kMagic, rs[r], m_new - kLog2PScale);
+    }
+#pragma unroll
+    for (int s = 0; s < kSlices; ++s) {
+      float q[16];  // 448 p of slice s's 16 scores
+#pragma unroll
+      for (int e = 0; e < 16; ++e) {
+        const int i = 16 * s + e, r = (i >> 1) & 1;
+        q[e] = exp2_approx(fmaf(__int_as_float(acc[i] + 0x4B400000), rs[r], -bias[r]));
+        if (masked(i)) q[e] = 0.0f;
+        l[r] += q[e];
+      }
+      pa[s][0] = e4m3x4(q[0], q[1], q[4], q[5]);
+      pa[s][1] = e4m3x4(q[2], q[3], q[6], q[7]);
+      pa[s][2] = e4m3x4(q[8], q[9], q[12], q[13]);
+      pa[s][3] = e4m3x4(q[10], q[11], q[14], q[15]);
+    }
+  }
+};
 
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);
@@ -164,7 +246,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
 
   if (warp < 4) {  // producer warpgroup
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
     if (warp == 0 && lane == 0) {
       // Q tile: rows bh * Nq_pad + 128 * tile .. + 127 of the [BH * Nq_pad, D] view, all D bytes.
       mbar_arrive_expect_tx(q_full, L::kQBytes);
@@ -176,8 +258,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         mbar_arrive_expect_tx(&k_full[ring.slot], L::kKBytes);
         tma_load_2d(smem + L::kK + ring.slot * L::kKBytes, &map_k, 0, bh * p.kv_pad + j * kBlockKV,
                     &k_full[ring.slot]);
-        // V^T block j: rows (channels) bh * D .. bh * D + D - 1, byte columns 128 j .. 128 j + 127 of
-        // the [BH * D, Nkv_pad] view.
+        ring.advance();
+      }
+    } else if (warp == 1 && lane == 0) {
+      // V^T block j: rows (channels) bh * D .. bh * D + D - 1, byte columns 128 j .. 128 j + 127 of
+      // the [BH * D, Nkv_pad] view. Its own thread: the consumers release V_j a block later than K_j.
+      Ring<kStages> ring;
+      for (int j = 0; j < num_blocks; ++j) {
         mbar_wait(&v_empty[ring.slot], ring.phase ^ 1);
         mbar_arrive_expect_tx(&v_full[ring.slot], L::kVBytes);
         tma_load_2d(smem + L::kV + ring.slot * L::kVBytes, &map_v, j * kBlockKV, bh * D, &v_full[ring.slot]);
@@ -188,7 +275,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // ---- consumers ----
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
   const int cw = warp - 4;              // consumer warp 0..7
   const int wg = cw >> 2;               // consumer warpgroup 0, 1
   const int g = lane >> 2, t = lane & 3;
@@ -202,119 +289,116 @@ __global__ void __launch_bounds__(kThreads, 1)
   float o[D / 2];
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
-  float m[2] = {-INFINITY, -INFINITY};  // running row max (base-2 logits)
-  float l[2] = {0.0f, 0.0f};            // this thread's partial row sums (its 32 columns), reduced at the end
-
+  SoftmaxRows sm;
   const uint64_t desc_q = smem_desc_k<D>(smem + L::kQ + wg * kRowsPerWarpgroup * D);
   mbar_wait(q_full, 0);
 
-  Ring<kStages> ring;
-  for (int j = 0; j < num_blocks; ++j) {
+  // S_j = Q K_j^T into acc (the first k-step overwrites it), committed as one wgmma group.
+  int acc[64];
+  const auto issue_scores = [&](int slot) {
+    const uint8_t* k_tile = smem + L::kK + slot * L::kKBytes;
+    wgmma_ss_n128_overwrite(acc, desc_q, smem_desc_k<D>(k_tile));
+#pragma unroll
+    for (int s = 1; s < kSteps; ++s) {
+      // k-step s: bytes 32 s .. 32 s + 31 of every Q and K row.
+      wgmma_ss_n128(acc, desc_q + ((32 * s) >> 4), smem_desc_k<D>(k_tile + 32 * s));
+    }
+    wgmma_commit();
+  };
+  // O += P V_j (P in the A fragments pa), committed as one wgmma group.
+  const auto issue_pv = [&](const uint32_t (&pa)[kSlices][4], int slot) {
+    const uint64_t desc_v = smem_desc_k128(smem + L::kV + slot * L::kVBytes);
+#pragma unroll
+    for (int s = 0; s < kSlices; ++s) {
+      // k-step s: stored key positions 32 s .. 32 s + 31 (bytes of every V^T row).
+      wgmma_rs_e4m3<D>(o, pa[s], desc_v + ((32 * s) >> 4));
+    }
+    wgmma_commit();
+  };
+  const auto softmax = [&](int j, uint32_t (&pa)[kSlices][4], float (&alpha)[2]) {
     const float skb = sk[j];
-    int acc[64];  // S of m64n128: see the fragment note at the top
-#pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = 0;
-#pragma unroll
-    for (int i = 0; i < 64; ++i) pin_register(acc[i]);  // zeroed before the fence, not between it and wgmma
-    mbar_wait(&k_full[ring.slot], ring.phase);
-    {
-      const uint8_t* k_tile = smem + L::kK + ring.slot * L::kKBytes;
-      wgmma_fence();
-#pragma unroll
-      for (int s = 0; s < kSteps; ++s) {
-        // k-step s: bytes 32 s .. 32 s + 31 of every Q and K row.
-        wgmma_ss_n128(acc, desc_q + ((32 * s) >> 4), smem_desc_k<D>(k_tile + 32 * s));
-      }
-      wgmma_commit();
-      wgmma_wait<0>();
-#pragma unroll
-      for (int i = 0; i < 64; ++i) pin_register(acc[i]);
-    }
-    if (lane == 0) mbar_arrive(&k_empty[ring.slot]);
-
-    // ---- online softmax (base 2) ----
     const float rs[2] = {sqc[0] * skb, sqc[1] * skb};
-    float sf[64];
-#pragma unroll
-    for (int i = 0; i < 64; ++i) sf[i] = exact_float(acc[i]) * rs[(i >> 1) & 1];
-    const int j0 = j * kBlockKV;
-    if (j0 + kBlockKV > p.kv_tokens) {  // the last block, partly padding: keys >= kv_tokens -> -inf
-#pragma unroll
-      for (int i = 0; i < 64; ++i) {
-        const int key = j0 + 8 * (i >> 2) + 2 * t + (i & 1);
-        if (key >= p.kv_tokens) sf[i] = -INFINITY;
-      }
-    }
-    float m_new[2] = {m[0], m[1]};
-#pragma unroll
-    for (int i = 0; i < 64; ++i) m_new[(i >> 1) & 1] = fmaxf(m_new[(i >> 1) & 1], sf[i]);
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      m_new[r] = fmaxf(m_new[r], __shfl_xor_sync(0xffffffffu, m_new[r], 1));
-      m_new[r] = fmaxf(m_new[r], __shfl_xor_sync(0xffffffffu, m_new[r], 2));
-    }
-    // Every block has at least one key < kv_tokens, so m_new is finite; m = -inf before the first
-    // block gives alpha = 2^-inf = 0 (O and l are 0 then).
-    float alpha[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      alpha[r] = exp2_approx(m[r] - m_new[r]);
-      m[r] = m_new[r];
-      l[r] *= alpha[r];
-    }
-#pragma unroll
-    for (int i = 0; i < 64; ++i) {
-      const int r = (i >> 1) & 1;
-      sf[i] = exp2_approx(sf[i] - m[r]);  // p; masked keys: 2^-inf = 0
-      l[r] += sf[i];
-    }
-#pragma unroll
-    for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
+    const int keys_left = p.kv_tokens - j * kBlockKV;
+    if (keys_left < kBlockKV) sm.block<true>(acc, rs, keys_left, t, alpha, pa);
+    else sm.block<false>(acc, rs, keys_left, t, alpha, pa);
+  };
 
-    // P as e4m3(448 p) in the A fragments of the four k32 slices (see the top).
-    uint32_t a[kSlices][4];
+  // Block 0: S_0, its softmax (O is 0: no rescale).
+  uint32_t pa[2][kSlices][4];  // P of the block in flight in P V and of the next one
+  float alpha[2];
+  const TurnOrder turn{wg};
+  turn.start();
+  mbar_wait(&k_full[0], 0);
+  turn.wait();
+  wgmma_fence();
+  issue_scores(0);
+  turn.pass(false);
+  wgmma_wait<0>();
 #pragma unroll
-    for (int s = 0; s < kSlices; ++s) {
-      const float* d = sf + 16 * s;
-      a[s][0] = e4m3x4(kPScale * d[0], kPScale * d[1], kPScale * d[4], kPScale * d[5]);
-      a[s][1] = e4m3x4(kPScale * d[2], kPScale * d[3], kPScale * d[6], kPScale * d[7]);
-      a[s][2] = e4m3x4(kPScale * d[8], kPScale * d[9], kPScale * d[12], kPScale * d[13]);
-      a[s][3] = e4m3x4(kPScale * d[10], kPScale * d[11], kPScale * d[14], kPScale * d[15]);
-    }
+  for (int i = 0; i < 64; ++i) pin_register(acc[i]);
+  if (lane == 0) mbar_arrive(&k_empty[0]);
+  softmax(0, pa[0], alpha);
+
+  // Block j >= 1, FA3's intra-warpgroup overlap: S_j = Q K_j^T and O += P_{j-1} V_{j-1} are issued
+  // back to back; the softmax of S_j (the SFU and the FP32 pipes) runs while the tensor cores work
+  // on P_{j-1} V_{j-1}; O is rescaled by the new alpha once that product is done. The two P buffers
+  // alternate, so the fragments an in-flight P V reads are never rewritten (no register copy).
+  Ring<kStages> k_ring, v_ring;  // K_j's slot; V_{j-1}'s slot
+  k_ring.advance();
+  const auto step = [&](int j, const uint32_t (&pa_prev)[kSlices][4], uint32_t (&pa_next)[kSlices][4]) {
+    mbar_wait(&k_full[k_ring.slot], k_ring.phase);
+    mbar_wait(&v_full[v_ring.slot], v_ring.phase);
+    turn.wait();
+    wgmma_fence();  // orders the previous rescale of O and the writes of pa_prev before the wgmmas
+    issue_scores(k_ring.slot);
+    issue_pv(pa_prev, v_ring.slot);
+    turn.pass(false);
+    wgmma_wait<1>();  // S_j done (groups complete in order), P_{j-1} V_{j-1} may still run
 #pragma unroll
-    for (int s = 0; s < kSlices; ++s) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) pin_register(a[s][r]);
-    }
+    for (int i = 0; i < 64; ++i) pin_register(acc[i]);
+    if (lane == 0) mbar_arrive(&k_empty[k_ring.slot]);
+    softmax(j, pa_next, alpha);
+    wgmma_wait<0>();
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) sm90::pin_register(o[i]);
-
-    mbar_wait(&v_full[ring.slot], ring.phase);
-    {
-      const uint8_t* v_tile = smem + L::kV + ring.slot * L::kVBytes;
-      const uint64_t desc_v = smem_desc_k128(v_tile);
-      wgmma_fence();
+    if (lane == 0) mbar_arrive(&v_empty[v_ring.slot]);
 #pragma unroll
-      for (int s = 0; s < kSlices; ++s) {
-        // k-step s: stored key positions 32 s .. 32 s + 31 (bytes of every V^T row).
-        wgmma_rs_e4m3<D>(o, a[s], desc_v + ((32 * s) >> 4));
-      }
-      wgmma_commit();
-      wgmma_wait<0>();
+    for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
+    k_ring.advance();
+    v_ring.advance();
+  };
+  int j = 1;
+  for (; j + 1 < num_blocks; j += 2) {
+    step(j, pa[0], pa[1]);
+    step(j + 1, pa[1], pa[0]);
+  }
+  // The last block's P V (an even block count leaves one more step, which ends in pa[1]).
+  const auto last_pv = [&](const uint32_t (&pa_last)[kSlices][4]) {
+    mbar_wait(&v_full[v_ring.slot], v_ring.phase);
+    turn.wait();
+    wgmma_fence();
+    issue_pv(pa_last, v_ring.slot);
+    turn.pass(true);
+    wgmma_wait<0>();
 #pragma unroll
-      for (int i = 0; i < D / 2; ++i) sm90::pin_register(o[i]);
-    }
-    if (lane == 0) mbar_arrive(&v_empty[ring.slot]);
-    ring.advance();
+    for (int i = 0; i < D / 2; ++i) sm90::pin_register(o[i]);
+    if (lane == 0) mbar_arrive(&v_empty[v_ring.slot]);
+  };
+  if (j < num_blocks) {
+    step(j, pa[0], pa[1]);
+    last_pv(pa[1]);
+  } else {
+    last_pv(pa[0]);
   }
 
-  // ---- epilogue: out = O * sv[c] / (448 l) ----
+  // ---- epilogue: out = O * sv[c] / l (l sums 448 p) ----
   float inv[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    inv[r] = 1.0f / (kPScale * l[r]);
+    float l = sm.l[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    inv[r] = 1.0f / l;
   }
   const int b = bh / p.heads, h = bh % p.heads;
   OutT* out = static_cast<OutT*>(p.out) + int64_t(b) * p.out_batch + int64_t(h) * p.out_head;

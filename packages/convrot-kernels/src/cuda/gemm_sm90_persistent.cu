@@ -10,7 +10,8 @@
 //     and B into a ring of kStages slots;
 //   - warps 1-3 (4-bit codes only; 56 registers): expand each slot's packed B (weights) into
 //     an int8 tile in wgmma's swizzled K-major layout, in a ring of
-//     kExpandedSlots, so the consumers never stop to expand B;
+//     kExpandedSlots, so the consumers never stop to expand B (W4A4: the three warps split
+//     every slice; W4A8: each warp expands whole slices, every third one);
 //   - warps 4-11, two consumer warpgroups of 128 rows (two m64 blocks each):
 //     load their packed A rows from the slot, expand them in registers, and
 //     issue wgmma m64n144k32 with A from registers, B from the expanded tile.
@@ -36,10 +37,11 @@
 // The other schemes of docs/format.md reuse these roles. W4A8: A is int8 and goes from its TMA
 // slot straight to wgmma, as for 8-bit codes; K-slices are 64 codes (Layout says why), so A's
 // slots and the expanded B have 64-byte rows in the 64-byte swizzle; the expansion warps write B
-// in natural K order (16 * code, so sums are 16x the true ones), two threads per row. Group-scaled
+// in natural K order (16 * code, so sums are 16x the true ones), two threads per row, each warp
+// whole slices in turn (slice s by warp s % 3). Group-scaled
 // 4-bit weights: the expansion warps multiply each code by its group's multiplier
 // (int4_decode.cuh), loaded from global memory (L2-resident), writing the true int8 value: per
-// K-slice for W4A4, two slices ahead for W4A8.
+// K-slice for W4A4, for a warp's next slice for W4A8.
 #include <cuda.h>
 
 #include <type_traits>
@@ -70,12 +72,14 @@ struct Layout {
   // stages beside the staged output, and since the consumers release a slot one K-slice late,
   // TMA could not run ahead of the main loop (0.48-0.53x W4A4's speed). Half-width slices keep
   // the ring's bytes and double its depth in slices; their 64-byte rows take the 64-byte swizzle.
+  // Its expansion warps take whole slices in turn, so both of its rings have a multiple of three
+  // slots (StridedRing says why).
   static constexpr int kBK = kW4A8 ? 64 : 128;
   static constexpr int kARowBytes = kBK * A_BITS / 8;  // bytes of one row of a slot
   static constexpr int kBRowBytes = kBK * W_BITS / 8;
   static constexpr int kABytes = kBM * kARowBytes;
   static constexpr int kBBytes = kBN * kBRowBytes;
-  static constexpr int kStages = kW4A8 ? (STAGED ? 6 : 8) : STAGED ? 3 : W_BITS == 4 ? 5 : 4;
+  static constexpr int kStages = kW4A8 ? 6 : STAGED ? 3 : W_BITS == 4 ? 5 : 4;
   static constexpr int kExpandedSlots = W_BITS == 4 ? (kW4A8 ? (STAGED ? 3 : 6) : STAGED ? 4 : 3) : 0;
   static constexpr int kExpandedBytes = kBN * kBK;
   static constexpr int kOutBytes = STAGED ? kBM * kBN * 2 : 0;  // two [128][kBN] 16-bit halves
@@ -274,12 +278,31 @@ __device__ __forceinline__ void stage_tile_as(int (&acc)[2][kBN / 2], uint32_t s
   }
 }
 
+// The ring position of an expansion warp that takes every STRIDE-th K-slice of the CTA's walk
+// (W4A8: slice s goes to warp s % 3), starting at `slot`. The warp skips the other warps' slices,
+// and a parity wait cannot tell "this round done" from "the round before not done yet": with
+// SLOTS a multiple of STRIDE, the previous round of every slot it waits on was its own, so it
+// has seen that round done.
+template <int SLOTS, int STRIDE>
+struct StridedRing {
+  static_assert(SLOTS % STRIDE == 0, "each slot's previous round is the same warp's");
+  int slot;
+  uint32_t phase = 0;
+  __device__ __forceinline__ void advance() {
+    slot += STRIDE;
+    if (slot >= SLOTS) {
+      slot -= SLOTS;
+      phase ^= 1;
+    }
+  }
+};
+
 // An expansion warp's end of a K-slice: its generic-proxy stores of the expanded B are made
 // visible to wgmma (async proxy), then one lane frees the packed slot (after the stores that
 // consumed its loads) and marks the expanded slot full; both rings move on.
-template <int S, int E>
-__device__ __forceinline__ void hand_over_expanded_slot(uint64_t* empty, uint64_t* expanded_full, Ring<S>& ring,
-                                                        Ring<E>& xring, int lane) {
+template <typename PackedRing, typename ExpandedRing>
+__device__ __forceinline__ void hand_over_expanded_slot(uint64_t* empty, uint64_t* expanded_full, PackedRing& ring,
+                                                        ExpandedRing& xring, int lane) {
   fence_proxy_async();
   __syncwarp();
   if (lane == 0) {
@@ -317,13 +340,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int num_k = (k + L::kBK - 1) / L::kBK;
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
 
+  // Expansion warps that write each K-slice: W4A4's three split every slice, W4A8's take whole
+  // slices in turn (see its expansion loop).
+  constexpr int kSliceExpanders = L::kW4A8 ? 1 : kExpandWarps;
   if (threadIdx.x == 0) {
     for (int s = 0; s < S; ++s) {
       mbar_init(&full[s], 1);
-      mbar_init(&empty[s], BITS == 4 ? kConsumerWarps + kExpandWarps : kConsumerWarps);
+      mbar_init(&empty[s], BITS == 4 ? kConsumerWarps + kSliceExpanders : kConsumerWarps);
     }
     for (int e = 0; e < E; ++e) {
-      mbar_init(&expanded_full[e], kExpandWarps);
+      mbar_init(&expanded_full[e], kSliceExpanders);
       mbar_init(&expanded_empty[e], kConsumerWarps);
     }
     mbar_init_fence();
@@ -409,74 +435,89 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     } else if constexpr (BITS == 4) {
-      // W4A8: 64-code slices, B expanded in natural K order (A comes from TMA unpermuted). Two
-      // threads per row, one 16-byte half of its 32 packed bytes each: 32 codes, which expand to
+      // W4A8: 64-code slices, B expanded in natural K order (A comes from TMA unpermuted). Each
+      // expansion warp expands whole slices, slice s of the CTA's walk by warp s % 3: the end of a
+      // slice (proxy fence, warp sync, two arrivals) is paid once per slice instead of once in
+      // each of three warps, and a warp has three slices of main-loop time for its own, where
+      // with every warp on every slice each slice's fixed cost came back every 64 codes. Two
+      // lanes per row, one 16-byte half of its 32 packed bytes each: 32 codes, which expand to
       // two whole 16-byte chunks of the row, stored with one 16-byte store each. A quarter warp
       // then covers 4 rows x 2 chunks, eight distinct 16-byte bank groups in the 64-byte swizzle
       // (4-byte stores of 8 rows x 4 quarters hit each bank 4 times).
-      constexpr int kRowsPerPass = kExpandWarps * 32 / 2, kPasses = kBN / kRowsPerPass;
-      static_assert(kBN % kRowsPerPass == 0 && L::kBRowBytes == 32, "two 16-byte halves per row, whole passes");
-      const int et = threadIdx.x - 32, half = et & 1;
+      constexpr int kRowsPerPass = 32 / 2, kPasses = kBN / kRowsPerPass;
+      // Passes whose packed rows are loaded together; the next batch's loads are issued before
+      // this batch's stores, and the first batch's before the wait for the expanded slot.
+      constexpr int kBatch = 3, kBatches = kPasses / kBatch;
+      static_assert(kPasses % kBatch == 0 && L::kBRowBytes == 32, "two 16-byte halves per row, whole batches");
+      const int first_slice = warp - 1, row0 = lane >> 1, half = lane & 1;
       const int groups = k / kWeightGroup;  // GROUPED: one group per 64-code slice, num_k == groups
-      // GROUPED: the multipliers (global memory, L1- or L2-resident) of a slice are loaded two
-      // slices ahead, into one of two register sets in turn, so that an L1 miss costs the
-      // expansion no round trip: the proxy fence that ends every slice waits for the loads in
-      // flight, so loads issued after slice j have until the end of slice j + 1. (A single set
-      // rotated by register copies would wait for its loads at each copy.)
-      int ahead_tile = blockIdx.x, ahead_kt = 0;  // the next slice whose multipliers are loaded
-      const auto load_multipliers = [&](uint32_t (&multiplier)[kPasses]) {
-        if constexpr (GROUPED) {
-          const int tile_col = (ahead_tile / tiles_m) * kBN;
-#pragma unroll
-          for (int i = 0; i < kPasses; ++i) {
-            const int col = tile_col + (et >> 1) + i * kRowsPerPass;
-            const bool ok = ahead_tile < num_tiles && col < n;
-            multiplier[i] = ok ? uint32_t(__ldg(group_scale + int64_t(col) * groups + ahead_kt)) : 1u;
-          }
-          if (++ahead_kt == num_k) {
-            ahead_kt = 0;
-            ahead_tile += gridDim.x;
-          }
-        }
-      };
-      Ring<S> ring;
-      Ring<E> xring;
-      const auto expand_slice = [&](const uint32_t (&multiplier)[kPasses]) {
-        mbar_wait(&full[ring.slot], ring.phase);
-        mbar_wait(&expanded_empty[xring.slot], xring.phase ^ 1);
-        const uint32_t packed = smem_base + L::kB + ring.slot * L::kBBytes + 16 * half;
-        const uint32_t expanded = smem_base + L::kExpanded + xring.slot * L::kExpandedBytes;
-        uint4 v[kPasses];
-#pragma unroll
-        for (int i = 0; i < kPasses; ++i) v[i] = lds128(packed + ((et >> 1) + i * kRowsPerPass) * L::kBRowBytes);
-#pragma unroll
-        for (int i = 0; i < kPasses; ++i) {
-          const int row = (et >> 1) + i * kRowsPerPass;
-          uint32_t codes[8];  // the expanded row bytes 32 half .. 32 half + 31
-#pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            const uint32_t w = word(v[i], c);
-            const uint32_t even = GROUPED ? low_nibbles_scaled(w, multiplier[i]) : low_nibbles_x16(w);
-            const uint32_t odd = GROUPED ? high_nibbles_scaled(w, multiplier[i]) : high_nibbles_x16(w);
-            codes[2 * c] = first_four(even, odd);
-            codes[2 * c + 1] = last_four(even, odd);
-          }
-          sts128(expanded + swizzle64(row, 2 * half), codes[0], codes[1], codes[2], codes[3]);
-          sts128(expanded + swizzle64(row, 2 * half + 1), codes[4], codes[5], codes[6], codes[7]);
-        }
-        hand_over_expanded_slot(empty, expanded_full, ring, xring, lane);
-      };
       const int my_tiles = blockIdx.x < num_tiles ? (num_tiles - 1 - blockIdx.x) / gridDim.x + 1 : 0;
       const int slices = my_tiles * num_k;
-      uint32_t m0[kPasses] = {}, m1[kPasses] = {};
-      load_multipliers(m0);
-      load_multipliers(m1);
-      for (int done = 0; done < slices; done += 2) {
-        expand_slice(m0);
-        load_multipliers(m0);
-        if (done + 1 == slices) break;
-        expand_slice(m1);
-        load_multipliers(m1);
+      // GROUPED: the tile and K-slice of the warp's next slice, whose multipliers (global memory,
+      // L1- or L2-resident) are loaded right after the proxy fence that ends the slice before
+      // (the fence waits for loads in flight), so they have the warp's wait for its next slice,
+      // some two slices of main loop, to arrive.
+      int next_tile = blockIdx.x, next_kt = first_slice;
+      const auto step_slice = [&](int slices_ahead) {
+        if constexpr (GROUPED) {
+          next_kt += slices_ahead;
+          while (next_kt >= num_k) {
+            next_kt -= num_k;
+            next_tile += gridDim.x;
+          }
+        }
+      };
+      uint32_t multiplier[kPasses] = {};
+      const auto load_multipliers = [&]() {
+        if constexpr (GROUPED) {
+          const int tile_col = (next_tile / tiles_m) * kBN;
+#pragma unroll
+          for (int i = 0; i < kPasses; ++i) {
+            const int col = tile_col + row0 + i * kRowsPerPass;
+            const bool ok = next_tile < num_tiles && col < n;
+            multiplier[i] = ok ? uint32_t(__ldg(group_scale + int64_t(col) * groups + next_kt)) : 1u;
+          }
+        }
+      };
+      step_slice(0);
+      load_multipliers();
+      StridedRing<S, kExpandWarps> ring{first_slice};
+      StridedRing<E, kExpandWarps> xring{first_slice};
+      for (int slice = first_slice; slice < slices; slice += kExpandWarps) {
+        mbar_wait(&full[ring.slot], ring.phase);
+        const uint32_t packed = smem_base + L::kB + ring.slot * L::kBBytes + row0 * L::kBRowBytes + 16 * half;
+        const uint32_t expanded = smem_base + L::kExpanded + xring.slot * L::kExpandedBytes;
+        uint4 v[2][kBatch];
+#pragma unroll
+        for (int i = 0; i < kBatch; ++i) v[0][i] = lds128(packed + i * kRowsPerPass * L::kBRowBytes);
+        mbar_wait(&expanded_empty[xring.slot], xring.phase ^ 1);
+#pragma unroll
+        for (int b = 0; b < kBatches; ++b) {
+          if (b + 1 < kBatches) {
+#pragma unroll
+            for (int i = 0; i < kBatch; ++i) {
+              v[(b + 1) & 1][i] = lds128(packed + ((b + 1) * kBatch + i) * kRowsPerPass * L::kBRowBytes);
+            }
+          }
+#pragma unroll
+          for (int i = 0; i < kBatch; ++i) {
+            const int pass = b * kBatch + i, row = row0 + pass * kRowsPerPass;
+            uint32_t codes[8];  // the expanded row bytes 32 half .. 32 half + 31
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+              const uint32_t w = word(v[b & 1][i], c);
+              const uint32_t even = GROUPED ? low_nibbles_scaled(w, multiplier[pass]) : low_nibbles_x16(w);
+              const uint32_t odd = GROUPED ? high_nibbles_scaled(w, multiplier[pass]) : high_nibbles_x16(w);
+              codes[2 * c] = first_four(even, odd);
+              codes[2 * c + 1] = last_four(even, odd);
+            }
+            sts128(expanded + swizzle64(row, 2 * half), codes[0], codes[1], codes[2], codes[3]);
+            sts128(expanded + swizzle64(row, 2 * half + 1), codes[4], codes[5], codes[6], codes[7]);
+          }
+        }
+        hand_over_expanded_slot(empty, expanded_full, ring, xring, lane);
+        step_slice(kExpandWarps);
+        load_multipliers();
       }
     }
     return;
