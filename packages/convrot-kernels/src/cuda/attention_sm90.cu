@@ -1,5 +1,5 @@
 // 8-bit attention for Hopper (sm_90a): O = softmax(scale * Q K^T) V per (batch, head), non-causal,
-// on the codes of the pre-pass (docs: /work/ATTN_SPEC.md, issue 31): q8/k8 int8 with per-query and
+// on the codes of the pre-pass (docs/format.md, "8-bit attention"): q8/k8 int8 with per-query and
 // per-128-key-block scales (rows Hadamard-rotated), V^T as fp8 e4m3 with per-channel scales and the
 // keys of each 32-key group permuted (p(k) below). Softmax and accumulation in fp32, base 2.
 //

@@ -1,4 +1,4 @@
-// 8-bit attention on Hopper (sm_90a): the contract of /work/ATTN_SPEC.md (issue 31), with the
+// 8-bit attention on Hopper (sm_90a): the contract of docs/format.md, "8-bit attention" (issue 31), with the
 // codes and scales the pre-pass writes. Non-causal softmax(scale * Q K^T) V per (batch, head).
 #pragma once
 
