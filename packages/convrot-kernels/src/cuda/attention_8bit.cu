@@ -122,31 +122,47 @@ __device__ __forceinline__ void rotation_stage(float* v) {
   }
 }
 
-// Rows a pass of 2D threads covers when D / 8 lanes read a row of D 16-bit values: 16.
-template <int D>
-constexpr int kRowsPerPass = 2 * D / (D / 8);
+// How kThreads threads read a 128-row tile of one head, D 16-bit values a row: thread t takes the 16-byte
+// vector t % kChunks of rows t / kChunks + i kRows, i < kPasses (a row is kChunks consecutive lanes).
+template <int D, int kThreads>
+struct TileLanes {
+  static constexpr int kChunks = D / 8;
+  static constexpr int kRows = kThreads / kChunks;
+  static constexpr int kPasses = kBlock / kRows;
+};
+
+// This thread's vectors of the tile of rows [n0, n0 + 128) of head bh (rows past the tokens read as
+// zeros, which the codes and amaxes take as padding).
+template <typename T, int D, int kThreads, bool kStream>
+__device__ __forceinline__ void load_tile(const void* x, const HeadStrides& st, int64_t tokens, bool vec,
+                                          int64_t heads, int64_t bh, int64_t n0,
+                                          uint4 (&raw)[TileLanes<D, kThreads>::kPasses]) {
+  using L = TileLanes<D, kThreads>;
+  const T* head = static_cast<const T*>(x) + bh / heads * st.batch + bh % heads * st.head;
+  const int chunk = threadIdx.x % L::kChunks, lane = threadIdx.x / L::kChunks;
+#pragma unroll
+  for (int i = 0; i < L::kPasses; ++i) {
+    const int64_t n = n0 + lane + i * L::kRows;
+    raw[i] = n < tokens ? load8<kStream>(head + n * st.token + 8 * chunk, vec) : make_uint4(0, 0, 0, 0);
+  }
+}
 
 // The codes and scale(s) of one 128-row tile of q or k (blockDim.x = 2D).
 template <typename T, int D>
 __device__ __forceinline__ void qk_tile(const QkJob& job, int64_t heads, int64_t bh_count, int64_t tile,
                                         unsigned char* smem) {
-  constexpr int kThreads = 2 * D, kChunks = D / 8, kRows = kRowsPerPass<D>, kPasses = kBlock / kRows;
+  constexpr int kThreads = 2 * D;
+  using L = TileLanes<D, kThreads>;
   constexpr int kParts = D / kGroup;  // groups of 64 a row
   const int64_t bh = tile % bh_count, n0 = tile / bh_count * kBlock;
-  const int64_t b = bh / heads, h = bh % heads;
-  const T* head = static_cast<const T*>(job.x) + b * job.st.batch + h * job.st.head;
   const int tid = threadIdx.x;
   {
-    const int chunk = tid % kChunks, lane = tid / kChunks;
-    uint4 raw[kPasses];
+    const int chunk = tid % L::kChunks, lane = tid / L::kChunks;
+    uint4 raw[L::kPasses];
+    load_tile<T, D, kThreads, true>(job.x, job.st, job.tokens, job.vec, heads, bh, n0, raw);
 #pragma unroll
-    for (int i = 0; i < kPasses; ++i) {
-      const int64_t n = n0 + lane + i * kRows;
-      raw[i] = n < job.tokens ? load8<true>(head + n * job.st.token + 8 * chunk, job.vec) : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int i = 0; i < kPasses; ++i) {
-      const int r = lane + i * kRows;
+    for (int i = 0; i < L::kPasses; ++i) {
+      const int r = lane + i * L::kRows;
       *reinterpret_cast<uint4*>(smem + (r * kParts + chunk / 8) * kSlot + 16 * (chunk % 8)) = raw[i];
     }
   }
@@ -216,20 +232,15 @@ __device__ __forceinline__ void qk_tile(const QkJob& job, int64_t heads, int64_t
 template <typename T, int D>
 __device__ __forceinline__ void v_amax_tile(const VJob& job, uint32_t* sv, int64_t heads, int64_t bh_count,
                                             int64_t tile, unsigned char* smem) {
-  constexpr int kChunks = D / 8, kRows = kRowsPerPass<D>, kPasses = kBlock / kRows;
+  using L = TileLanes<D, 2 * D>;
+  constexpr int kRows = L::kRows;
   const int64_t bh = tile % bh_count, n0 = tile / bh_count * kBlock;
-  const int64_t b = bh / heads, h = bh % heads;
-  const T* head = static_cast<const T*>(job.x) + b * job.st.batch + h * job.st.head;
-  const int tid = threadIdx.x, chunk = tid % kChunks, lane = tid / kChunks;
-  uint4 raw[kPasses];
-#pragma unroll
-  for (int i = 0; i < kPasses; ++i) {
-    const int64_t n = n0 + lane + i * kRows;
-    raw[i] = n < job.tokens ? load8<false>(head + n * job.st.token + 8 * chunk, job.vec) : make_uint4(0, 0, 0, 0);
-  }
+  const int tid = threadIdx.x, chunk = tid % L::kChunks, lane = tid / L::kChunks;
+  uint4 raw[L::kPasses];
+  load_tile<T, D, 2 * D, false>(job.x, job.st, job.tokens, job.vec, heads, bh, n0, raw);
   int m[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // |x|'s bits; padding keys (zeros) add nothing
 #pragma unroll
-  for (int i = 0; i < kPasses; ++i) {
+  for (int i = 0; i < L::kPasses; ++i) {
     float x[8];
     vector_to_float<T>(raw[i], x);
 #pragma unroll
@@ -251,7 +262,7 @@ __device__ __forceinline__ void v_amax_tile(const VJob& job, uint32_t* sv, int64
 // Kernel 1: the tiles of q, then of k, then of v's amaxes.
 template <typename T, int D>
 __global__ void __launch_bounds__(2 * D) qkv_kernel(const Prepass p) {
-  constexpr int kQkBytes = kBlock * (D / kGroup) * kSlot, kVBytes = kRowsPerPass<D> * D * 4;
+  constexpr int kQkBytes = kBlock * (D / kGroup) * kSlot, kVBytes = TileLanes<D, 2 * D>::kRows * D * 4;
   __shared__ __align__(16) unsigned char smem[kQkBytes > kVBytes ? kQkBytes : kVBytes];
   const int64_t t = blockIdx.x;
   if (t < p.q_tiles) {
@@ -270,21 +281,16 @@ __global__ void __launch_bounds__(2 * D) qkv_kernel(const Prepass p) {
 template <typename T, int D>
 __global__ void __launch_bounds__(256) v_codes_kernel(const VJob job, int64_t heads, int64_t bh_count,
                                                       int64_t tiles, uint32_t* sv, uint8_t* vt8) {
-  constexpr int kThreads = 256, kChunks = D / 8, kRows = kThreads / kChunks, kPasses = kBlock / kRows;
+  constexpr int kThreads = 256;
+  using L = TileLanes<D, kThreads>;
   __shared__ float scale[D];
   __shared__ __align__(16) uint8_t tile[kBlock][D + 4];  // D + 4 bytes a row: the transposed reads
                                                          // spread over the banks
   const int64_t t = tiles - 1 - int64_t(blockIdx.x);
   const int64_t bh = t % bh_count, n0 = t / bh_count * kBlock;
-  const int64_t b = bh / heads, h = bh % heads;
-  const T* head = static_cast<const T*>(job.x) + b * job.st.batch + h * job.st.head;
-  const int tid = threadIdx.x, chunk = tid % kChunks, lane = tid / kChunks;
-  uint4 raw[kPasses];
-#pragma unroll
-  for (int i = 0; i < kPasses; ++i) {
-    const int64_t n = n0 + lane + i * kRows;
-    raw[i] = n < job.tokens ? load8<false>(head + n * job.st.token + 8 * chunk, job.vec) : make_uint4(0, 0, 0, 0);
-  }
+  const int tid = threadIdx.x, chunk = tid % L::kChunks, lane = tid / L::kChunks;
+  uint4 raw[L::kPasses];
+  load_tile<T, D, kThreads, false>(job.x, job.st, job.tokens, job.vec, heads, bh, n0, raw);
   if (tid < D) {
     const uint32_t word = __ldcg(sv + bh * D + tid);
     float s;
@@ -302,7 +308,7 @@ __global__ void __launch_bounds__(256) v_codes_kernel(const VJob job, int64_t he
 #pragma unroll
   for (int e = 0; e < 8; ++e) s[e] = scale[8 * chunk + e];
 #pragma unroll
-  for (int i = 0; i < kPasses; ++i) {
+  for (int i = 0; i < L::kPasses; ++i) {
     float x[8];
     vector_to_float<T>(raw[i], x);  // a padding key is zeros: codes 0
     uint32_t w[2] = {0, 0};
@@ -311,7 +317,7 @@ __global__ void __launch_bounds__(256) v_codes_kernel(const VJob job, int64_t he
       const uint32_t code = s[e] > 0.0f ? float_to_e4m3(__fdiv_rn(x[e], s[e])) : 0u;
       w[e / 4] |= code << (8 * (e % 4));
     }
-    uint32_t* row = reinterpret_cast<uint32_t*>(&tile[lane + i * kRows][8 * chunk]);
+    uint32_t* row = reinterpret_cast<uint32_t*>(&tile[lane + i * L::kRows][8 * chunk]);
     row[0] = w[0];
     row[1] = w[1];
   }
