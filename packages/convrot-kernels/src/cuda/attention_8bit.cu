@@ -388,24 +388,7 @@ void attention_8bit(const AttentionInputs& shape, const AttentionCodes& codes, f
   }
   if (dtype != Float::bf16 && dtype != Float::f16) fail("the output must be bf16 or fp16");
   attention_8bit_prepass(shape, dtype, codes, stream);
-  Attention8bit a;
-  a.batch_heads = shape.batch * shape.heads;
-  a.heads = shape.heads;
-  a.q_tokens = shape.q_tokens;
-  a.kv_tokens = shape.kv_tokens;
-  a.dim = shape.dim;
-  a.q8 = codes.q8;
-  a.sq = codes.sq;
-  a.k8 = codes.k8;
-  a.sk = codes.sk;
-  a.vt8 = codes.vt8;
-  a.sv = codes.sv;
-  a.scale_log2 = scale_log2;
-  a.out = out;
-  a.out_batch = os.batch;
-  a.out_token = os.token;
-  a.out_head = os.head;
-  a.out_bf16 = dtype == Float::bf16;
+  const Attention8bit a{shape, codes, scale_log2, out, os, dtype == Float::bf16};
   attention_8bit_sm90(a, stream);  // checks the device (sm_90) and the shape
 }
 

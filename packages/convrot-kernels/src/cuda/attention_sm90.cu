@@ -428,31 +428,22 @@ __global__ void __launch_bounds__(kThreads, 1)
 template <int D, typename OutT>
 void launch(const Attention8bit& a, cudaStream_t stream) {
   using L = Layout<D>;
-  const int64_t q_pad = ceil_div<int64_t>(a.q_tokens, kBlockQ) * kBlockQ;
-  const int64_t kv_pad = ceil_div<int64_t>(a.kv_tokens, kBlockKV) * kBlockKV;
+  const AttentionInputs& n = a.shape;
+  const AttentionCodes& c = a.codes;
+  const int64_t batch_heads = n.batch * n.heads;
+  const int64_t q_pad = ceil_div<int64_t>(n.q_tokens, kBlockQ) * kBlockQ;
+  const int64_t kv_pad = ceil_div<int64_t>(n.kv_tokens, kBlockKV) * kBlockKV;
   const CUtensorMapSwizzle qk_swizzle = D == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B;
   // 2-D uint8 views: rows x byte columns, boxes {rows, columns}.
-  const CUtensorMap map_q = tensor_map(a.q8, 1, a.batch_heads * q_pad, D, kBlockQ, D, qk_swizzle);
-  const CUtensorMap map_k = tensor_map(a.k8, 1, a.batch_heads * kv_pad, D, kBlockKV, D, qk_swizzle);
-  const CUtensorMap map_v = tensor_map(a.vt8, 1, a.batch_heads * D, kv_pad, D, kBlockKV, CU_TENSOR_MAP_SWIZZLE_128B);
-  Params p;
-  p.sq = a.sq;
-  p.sk = a.sk;
-  p.sv = a.sv;
-  p.out = a.out;
-  p.out_batch = a.out_batch;
-  p.out_token = a.out_token;
-  p.out_head = a.out_head;
-  p.heads = int(a.heads);
-  p.q_tokens = int(a.q_tokens);
-  p.kv_tokens = int(a.kv_tokens);
-  p.q_pad = int(q_pad);
-  p.kv_pad = int(kv_pad);
-  p.q_tiles = int(q_pad / kBlockQ);
-  p.scale_log2 = a.scale_log2;
-  p.pairs = (reinterpret_cast<uintptr_t>(a.out) & 3) == 0 && a.out_batch % 2 == 0 && a.out_token % 2 == 0 &&
-            a.out_head % 2 == 0;
-  const int64_t grid = a.batch_heads * p.q_tiles;
+  const CUtensorMap map_q = tensor_map(c.q8, 1, batch_heads * q_pad, D, kBlockQ, D, qk_swizzle);
+  const CUtensorMap map_k = tensor_map(c.k8, 1, batch_heads * kv_pad, D, kBlockKV, D, qk_swizzle);
+  const CUtensorMap map_v = tensor_map(c.vt8, 1, batch_heads * D, kv_pad, D, kBlockKV, CU_TENSOR_MAP_SWIZZLE_128B);
+  // The kernel's indices are 32-bit (checked by attention_8bit_sm90).
+  const Params p{c.sq, c.sk, c.sv, a.out, a.os.batch, a.os.token, a.os.head, int(n.heads), int(n.q_tokens),
+                 int(n.kv_tokens), int(q_pad), int(kv_pad), int(q_pad / kBlockQ), a.scale_log2,
+                 (reinterpret_cast<uintptr_t>(a.out) & 3) == 0 && a.os.batch % 2 == 0 && a.os.token % 2 == 0 &&
+                     a.os.head % 2 == 0};
+  const int64_t grid = batch_heads * p.q_tiles;
   auto kernel = attention_kernel<D, OutT>;
   allow_dynamic_smem(kernel, L::kSmem);
   kernel<<<unsigned(grid), kThreads, L::kSmem, stream>>>(map_q, map_k, map_v, p);
@@ -466,18 +457,22 @@ void attention_8bit_sm90(const Attention8bit& a, void* stream) {
     throw std::runtime_error("convrot_kernels attention_8bit (sm90): " + why);
   };
   if (current_device().compute_capability != 90) fail("needs an sm_90 (Hopper) device");
-  if (a.dim != 64 && a.dim != 128) fail("head dim must be 64 or 128, got " + std::to_string(a.dim));
-  if (a.batch_heads < 1 || a.heads < 1 || a.batch_heads % a.heads != 0) fail("batch_heads must be a multiple of heads");
-  if (a.q_tokens < 1 || a.kv_tokens < 1) fail("q_tokens and kv_tokens must be at least 1");
-  if (!aligned16(a.q8) || !aligned16(a.k8) || !aligned16(a.vt8)) fail("q8, k8 and vt8 must be 16-byte aligned (TMA)");
+  const AttentionInputs& n = a.shape;
+  if (n.dim != 64 && n.dim != 128) fail("head dim must be 64 or 128, got " + std::to_string(n.dim));
+  if (n.batch < 1 || n.heads < 1) fail("batch and heads must be at least 1");
+  if (n.q_tokens < 1 || n.kv_tokens < 1) fail("q_tokens and kv_tokens must be at least 1");
+  if (!aligned16(a.codes.q8) || !aligned16(a.codes.k8) || !aligned16(a.codes.vt8)) {
+    fail("q8, k8 and vt8 must be 16-byte aligned (TMA)");
+  }
   // TMA coordinates and the kernel's row indices are 32-bit.
-  const int64_t q_pad = ceil_div<int64_t>(a.q_tokens, kBlockQ) * kBlockQ;
-  const int64_t kv_pad = ceil_div<int64_t>(a.kv_tokens, kBlockKV) * kBlockKV;
+  const int64_t batch_heads = n.batch * n.heads;
+  const int64_t q_pad = ceil_div<int64_t>(n.q_tokens, kBlockQ) * kBlockQ;
+  const int64_t kv_pad = ceil_div<int64_t>(n.kv_tokens, kBlockKV) * kBlockKV;
   constexpr int64_t kMax = int64_t(1) << 31;
-  if (a.batch_heads * q_pad >= kMax || a.batch_heads * kv_pad >= kMax || a.batch_heads * a.dim >= kMax)
+  if (batch_heads * q_pad >= kMax || batch_heads * kv_pad >= kMax || batch_heads * n.dim >= kMax)
     fail("too many rows for 32-bit TMA coordinates");
   const cudaStream_t s = as_stream(stream);
-  if (a.dim == 128) {
+  if (n.dim == 128) {
     if (a.out_bf16) launch<128, __nv_bfloat16>(a, s);
     else launch<128, __half>(a, s);
   } else {

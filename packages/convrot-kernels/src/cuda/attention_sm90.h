@@ -2,22 +2,19 @@
 // codes and scales the pre-pass writes. Non-causal softmax(scale * Q K^T) V per (batch, head).
 #pragma once
 
-#include <cstdint>
+#include "../primitives.h"
 
 namespace convrot::cuda {
 
+// The operands' shape (their pointers and strides are the pre-pass's business), the codes it wrote,
+// and the output.
 struct Attention8bit {
-  int64_t batch_heads, heads, q_tokens, kv_tokens, dim;  // dim 64 or 128; padded counts derived as above
-  const int8_t* q8;
-  const float* sq;  // [BH, Nq_pad, D], [BH, Nq_pad]
-  const int8_t* k8;
-  const float* sk;  // [BH, Nkv_pad, D], [BH, Nkv_pad / 128]
-  const uint8_t* vt8;
-  const float* sv;                                    // [BH, D, Nkv_pad] e4m3 codes, permuted keys; [BH, D]
-  float scale_log2;                                   // scale * log2(e)
+  AttentionInputs shape;  // dim 64 or 128
+  AttentionCodes codes;   // padded counts as primitives.h's attention_padded
+  float scale_log2;       // scale * log2(e)
   void* out;
-  int64_t out_batch, out_token, out_head;  // element strides of out [B, Nq, H, D]; D contiguous
-  bool out_bf16;                           // else fp16
+  HeadStrides os;  // element strides of out [B, Nq, H, D]; D contiguous
+  bool out_bf16;   // else fp16
 };
 
 // Throws std::runtime_error (with a message) on a device without sm_90a or a shape it does not take.
