@@ -118,12 +118,10 @@ def gpu(session: nox.Session) -> None:
     and run the kernel benchmarks."""
     pip = ("python", "-m", "pip", "install", "--no-build-isolation", "--no-deps")
     session.run(*pip, *(f"./packages/{name}" for name in PACKAGES), external=True, env={"CONVROT_CUDA": "ON"})
-    # One pytest run per package, as in `tests`: test files of different packages share names. Eight
-    # workers share the GPU: the real-width models' tests spend most of their time compiling (inductor,
-    # on the CPU), which one process cannot spread over the cores. Work stealing hands out single
-    # tests, because one file (test_fusions_gpu) holds most of the compiled cases; a worker that takes
-    # some of a file's tests builds that file's cached models again, which costs less.
-    workers = ("-n", "8", "--dist", "worksteal")
+    # One pytest run per package, as in `tests`: test files of different packages share names. Four
+    # workers share the GPU, each given whole files: the real-width models' tests spend most of their
+    # time compiling (inductor, on the CPU), which one process cannot spread over the cores.
+    workers = ("-n", "4", "--dist", "loadfile")
     for name in PACKAGES:
         session.run(
             "python", "-m", "pytest", "-m", "gpu", *workers, f"packages/{name}/tests", *session.posargs, external=True
