@@ -122,9 +122,13 @@ def gpu(session: nox.Session) -> None:
     # workers share the GPU, each given whole files: the real-width models' tests spend most of their
     # time compiling (inductor, on the CPU), which one process cannot spread over the cores.
     workers = ("-n", "4", "--dist", "loadfile")
+    # The slowest tests are listed: a package's run lasts as long as its slowest file (each file is one
+    # worker's), which is the one to split when the session grows (it took about ten minutes on an H100).
+    durations = ("--durations", "15")
     for name in PACKAGES:
         session.run(
-            "python", "-m", "pytest", "-m", "gpu", *workers, f"packages/{name}/tests", *session.posargs, external=True
+            "python", "-m", "pytest", "-m", "gpu", *workers, *durations, f"packages/{name}/tests", *session.posargs,
+            external=True,
         )
     for tool in ("memcheck", "racecheck"):
         session.run(
