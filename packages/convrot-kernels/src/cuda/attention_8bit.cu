@@ -387,9 +387,10 @@ void attention_8bit(const AttentionInputs& shape, const AttentionCodes& codes, f
     fail("the kernel is sm_90a code, which this build lacks (build with CONVROT_CUDA_ARCHS including 90a-real)");
   }
   if (dtype != Float::bf16 && dtype != Float::f16) fail("the output must be bf16 or fp16");
-  attention_8bit_prepass(shape, dtype, codes, stream);
   const Attention8bit a{shape, codes, scale_log2, out, os, dtype == Float::bf16};
-  attention_8bit_sm90(a, stream);  // checks the device (sm_90) and the shape
+  check_attention_8bit_sm90(a);
+  attention_8bit_prepass(shape, dtype, codes, stream);
+  attention_8bit_sm90(a, stream);
 }
 
 }  // namespace convrot::cuda

@@ -438,7 +438,7 @@ void launch(const Attention8bit& a, cudaStream_t stream) {
   const CUtensorMap map_q = tensor_map(c.q8, 1, batch_heads * q_pad, D, kBlockQ, D, qk_swizzle);
   const CUtensorMap map_k = tensor_map(c.k8, 1, batch_heads * kv_pad, D, kBlockKV, D, qk_swizzle);
   const CUtensorMap map_v = tensor_map(c.vt8, 1, batch_heads * D, kv_pad, D, kBlockKV, CU_TENSOR_MAP_SWIZZLE_128B);
-  // The kernel's indices are 32-bit (checked by attention_8bit_sm90).
+  // The kernel's indices are 32-bit (checked by check_attention_8bit_sm90).
   const Params p{c.sq, c.sk, c.sv, a.out, a.os.batch, a.os.token, a.os.head, int(n.heads), int(n.q_tokens),
                  int(n.kv_tokens), int(q_pad), int(kv_pad), int(q_pad / kBlockQ), a.scale_log2,
                  (reinterpret_cast<uintptr_t>(a.out) & 3) == 0 && a.os.batch % 2 == 0 && a.os.token % 2 == 0 &&
@@ -452,7 +452,7 @@ void launch(const Attention8bit& a, cudaStream_t stream) {
 
 }  // namespace
 
-void attention_8bit_sm90(const Attention8bit& a, void* stream) {
+void check_attention_8bit_sm90(const Attention8bit& a) {
   const auto fail = [](const std::string& why) {
     throw std::runtime_error("convrot_kernels attention_8bit (sm90): " + why);
   };
@@ -471,8 +471,12 @@ void attention_8bit_sm90(const Attention8bit& a, void* stream) {
   constexpr int64_t kMax = int64_t(1) << 31;
   if (batch_heads * q_pad >= kMax || batch_heads * kv_pad >= kMax || batch_heads * n.dim >= kMax)
     fail("too many rows for 32-bit TMA coordinates");
+}
+
+void attention_8bit_sm90(const Attention8bit& a, void* stream) {
+  check_attention_8bit_sm90(a);
   const cudaStream_t s = as_stream(stream);
-  if (n.dim == 128) {
+  if (a.shape.dim == 128) {
     if (a.out_bf16) launch<128, __nv_bfloat16>(a, s);
     else launch<128, __half>(a, s);
   } else {

@@ -17,7 +17,10 @@ struct Attention8bit {
   bool out_bf16;   // else fp16
 };
 
-// Throws std::runtime_error (with a message) on a device without sm_90a or a shape it does not take.
+// Throws std::runtime_error (with a message) on a device without sm_90a or a shape the kernel does not take.
+void check_attention_8bit_sm90(const Attention8bit& a);
+
+// Checks as check_attention_8bit_sm90, then enqueues the kernel.
 void attention_8bit_sm90(const Attention8bit& a, void* stream);
 
 }  // namespace convrot::cuda
