@@ -82,9 +82,10 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(default=True)
 def lint(session: nox.Session) -> None:
-    """ruff over the whole tree."""
-    session.install("ruff>=0.6")
+    """ruff over the whole tree: its checks and its formatting (pinned: the format changes between releases)."""
+    session.install("ruff==0.17.6")
     session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
 
 
 @nox.session(default=False)
@@ -127,13 +128,29 @@ def gpu(session: nox.Session) -> None:
     durations = ("--durations", "15")
     for name in PACKAGES:
         session.run(
-            "python", "-m", "pytest", "-m", "gpu", *workers, *durations, f"packages/{name}/tests", *session.posargs,
+            "python",
+            "-m",
+            "pytest",
+            "-m",
+            "gpu",
+            *workers,
+            *durations,
+            f"packages/{name}/tests",
+            *session.posargs,
             external=True,
         )
     for tool in ("memcheck", "racecheck"):
         session.run(
-            "compute-sanitizer", f"--tool={tool}", "--error-exitcode=1", "--target-processes=all",
-            "python", "-m", "pytest", "-x", "-q", "packages/convrot-kernels/tests/test_cuda_kernel_coverage.py",
+            "compute-sanitizer",
+            f"--tool={tool}",
+            "--error-exitcode=1",
+            "--target-processes=all",
+            "python",
+            "-m",
+            "pytest",
+            "-x",
+            "-q",
+            "packages/convrot-kernels/tests/test_cuda_kernel_coverage.py",
             external=True,
         )
     session.run("python", "packages/convrot-kernels/benchmarks/bench_primitives.py", external=True)

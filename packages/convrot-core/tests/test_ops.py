@@ -65,9 +65,10 @@ def test_torch_compile_fullgraph_of_a_residual_normed_input_matches_eager():
     def residual(a, b, g, sc, sh):
         return convrot.ConvLinear.forward_shared_residual_normed(layers, a, b, g, sc, sh)
 
-    (total, outputs), (eager_total, eager_outputs) = torch.compile(residual, fullgraph=True)(
-        x, branch, gate, scale, shift
-    ), residual(x, branch, gate, scale, shift)
+    (total, outputs), (eager_total, eager_outputs) = (
+        torch.compile(residual, fullgraph=True)(x, branch, gate, scale, shift),
+        residual(x, branch, gate, scale, shift),
+    )
     assert torch.equal(total, eager_total)
     for got, expected in zip(outputs, eager_outputs, strict=True):
         assert torch.equal(got, expected)

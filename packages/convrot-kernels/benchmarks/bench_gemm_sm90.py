@@ -93,8 +93,14 @@ def bench_shape(m: int, k: int, n: int, kernels: list[str], record, monitor: Gpu
         def run(s):
             group_scale = s["group_scale"] if grouped else None
             return ck.gemm(
-                s[f"qa{act_bits}"], s[f"sa{act_bits}"], s["qw4"], s["sw4"], s["bias"], weight_bits=4,
-                act_bits=act_bits, group_scale=group_scale,
+                s[f"qa{act_bits}"],
+                s[f"sa{act_bits}"],
+                s["qw4"],
+                s["sw4"],
+                s["bias"],
+                weight_bits=4,
+                act_bits=act_bits,
+                group_scale=group_scale,
             )
 
         return run

@@ -105,8 +105,15 @@ def check(m, n, k, scheme, out_dtype, with_bias, kernel):
     # The CPU backend computes the same format: the same bytes.
     weight_bits, act_bits, _ = scheme
     cpu = ck.gemm(
-        qa.cpu(), sa.cpu(), qw.cpu(), sw.cpu(), None if bias is None else bias.cpu(), weight_bits=weight_bits,
-        act_bits=act_bits, group_scale=None if group_scale is None else group_scale.cpu(), out_dtype=out_dtype,
+        qa.cpu(),
+        sa.cpu(),
+        qw.cpu(),
+        sw.cpu(),
+        None if bias is None else bias.cpu(),
+        weight_bits=weight_bits,
+        act_bits=act_bits,
+        group_scale=None if group_scale is None else group_scale.cpu(),
+        out_dtype=out_dtype,
     )
     assert torch.equal(cpu.view(torch.uint8), y.cpu().view(torch.uint8))
 

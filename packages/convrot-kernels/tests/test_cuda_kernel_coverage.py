@@ -87,13 +87,23 @@ def test_residual_layer_norm_modulate_rht_quantize(bits):
 
 @pytest.mark.parametrize("k", [3072, 100])
 def test_layer_norm_modulate(k):
-    assert_equal(lambda x, sc, sh, p: ck.layer_norm_modulate(x, sc, sh, prefix=p), randn(2, 5, k), randn(2, k),
-                 randn(2, k), randn(2, 3, k))
+    assert_equal(
+        lambda x, sc, sh, p: ck.layer_norm_modulate(x, sc, sh, prefix=p),
+        randn(2, 5, k),
+        randn(2, k),
+        randn(2, k),
+        randn(2, 3, k),
+    )
 
 
 def test_rms_norm_rope():
-    assert_equal(lambda x, w, c, s: ck.rms_norm_rope(x, w, c, s), randn(1, 6, 3, 128), randn(128),
-                 randn(6, 128, dtype=torch.float32), randn(6, 128, dtype=torch.float32))
+    assert_equal(
+        lambda x, w, c, s: ck.rms_norm_rope(x, w, c, s),
+        randn(1, 6, 3, 128),
+        randn(128),
+        randn(6, 128, dtype=torch.float32),
+        randn(6, 128, dtype=torch.float32),
+    )
 
 
 def test_pack_and_unpack():

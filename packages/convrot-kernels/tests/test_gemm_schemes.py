@@ -71,7 +71,13 @@ def test_extreme_codes_accumulate_exactly(scheme):
     qw = ck.pack_int4(codes_w) if weight_bits == 4 else codes_w
     group_scale = torch.full((n, k // 64), 16, dtype=torch.uint8) if grouped else None
     y = ck.gemm(
-        qa, torch.ones(m), qw, torch.ones(n), weight_bits=weight_bits, act_bits=act_bits, group_scale=group_scale,
+        qa,
+        torch.ones(m),
+        qw,
+        torch.ones(n),
+        weight_bits=weight_bits,
+        act_bits=act_bits,
+        group_scale=group_scale,
         out_dtype=torch.float32,
     )
     weight = -(2 ** (weight_bits - 1)) * (16 if grouped else 1)

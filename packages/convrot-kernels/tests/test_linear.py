@@ -79,8 +79,9 @@ def test_linear_is_a_torch_library_op(bits):
 def test_rht_quantize_and_gemm_are_torch_library_ops(bits):
     x = torch.randn(6, 128, dtype=torch.float16)
     torch.library.opcheck(torch.ops.convrot_kernels.rht_quantize.default, (x, 64, bits))
-    torch.library.opcheck(torch.ops.convrot_kernels.rht_quantize.default, (x[:, :64].contiguous(), 16, bits,
-                                                                          x[:, 64:].contiguous(), 64))
+    torch.library.opcheck(
+        torch.ops.convrot_kernels.rht_quantize.default, (x[:, :64].contiguous(), 16, bits, x[:, 64:].contiguous(), 64)
+    )
     qa, sa = ck.rht_quantize(x, 64, bits)
     qw, sw = ck.rht_quantize(torch.randn(10, 128), 64, bits)
     for bias in (torch.randn(10), None):

@@ -74,9 +74,7 @@ def _layer_spec(layer: ConvLinear) -> dict:
 def quantized_layers(model: nn.Module) -> dict[str, ConvLinear]:
     """Every ConvLinear of the model by name (a layer shared under two names appears under both)."""
     return {
-        name: module
-        for name, module in model.named_modules(remove_duplicate=False)
-        if isinstance(module, ConvLinear)
+        name: module for name, module in model.named_modules(remove_duplicate=False) if isinstance(module, ConvLinear)
     }
 
 
@@ -294,8 +292,10 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, device: torch.devi
                 tensor = handle.get_tensor(key)
                 if header.checksums.get(key) != tensor_checksum(tensor):
                     raise CheckpointError(f"{path}: tensor {key!r} is corrupted (checksum mismatch)")
-                if key.rpartition(".")[0] in header.layers and key.endswith("weight_group_scale") and not (
-                    1 <= int(tensor.min()) and int(tensor.max()) <= MAX_MULTIPLIER
+                if (
+                    key.rpartition(".")[0] in header.layers
+                    and key.endswith("weight_group_scale")
+                    and not (1 <= int(tensor.min()) and int(tensor.max()) <= MAX_MULTIPLIER)
                 ):
                     raise CheckpointError(f"{path}: tensor {key!r} holds multipliers outside [1, {MAX_MULTIPLIER}]")
                 tensors[key] = tensor

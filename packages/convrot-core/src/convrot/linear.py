@@ -483,9 +483,7 @@ def layer_from_linear(kind: str, linear: nn.Linear, **kwargs) -> ConvLinear:
     return cls.from_linear(linear, act_bits=act_bits, weight_group_size=weight_group_size, **kwargs)
 
 
-def check_scheme(
-    name: str, bits: int, act_bits: int | None, weight_group_size: int | None, in_features: int
-) -> int:
+def check_scheme(name: str, bits: int, act_bits: int | None, weight_group_size: int | None, in_features: int) -> int:
     """The activation bits of a valid scheme; raises a ValueError naming the layer class otherwise."""
     act_bits = bits if act_bits is None else act_bits
     if isinstance(act_bits, bool) or act_bits not in (4, 8):

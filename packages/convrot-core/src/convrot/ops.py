@@ -48,7 +48,14 @@ def _products(q, scale, qweights, weight_scales, biases, bits, act_bits, group_s
         group_scales = [None] * len(qweights)
     return [
         convrot_kernels.gemm(
-            q, scale, qweight, weight_scale, bias, bits=bits, act_bits=act_bits, group_scale=group_scale,
+            q,
+            scale,
+            qweight,
+            weight_scale,
+            bias,
+            bits=bits,
+            act_bits=act_bits,
+            group_scale=group_scale,
             out_dtype=dtype,
         ).view(*lead, qweight.shape[0])
         for qweight, weight_scale, bias, group_scale in zip(qweights, weight_scales, biases, group_scales, strict=True)
@@ -139,12 +146,24 @@ def normed_input_forward(
     if rotation == "sylvester":  # ablation only: through the normed tensor
         normed = convrot_kernels.layer_norm_modulate(x, scale, shift, eps=eps, prefix=prefix)
         return shared_input_forward(
-            normed, qweights, weight_scales, biases, bits, group_size, rotation, act_bits=act_bits,
+            normed,
+            qweights,
+            weight_scales,
+            biases,
+            bits,
+            group_size,
+            rotation,
+            act_bits=act_bits,
             group_scales=group_scales,
         )
     lead = (x.shape[0], x.shape[1] + (0 if prefix is None else prefix.shape[1]))
     q, row_scale = convrot_kernels.layer_norm_modulate_rht_quantize(
-        x, scale, shift, eps=eps, prefix=prefix, group_size=_kernel_group(group_size, rotation),
+        x,
+        scale,
+        shift,
+        eps=eps,
+        prefix=prefix,
+        group_size=_kernel_group(group_size, rotation),
         bits=_act_bits(bits, act_bits),
     )
     return _products(q, row_scale, qweights, weight_scales, biases, bits, act_bits, group_scales, x.dtype, lead)
@@ -172,11 +191,28 @@ def residual_normed_input_forward(
     if rotation == "sylvester":  # ablation only: through the normed tensor
         total = x + gate[:, None] * branch
         return total, normed_input_forward(
-            total, scale, shift, eps, None, qweights, weight_scales, biases, bits, group_size, rotation, act_bits,
+            total,
+            scale,
+            shift,
+            eps,
+            None,
+            qweights,
+            weight_scales,
+            biases,
+            bits,
+            group_size,
+            rotation,
+            act_bits,
             group_scales,
         )
     total, q, row_scale = convrot_kernels.residual_layer_norm_modulate_rht_quantize(
-        x, branch, gate, scale, shift, eps=eps, group_size=_kernel_group(group_size, rotation),
+        x,
+        branch,
+        gate,
+        scale,
+        shift,
+        eps=eps,
+        group_size=_kernel_group(group_size, rotation),
         bits=_act_bits(bits, act_bits),
     )
     outputs = _products(q, row_scale, qweights, weight_scales, biases, bits, act_bits, group_scales, x.dtype,

@@ -275,8 +275,6 @@ def _gated_residual_feed_forward(ff, norm, x, branch, gate, scale, shift) -> tup
     return total, ff(norm(total) * (1 + scale[:, None]) + shift[:, None])
 
 
-
-
 class DeferredGELU(FusedModule, GELU):
     """diffusers' GELU module of a FeedForward whose output layer (a ConvLinear) applies the GELU: it returns
     its projection."""
@@ -358,9 +356,9 @@ class ConvRotFluxTransformerBlock(FusedModule, FluxTransformerBlock):
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
         joint_attention_kwargs: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1.linear(
-            self.norm1.silu(temb)
-        ).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1.linear(self.norm1.silu(temb)).chunk(
+            6, dim=1
+        )
         c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context.linear(
             self.norm1_context.silu(temb)
         ).chunk(6, dim=1)
