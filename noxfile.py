@@ -120,11 +120,12 @@ def gpu(session: nox.Session) -> None:
     pip = ("python", "-m", "pip", "install", "--no-build-isolation", "--no-deps")
     session.run(*pip, *(f"./packages/{name}" for name in PACKAGES), external=True, env={"CONVROT_CUDA": "ON"})
     # One pytest run per package, as in `tests`: test files of different packages share names. Four
-    # workers share the GPU, each given whole files: the real-width models' tests spend most of their
-    # time compiling (inductor, on the CPU), which one process cannot spread over the cores.
-    workers = ("-n", "4", "--dist", "loadfile")
-    # The slowest tests are listed: a package's run lasts as long as its slowest file (each file is one
-    # worker's), which is the one to split when the session grows (it took about ten minutes on an H100).
+    # workers share the GPU, each given whole files, or a file's test classes one by one (loadscope):
+    # the real-width models' tests spend most of their time compiling (inductor, on the CPU), which one
+    # process cannot spread over the cores; test_fusions_gpu.py holds a class per model and mode for that.
+    workers = ("-n", "4", "--dist", "loadscope")
+    # The slowest tests are listed: a package's run lasts as long as its slowest file or class (each is
+    # one worker's), which is the one to split when the session grows.
     durations = ("--durations", "15")
     for name in PACKAGES:
         session.run(

@@ -11,7 +11,9 @@ blocks each with random weights built from config (benchmarks/transformer_config
   some 4-bit codes; issue 25's criterion), plus, compiled, how far compiling moves the bf16 model itself.
   q/k/v fusion alone is exact in eager mode.
 
-Run with ``python -m pytest -m gpu packages/convrot-diffusers/tests/test_fusions_gpu.py``.
+The cases of one model in one mode form a class (TestFluxEager, ..., TestSD3Compiled): under ``nox -s gpu``'s
+``--dist loadscope`` each class is one worker's, so the compiled ones, which spend most of their time in inductor
+on the CPU, run side by side. Run with ``python -m pytest -m gpu packages/convrot-diffusers/tests/test_fusions_gpu.py``.
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ CASES = [
     for preset, combos in (("w4a4", [(f,) for f in fusions] + [fusions] * (len(fusions) > 1)), ("mix", [fusions]))
     for combo in combos
 ]
-MODES = ("eager", "compiled")
 BATCHES = (1, 2)
 
 
@@ -95,44 +96,86 @@ def relative_error(found: torch.Tensor, expected: torch.Tensor) -> float:
     return ((found - expected).norm() / expected.norm()).item()
 
 
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("preset", ["w4a4", "mix"])
-@pytest.mark.parametrize("name", list(BLOCKS))
-def test_plain_quantized_model_against_bf16(name, preset, mode, batch):
-    # Against bf16 run the same way: compiling moves the bf16 model's own roundings (inductor keeps fused
-    # pointwise intermediates in fp32), which is no part of the quantization's error.
-    reference = bf16_output(name, batch, mode)
-    error = relative_error(plain_output(name, preset, batch, mode), reference)
-    simulated = convrot.set_simulation(copy.deepcopy(plain_model(name, preset)), torch.float64)
-    simulated_error = relative_error(run(simulated, name, batch, "eager"), bf16_output(name, batch))
-    assert error <= 1.1 * simulated_error, f"{name} {preset} {mode} b{batch}: {error:.4f} vs {simulated_error:.4f}"
-    assert error < 0.5, f"{name} {preset} {mode} b{batch}: relative error {error:.4f} against bf16"
+def pytest_generate_tests(metafunc):
+    """A class's cases: its model's presets and fusions (CASES), each at both batch sizes."""
+    if metafunc.cls is None:
+        return
+    name = metafunc.cls.name
+    if "fusions" in metafunc.fixturenames:
+        cases = [(preset, combo) for model, preset, combo in CASES if model == name]
+        metafunc.parametrize("preset, fusions", cases, ids=[f"{p}-{'+'.join(c)}" for p, c in cases])
+    else:
+        metafunc.parametrize("preset", ["w4a4", "mix"])
+    metafunc.parametrize("batch", BATCHES)
 
 
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name, preset, fusions", CASES)
-def test_fused_model_is_as_accurate_as_the_plain_one(name, preset, fusions, mode, batch):
-    fused = copy.deepcopy(plain_model(name, preset))
-    for fusion in fusions:
-        assert APPLY[fusion](fused) > 0, f"{fusion} changed nothing in {name} ({preset})"
-    reference, plain = bf16_output(name, batch), plain_output(name, preset, batch, mode)
-    found = run(fused, name, batch, mode)
-    if fusions == ("qkv",) and mode == "eager":
-        # ConvLinear.concatenate: the same codes, one wider GEMM (docs/diffusers.md: bit-identical).
-        assert torch.equal(found, plain), f"{name} {preset} b{batch}: max |fused - plain| {(found - plain).abs().max()}"
-    plain_error, fused_error = relative_error(plain, reference), relative_error(found, reference)
-    difference = relative_error(found, plain)
-    # Compiled, the plain model's bf16 norms, modulations and residuals are inductor's (fp32 inside a fused
-    # kernel) where the fused model runs ours (rounded as eager rounds): part of their difference is how far
-    # compiling moves the bf16 model itself, which the bound allows on top of half the plain model's error.
-    compile_shift = relative_error(bf16_output(name, batch, mode), bf16_output(name, batch)) if mode != "eager" else 0.0
-    label = f"{name} {preset} {'+'.join(fusions)} {mode} b{batch}"
-    print(f"{label}: plain {plain_error:.4f} fused {fused_error:.4f} differ {difference:.4f} shift {compile_shift:.4f}")
-    assert fused_error <= 1.05 * plain_error, f"{label}: error {fused_error:.4f} vs plain {plain_error:.4f}"
-    bound = 0.5 * plain_error + compile_shift
-    assert difference <= bound, f"{label}: differs by {difference:.4f}, bound {bound:.4f}, plain {plain_error:.4f}"
+class FusionCases:
+    """The tests of one model (``name``) run one way (``mode``)."""
+
+    name: str
+    mode: str
+
+    def test_plain_quantized_model_against_bf16(self, preset, batch):
+        # Against bf16 run the same way: compiling moves the bf16 model's own roundings (inductor keeps fused
+        # pointwise intermediates in fp32), which is no part of the quantization's error.
+        name, mode = self.name, self.mode
+        reference = bf16_output(name, batch, mode)
+        error = relative_error(plain_output(name, preset, batch, mode), reference)
+        simulated = convrot.set_simulation(copy.deepcopy(plain_model(name, preset)), torch.float64)
+        simulated_error = relative_error(run(simulated, name, batch, "eager"), bf16_output(name, batch))
+        label = f"{name} {preset} {mode} b{batch}"
+        assert error <= 1.1 * simulated_error, f"{label}: {error:.4f} vs {simulated_error:.4f}"
+        assert error < 0.5, f"{label}: relative error {error:.4f} against bf16"
+
+    def test_fused_model_is_as_accurate_as_the_plain_one(self, preset, fusions, batch):
+        name, mode = self.name, self.mode
+        fused = copy.deepcopy(plain_model(name, preset))
+        for fusion in fusions:
+            assert APPLY[fusion](fused) > 0, f"{fusion} changed nothing in {name} ({preset})"
+        reference, plain = bf16_output(name, batch), plain_output(name, preset, batch, mode)
+        found = run(fused, name, batch, mode)
+        if fusions == ("qkv",) and mode == "eager":
+            # ConvLinear.concatenate: the same codes, one wider GEMM (docs/diffusers.md: bit-identical).
+            difference = (found - plain).abs().max()
+            assert torch.equal(found, plain), f"{name} {preset} b{batch}: max |fused - plain| {difference}"
+        plain_error, fused_error = relative_error(plain, reference), relative_error(found, reference)
+        difference = relative_error(found, plain)
+        # Compiled, the plain model's bf16 norms, modulations and residuals are inductor's (fp32 inside a fused
+        # kernel) where the fused model runs ours (rounded as eager rounds): part of their difference is how far
+        # compiling moves the bf16 model itself, which the bound allows on top of half the plain model's error.
+        compile_shift = 0.0
+        if mode != "eager":
+            compile_shift = relative_error(bf16_output(name, batch, mode), bf16_output(name, batch))
+        label = f"{name} {preset} {'+'.join(fusions)} {mode} b{batch}"
+        errors = f"plain {plain_error:.4f} fused {fused_error:.4f} differ {difference:.4f} shift {compile_shift:.4f}"
+        print(f"{label}: {errors}")
+        assert fused_error <= 1.05 * plain_error, f"{label}: error {fused_error:.4f} vs plain {plain_error:.4f}"
+        bound = 0.5 * plain_error + compile_shift
+        assert difference <= bound, f"{label}: differs by {difference:.4f}, bound {bound:.4f}, plain {plain_error:.4f}"
+
+
+class TestFluxEager(FusionCases):
+    name, mode = "flux", "eager"
+
+
+class TestFluxCompiled(FusionCases):
+    name, mode = "flux", "compiled"
+
+
+class TestPixArtEager(FusionCases):
+    name, mode = "pixart", "eager"
+
+
+class TestPixArtCompiled(FusionCases):
+    name, mode = "pixart", "compiled"
+
+
+class TestSD3Eager(FusionCases):
+    name, mode = "sd3", "eager"
+
+
+class TestSD3Compiled(FusionCases):
+    name, mode = "sd3", "compiled"
 
 
 def test_sd35_keeps_its_projections_separate():
