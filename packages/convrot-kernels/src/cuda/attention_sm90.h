@@ -17,10 +17,11 @@ struct Attention8bit {
   bool out_bf16;   // else fp16
 };
 
-// Throws std::runtime_error (with a message) on a device without sm_90a or a shape the kernel does not take.
+// Throws std::runtime_error (with a message) on a shape or an alignment the kernel does not take; the device
+// (sm_90, a build with sm_90a code) is its caller's to check.
 void check_attention_8bit_sm90(const Attention8bit& a);
 
-// Checks as check_attention_8bit_sm90, then enqueues the kernel.
+// Enqueues the kernel on a call check_attention_8bit_sm90 accepted (attention_8bit checks before its pre-pass).
 void attention_8bit_sm90(const Attention8bit& a, void* stream);
 
 }  // namespace convrot::cuda
