@@ -403,10 +403,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int b = bh / p.heads, h = bh % p.heads;
   OutT* out = static_cast<OutT*>(p.out) + int64_t(b) * p.out_batch + int64_t(h) * p.out_head;
   const float* sv = p.sv + int64_t(bh) * D;
+  // All of this thread's sv are loaded before the first store: the compiler may not move a load
+  // past a store to `out`, which it cannot prove is not `sv`, so loads between stores wait in turn.
+  float2 sv_pair[D / 8];
+#pragma unroll
+  for (int jj = 0; jj < D / 8; ++jj) sv_pair[jj] = *reinterpret_cast<const float2*>(sv + 8 * jj + 2 * t);
 #pragma unroll
   for (int jj = 0; jj < D / 8; ++jj) {
     const int c = 8 * jj + 2 * t;
-    const float sv0 = sv[c], sv1 = sv[c + 1];
+    const float sv0 = sv_pair[jj].x, sv1 = sv_pair[jj].y;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = row0 + 8 * r;
