@@ -43,9 +43,27 @@ def test_layer_norm_modulate_error_is_at_most_twice_that_of_torch_in_the_same_pr
     assert y.shape == (batch, prefix_tokens + tokens, k) and y.dtype == dtype and y.is_contiguous()
     joint = x if prefix is None else torch.cat([prefix, x], dim=1)
     expected = ref.layer_norm_modulate(joint, scale, shift, eps)
-    torch_err = np.abs(ref.layer_norm_modulate_torch(joint, scale, shift, eps).double().numpy() - expected).max()
-    err = np.abs(y.double().numpy() - expected).max()
-    assert err <= 2 * torch_err + 1e-6 * (np.abs(expected).max() + 1)
+    # Per row: torch sums the mean more precisely than format.md's fixed order, whose rounding the
+    # normalisation divides by the row's spread (mean_rounding_bound); elsewhere the rest dominates.
+    torch_err = np.abs(ref.layer_norm_modulate_torch(joint, scale, shift, eps).double().numpy() - expected).max(-1)
+    err = np.abs(y.double().numpy() - expected).max(-1)
+    bound = 2 * torch_err + 1e-6 * (np.abs(expected).max() + 1) + mean_rounding_bound(joint, scale, eps)
+    assert (err <= bound).all()
+
+
+def mean_rounding_bound(joint: torch.Tensor, scale: torch.Tensor, eps: float) -> np.ndarray:
+    """What the fp32 mean's rounding can move each row's outputs by: format.md's order rounds a sum
+    of a row's K values at most 7 times in a chunk, once per chunk sum in a lane, 5 times in the
+    butterfly, then once dividing by K (each a relative 2^-24 of a partial sum at most sum |r|),
+    and (r - mean) / std moves by that error / std, times 1 + scale. [B, rows]."""
+    v = joint.double().numpy()
+    k = v.shape[-1]
+    chunks = -(-k // 8)
+    roundings = 7 + -(-chunks // 32) + 5 + 1
+    mean_error = roundings * 2.0**-24 * np.abs(v).mean(-1)
+    std = np.sqrt(v.var(-1) + eps)
+    factor = np.abs(1 + scale.double().numpy()).max(-1, keepdims=True)
+    return mean_error / std * factor
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
