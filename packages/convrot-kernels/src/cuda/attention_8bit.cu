@@ -2,10 +2,10 @@
 //
 // The pre-pass writes the CPU backend's bytes: the same butterflies (common.cuh's h4, stages 16, 4, 1
 // of each group of 64, then the exact 2^-3 scaling), IEEE divisions (__fdiv_rn) and round-half-even
-// (rintf), and the one fp32 -> e4m3 converter (fp8_e4m3.h). It is memory-bound work (it reads q, k, v,
-// reads v a second time and writes the codes, ~155 MB at Flux's shape), so it is built to keep the
-// loads coalesced and many of them in flight; the arithmetic (~15 us of issue at Flux's shape) hides
-// under them. Two kernels and a memset (sv's words to 0xFF, the empty amax):
+// (rintf), and the fp32 -> e4m3 rounding of fp8_e4m3.h (on sm_89 and later the cvt instruction that
+// does it, e4m3x4). It is memory-bound work (it reads q, k, v, reads v a second time and writes the
+// codes, ~155 MB at Flux's shape), so it is built to keep the loads coalesced and many of them in
+// flight; the arithmetic (~15 us of issue at Flux's shape) hides under them. Two kernels and a memset (sv's words to 0xFF, the empty amax):
 //   1. qkv_kernel, one grid over the 128-row tiles of q, of k, then of v (tile index: the head
 //      fastest, so that concurrent blocks read neighbouring heads of the same tokens):
 //      - a q or k tile (2D threads): its 128 rows staged in shared memory by coalesced 16-byte loads
@@ -32,7 +32,7 @@
 //      transposed with the keys permuted within groups of 32, 128 contiguous bytes a warp store.
 // The two passes over v are inherent: sv is a per-channel amax over all of a head's keys.
 // Registers (sm_90a, ptxas): qkv_kernel 97 at D = 128 (two blocks of 256 threads an SM, up to 64 KB of
-// loads in flight), 82 at D = 64; v_codes_kernel 67-70 and 52-53; no spills.
+// loads in flight), 82 at D = 64; v_codes_kernel 67-68 and 51-52; no spills.
 // cuda::attention_8bit checks the device, runs the pre-pass, then the sm_90a kernel of attention_sm90.cu.
 #include <algorithm>
 #include <cmath>
