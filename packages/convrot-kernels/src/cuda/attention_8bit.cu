@@ -5,7 +5,8 @@
 // (rintf), and the fp32 -> e4m3 rounding of fp8_e4m3.h (on sm_89 and later the cvt instruction that
 // does it, e4m3x4). It is memory-bound work (it reads q, k, v, reads v a second time and writes the
 // codes, ~155 MB at Flux's shape), so it is built to keep the loads coalesced and many of them in
-// flight; the arithmetic (~15 us of issue at Flux's shape) hides under them. Two kernels and a memset (sv's words to 0xFF, the empty amax):
+// flight; the arithmetic (~15 us of issue at Flux's shape) hides under them. Two kernels and a
+// memset (sv's words to 0xFF, the empty amax):
 //   1. qkv_kernel, one grid over the 128-row tiles of q, of k, then of v (tile index: the head
 //      fastest, so that concurrent blocks read neighbouring heads of the same tokens):
 //      - a q or k tile (2D threads): its 128 rows staged in shared memory by coalesced 16-byte loads
