@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from diffusers.models.transformers import transformer_flux
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxTransformer2DModel
 from tiny_dits import build as build_tiny_dit
 
@@ -335,11 +336,16 @@ def test_int8_attention_without_the_norm_kernel_still_attends_in_8_bits(seed, ke
     with torch.no_grad():
         got = attn(hidden, context, image_rotary_emb=rope)
         assert kernel_calls == []
+        # diffusers' processor on the same call (the fused one hands calls it does not cover to it): torch's norms
+        # and rotary embedding, then exact attention, or with its attention replaced, the simulated quantization.
+        exact = FluxAttnProcessor()(attn, hidden, context, None, rope)
         simulate = lambda q, k, v, **_: simulated_attention_8bit(q, k, v)  # noqa: E731
-        monkeypatch.setattr(qk_norm_rope, "dispatch_attention_fn", simulate)
-        simulated = FluxNormRopeAttnProcessor()(attn, hidden, context, None, rope)  # stock norms, simulated attention
-    for a, b in zip(got, simulated, strict=True):
-        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+        monkeypatch.setattr(transformer_flux, "dispatch_attention_fn", simulate)
+        simulated = FluxAttnProcessor()(attn, hidden, context, None, rope)
+    # The op on torch's q and k is its simulation up to fp32 against float64 sums (mostly equal after the bf16
+    # rounding; at most 0.28 of exact attention's distance over 1500 seeds), far from exact attention.
+    for a, b, e in zip(got, simulated, exact, strict=True):
+        assert relative_error(a.float(), b.float()) <= 0.5 * relative_error(e.float(), b.float())
 
 
 def test_int8_attention_compiles_in_one_graph(seed):
